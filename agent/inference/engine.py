@@ -1,0 +1,244 @@
+"""The inference engine: one onnxruntime session, a KV cache that is never copied.
+
+Each layer's key and value live in one preallocated buffer of ``context_length`` rows
+that is bound (IO binding) as both ``past`` and ``present``: GroupQueryAttention writes
+the new rows in place, so a decode step moves only the new token's embedding in and one
+row of logits out. The embedding row is looked up from the pack's int8 table here, one
+row per token, because that table is the LM head's weights too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.errors import BadRequest, TooLarge
+from agent.inference.pack import LoadedPack
+from agent.inference.prompts import ChatTemplate, chat_messages
+from agent.inference.sampling import Sampler, SamplingParams
+from agent.inference.tokenizer import StopMatcher, StreamDecoder, TextTokenizer
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length" | "cancelled"
+    usage: Usage
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Engine:
+    """Serves one generation at a time (a lock guards the shared KV buffers)."""
+
+    def __init__(
+        self, pack: LoadedPack, threads: int | None = None, context_length: int | None = None
+    ) -> None:
+        m = pack.manifest
+        self.pack = pack
+        self.arch = m.architecture
+        self.context_length = context_length or m.generation.context_length
+        if not 1 < self.context_length <= self.arch.max_context:
+            raise BadRequest(
+                f"context_length must be within 2..{self.arch.max_context}, got {self.context_length}"
+            )
+        self.threads = threads or default_threads()
+        self.tokenizer = TextTokenizer(pack.tokenizer_json)
+        self.template = ChatTemplate(pack.chat_template)
+        self.eos_ids = frozenset(m.tokenizer.eos_token_ids)
+        self._lock = threading.Lock()
+        self._session = self._open_session()
+        self._binding = self._session.io_binding()
+        self._bind_kv_cache()
+        self._logits_one = np.zeros((1, 1, self.arch.vocab_size), dtype=np.float32)
+        self._logits_one_ort = ort.OrtValue.ortvalue_from_numpy(self._logits_one)
+
+    def _open_session(self) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        return ort.InferenceSession(
+            str(self.pack.model_path), opts, providers=list(self.pack.manifest.runtime.execution_providers)
+        )
+
+    def _bind_kv_cache(self) -> None:
+        shape = (1, self.arch.num_kv_heads, self.context_length, self.arch.head_dim)
+        self._kv: list[np.ndarray] = []
+        for i in range(self.arch.num_layers):
+            for kind in ("key", "value"):
+                buf = np.zeros(shape, dtype=np.float32)
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                self._binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                self._binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+                self._kv.append(buf)
+
+    # ------------------------------------------------------------ forward passes
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """Dequantize the embedding rows of ``ids`` from the int8 table: [len(ids), hidden]."""
+        idx = np.asarray(ids, dtype=np.int64)
+        rows = self.pack.embed_codes[idx].astype(np.float32) - self.pack.manifest.embedding.zero_point
+        rows *= self.pack.embed_scales[idx][:, :, None]
+        return rows.reshape(len(ids), -1)[:, : self.arch.hidden_size]
+
+    def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
+        """Run ``ids`` at positions start.. against the cache; return logits [n, vocab]."""
+        total = start + len(ids)
+        b = self._binding
+        b.bind_cpu_input("inputs_embeds", self.embed(ids)[None])
+        positions = np.arange(len(ids), dtype=np.int64) if all_logits else np.array([len(ids) - 1], np.int64)
+        b.bind_cpu_input("logits_index", positions)
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        if all_logits:
+            out = np.empty((1, len(ids), self.arch.vocab_size), dtype=np.float32)
+            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        else:
+            out = self._logits_one
+            b.bind_ortvalue_output("logits", self._logits_one_ort)
+        self._session.run_with_iobinding(b)
+        return np.asarray(out[0])
+
+    def logits_for(self, ids: list[int]) -> np.ndarray:
+        """Teacher-forced logits for every position of ``ids`` (evaluation, tests)."""
+        if not 0 < len(ids) <= self.context_length:
+            raise TooLarge(
+                f"{len(ids)} tokens do not fit the context of {self.context_length}",
+                limit=self.context_length,
+            )
+        with self._lock:
+            return self._forward(ids, 0, all_logits=True).copy()
+
+    # ------------------------------------------------------------ generation
+
+    def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
+        system = self.pack.manifest.generation.system_prompt if system_prompt is None else system_prompt
+        return self.tokenizer.encode(self.template.render(chat_messages(question, system)))
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Limits are errors, never silent clamps: name the limit that was hit."""
+        if max_tokens < 1:
+            raise BadRequest(f"max_tokens must be >= 1, got {max_tokens}")
+        if prompt_tokens >= self.context_length:
+            raise TooLarge(
+                f"prompt is {prompt_tokens} tokens; the context holds {self.context_length}",
+                limit=self.context_length,
+            )
+        if prompt_tokens + max_tokens > self.context_length:
+            raise TooLarge(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                f"{self.context_length}; at most {self.context_length - prompt_tokens} new tokens fit",
+                limit=self.context_length,
+            )
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        on_delta: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Completion:
+        """Generate, streaming whole-character deltas to ``on_delta``; ``cancel`` may be
+        set from any thread and stops the loop before the next decode step."""
+        self.check_fits(len(req.prompt_ids), req.max_tokens)
+        with self._lock:
+            return _Run(self, req, on_delta, cancel).execute()
+
+
+class _Run:
+    """One generation's loop state, kept apart from the engine's shared buffers."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        req: GenerationRequest,
+        on_delta: Callable[[str], None] | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.engine, self.req, self.on_delta, self.cancel = engine, req, on_delta, cancel
+        self.sampler = Sampler(req.sampling)
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.stops = StopMatcher(list(req.stop))
+        self.pieces: list[str] = []
+        self.generated: list[int] = []
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.pieces.append(text)
+            if self.on_delta:
+                self.on_delta(text)
+
+    def _step(self, token: int) -> str | None:
+        """Account for one sampled token; return a finish reason or None to go on."""
+        if token in self.engine.eos_ids and not self.req.ignore_eos:
+            return "eos"
+        self.generated.append(token)
+        self._emit(self.stops.feed(self.decoder.push(token)))
+        if self.stops.stopped:
+            return "stop"
+        if len(self.generated) >= self.req.max_tokens:
+            return "length"
+        if self.cancel is not None and self.cancel.is_set():
+            return "cancelled"
+        return None
+
+    def execute(self) -> Completion:
+        e, prompt = self.engine, self.req.prompt_ids
+        t0 = time.perf_counter()
+        if self.cancel is not None and self.cancel.is_set():
+            return self._finish("cancelled", t0, t0)
+        logits = e._forward(prompt, 0, all_logits=False)
+        self.sampler.remember(prompt)
+        token = self.sampler.pick(logits[-1])
+        t_first = time.perf_counter()
+        reason = self._step(token)
+        while reason is None:
+            logits = e._forward([token], len(prompt) + len(self.generated) - 1, all_logits=False)
+            token = self.sampler.pick(logits[-1])
+            reason = self._step(token)
+        if reason != "stop":
+            self._emit(self.stops.feed(self.decoder.flush()))
+            self._emit(self.stops.flush())
+        return self._finish(reason, t0, t_first)
+
+    def _finish(self, reason: str, t0: float, t_first: float) -> Completion:
+        end = time.perf_counter()
+        n = len(self.generated)
+        decode_s = end - t_first
+        usage = Usage(
+            prompt_tokens=len(self.req.prompt_ids),
+            completion_tokens=n,
+            time_to_first_token_s=t_first - t0,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=end - t0,
+        )
+        return Completion("".join(self.pieces), list(self.generated), reason, usage)

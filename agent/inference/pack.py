@@ -1,0 +1,90 @@
+"""Load a model pack for serving: manifest, file hashes, runtime version and RAM.
+
+Each check raises a :mod:`model_packs.errors` error with its own code and a message that
+says what to do, so a bad pack never reaches onnxruntime.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model_packs.errors import RuntimeRequirementError
+from model_packs.format import Manifest, verify_pack
+
+
+@dataclass(frozen=True)
+class LoadedPack:
+    path: Path
+    manifest: Manifest
+    chat_template: str
+    tokenizer_json: str
+    embed_codes: np.ndarray  # uint8 [vocab, n_blocks, block]
+    embed_scales: np.ndarray  # float32 [vocab, n_blocks]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def check_runtime(manifest: Manifest, available_mb: int | None) -> None:
+    """Raise when this onnxruntime or this machine cannot run the pack."""
+    need = manifest.runtime.onnxruntime.lstrip(">= ")
+    if _version_tuple(ort.__version__) < _version_tuple(need):
+        raise RuntimeRequirementError(
+            f"pack {manifest.name} needs onnxruntime >= {need}, this device has {ort.__version__}"
+        )
+    missing = set(manifest.runtime.execution_providers) - set(ort.get_available_providers())
+    if missing:
+        raise RuntimeRequirementError(f"pack needs execution providers {sorted(missing)}, not available here")
+    if available_mb is not None and available_mb < manifest.runtime.min_ram_mb:
+        raise RuntimeRequirementError(
+            f"pack {manifest.name} needs {manifest.runtime.min_ram_mb} MB of free RAM, "
+            f"{available_mb} MB are available"
+        )
+
+
+def available_ram_mb() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        return None
+    return None
+
+
+def _embedding(path: Path, m: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    e = m.embedding
+    n_blocks = -(-e.cols // e.block_size)
+    codes = np.memmap(
+        path / e.file, dtype=np.uint8, mode="r", offset=e.codes_offset, shape=(e.rows, n_blocks, e.block_size)
+    )
+    scales = np.memmap(
+        path / e.file, dtype=np.float32, mode="r", offset=e.scales_offset, shape=(e.rows, n_blocks)
+    )
+    return codes, scales
+
+
+def load_pack(path: Path, available_mb: int | None = None, check_ram: bool = True) -> LoadedPack:
+    """Verify a pack directory and map its embedding table; no onnxruntime session yet."""
+    manifest = verify_pack(path)
+    check_runtime(manifest, (available_mb or available_ram_mb()) if check_ram else None)
+    codes, scales = _embedding(path, manifest)
+    return LoadedPack(
+        path=path,
+        manifest=manifest,
+        chat_template=(path / manifest.tokenizer.chat_template_file).read_text(),
+        tokenizer_json=(path / manifest.tokenizer.file).read_text(),
+        embed_codes=codes,
+        embed_scales=scales,
+    )

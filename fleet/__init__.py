@@ -1,0 +1,1 @@
+"""Fleet side: signed pack repository, rollouts and telemetry (grows with its issues)."""

