@@ -1,0 +1,280 @@
+"""Orchestrate a pack build: source -> float + int8 graphs -> evaluation -> gate -> pack.
+
+Acting is kept in this module; the pieces it calls decide nothing about the file system.
+The pack is assembled in a staging directory beside its final place and renamed into
+place only after it passed the quality gate, so a cache never holds a half-built or
+refused pack. Building the same inputs again finds the pack and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from model_packs.build.evaluate import MAX_PPL_RATIO, MIN_TOP1, EvalResult, GraphRunner, check_gate, evaluate, heldout_text
+from model_packs.build.graph import MODEL_FILE, EmbedLayout, GraphOptions, write_graph
+from model_packs.build.quantize import ZERO_POINT
+from model_packs.build.source import SourceModel, default_gguf_path, load_source, sha256_of
+from model_packs.errors import PackExistsError, PackError, SourceModelError
+from model_packs.format import MANIFEST_NAME, file_entry, parse_manifest, read_manifest, verify_pack
+from model_packs.progress import StepProgress
+
+log = structlog.get_logger("edge_slm.build")
+BUILDER_VERSION = "2"
+QUANTIZATIONS = ("int8-block32", "int8-dynamic-per-channel", "int8-dynamic-per-tensor")
+DEFAULT_GOLDEN = (
+    "What is the capital of France?",
+    "Name three vegetables that grow well in a greenhouse.",
+    "What temperature does water boil at, in Celsius?",
+)
+MIN_ORT = "1.20.0"
+BUILDER_ID = f"edge-slm-agent builder {BUILDER_VERSION}"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    name: str
+    version: str
+    packs_dir: Path
+    source: Path | None = None
+    quantization: str = "int8-block32"
+    context_length: int = 2048
+    max_tokens: int = 256
+    threads: int = 2
+    golden_prompts: tuple[str, ...] = DEFAULT_GOLDEN
+    golden_tokens: int = 24
+    golden_min_match: float = 0.75
+    heldout_tokens: int = 1024
+    eval_chunk: int = 256
+    force: bool = False
+    min_top1: float = MIN_TOP1
+    max_ppl_ratio: float = MAX_PPL_RATIO
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pack_dir(self) -> Path:
+        return self.packs_dir / f"{self.name}-{self.version}"
+
+
+def build_key(opts: BuildOptions, source_sha: str) -> str:
+    """The inputs that define a pack; same key (and same builder), same pack."""
+    material = {
+        "source": source_sha, "name": opts.name, "version": opts.version,
+        "quantization": opts.quantization, "context": opts.context_length, "golden": opts.golden_prompts,
+        "golden_tokens": opts.golden_tokens, "heldout": hashlib.sha256(heldout_text().encode()).hexdigest(),
+        "heldout_tokens": opts.heldout_tokens, "max_tokens": opts.max_tokens,
+        "gate": [opts.min_top1, opts.max_ppl_ratio],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def existing_pack(opts: BuildOptions, key: str) -> Path | None:
+    """The finished pack for these inputs, if the cache already holds it intact."""
+    target = opts.pack_dir
+    if opts.force or not (target / MANIFEST_NAME).exists():
+        return None
+    try:
+        manifest = verify_pack(target)
+    except PackError as exc:
+        log.warning("pack_damaged_rebuilding", pack=str(target), reason=exc.message)
+        return None
+    if manifest.build_key == key and manifest.builder == BUILDER_ID:
+        return target
+    if manifest.build_key == key:
+        log.info("builder_changed_rebuilding", pack=str(target), was=manifest.builder)
+        return None
+    raise PackExistsError(f"{target} exists but was built from other inputs; bump --version or pass --force")
+
+
+def build_pack(opts: BuildOptions) -> Path:
+    if opts.quantization not in QUANTIZATIONS:
+        raise SourceModelError(f"quantization {opts.quantization!r} is not one of {QUANTIZATIONS}")
+    source_path = opts.source or default_gguf_path()
+    src_key = _source_key(source_path)
+    key = build_key(opts, src_key)
+    found = existing_pack(opts, key)
+    if found is not None:
+        log.info("pack_up_to_date", pack=str(found))
+        return found
+    log.info("build_start", source=str(source_path), pack=str(opts.pack_dir), quantization=opts.quantization)
+    src = load_source(source_path, StepProgress("read weights"))
+    opts.packs_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{opts.name}-staging-", dir=opts.packs_dir))
+    try:
+        _build_into(staging, src, opts, key)
+        _publish(staging, opts.pack_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("build_done", pack=str(opts.pack_dir))
+    return opts.pack_dir
+
+
+def _source_key(path: Path) -> str:
+    """Identity of the source for the idempotency check: a file's sha256, or for a
+    directory its path and the size and mtime of every file in it."""
+    if path.is_file():
+        return sha256_of(path)
+    if not path.is_dir():
+        raise SourceModelError(f"base model {path} does not exist")
+    stats = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()
+
+
+def _build_into(staging: Path, src: SourceModel, opts: BuildOptions, key: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="float-", dir=opts.packs_dir) as float_dir:
+        ref_dir = Path(float_dir)
+        write_graph(src, ref_dir, GraphOptions(quantized=False), StepProgress("float reference graph"))
+        layout = _write_quantized(src, staging, ref_dir, opts)
+        result = _evaluate(src, ref_dir, staging, layout, opts)
+    log.info("evaluation", top1=round(result.top1_agreement, 4), ppl_float=round(result.perplexity_float, 3),
+             ppl_quant=round(result.perplexity_quant, 3), ratio=round(result.ppl_ratio, 4))
+    check_gate(result, opts.min_top1, opts.max_ppl_ratio)
+    (staging / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
+    (staging / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
+    manifest = _manifest(src, opts, key, layout, result, staging, golden=[])
+    _write_json(staging / MANIFEST_NAME, manifest)
+    manifest["golden"] = _golden(staging, opts)
+    _write_json(staging / MANIFEST_NAME, manifest)
+    parse_manifest(manifest)
+
+
+def _write_quantized(src: SourceModel, staging: Path, ref_dir: Path, opts: BuildOptions) -> EmbedLayout:
+    if opts.quantization == "int8-block32":
+        return write_graph(src, staging, GraphOptions(quantized=True), StepProgress("quantize int8 block32"))
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    layout = write_graph(src, staging, GraphOptions(quantized=False), StepProgress("float graph"))
+    progress = StepProgress(f"quantize {opts.quantization}")
+    progress(0, 1)
+    quantize_dynamic(
+        ref_dir / MODEL_FILE, staging / "model.q.onnx", weight_type=QuantType.QInt8,
+        per_channel=opts.quantization.endswith("per-channel"), use_external_data_format=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    for leftover in (MODEL_FILE, "weights.bin"):
+        (staging / leftover).unlink()
+    (staging / "model.q.onnx").rename(staging / MODEL_FILE)
+    progress(1, 1)
+    return layout
+
+
+def _evaluate(src: SourceModel, ref_dir: Path, staging: Path, layout: EmbedLayout, opts: BuildOptions) -> EvalResult:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_str(src.tokenizer_json).encode(heldout_text(), add_special_tokens=False).ids
+    ids = list(ids[: opts.heldout_tokens])
+    float_embed = src.weights["embed"]
+    quant_embed = _int8_embedder(staging, layout)
+    ref = GraphRunner(ref_dir / MODEL_FILE, src.config, lambda t: float_embed[t], opts.threads)
+    quant = GraphRunner(staging / MODEL_FILE, src.config, quant_embed, opts.threads)
+    return evaluate(ref, quant, ids, opts.eval_chunk, StepProgress("evaluate vs float"))
+
+
+def _int8_embedder(pack_dir: Path, layout: EmbedLayout) -> Any:
+    nb = -(-layout.cols // layout.block_size)
+    path = pack_dir / "embed.bin"
+    codes = np.memmap(path, np.uint8, "r", layout.codes_offset, (layout.rows, nb, layout.block_size))
+    scales = np.memmap(path, np.float32, "r", layout.scales_offset, (layout.rows, nb))
+
+    def embed(ids: list[int]) -> np.ndarray:
+        rows = (codes[ids].astype(np.float32) - ZERO_POINT) * scales[ids][:, :, None]
+        return rows.reshape(len(ids), -1)[:, : layout.cols]
+
+    return embed
+
+
+def _golden(staging: Path, opts: BuildOptions) -> list[dict[str, Any]]:
+    """Greedy outputs of the quantized pack through the device engine itself."""
+    from agent.inference.engine import Engine, GenerationRequest
+    from agent.inference.pack import load_pack
+
+    engine = Engine(load_pack(staging, check_ram=False), threads=opts.threads)
+    progress = StepProgress("golden prompts")
+    out = []
+    for i, prompt in enumerate(opts.golden_prompts):
+        done = engine.generate(GenerationRequest(engine.prompt_ids(prompt), opts.golden_tokens))
+        out.append({"prompt": prompt, "token_ids": done.token_ids, "text": done.text,
+                    "min_match": opts.golden_min_match})
+        progress(i + 1, len(opts.golden_prompts))
+    return out
+
+
+def _manifest(
+    src: SourceModel, opts: BuildOptions, key: str, layout: EmbedLayout, result: EvalResult,
+    staging: Path, golden: list[dict[str, Any]],
+) -> dict[str, Any]:
+    cfg = src.config
+    entries = {p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    files = {name: {"sha256": e.sha256, "length": e.length} for name, e in entries.items()}
+    total = sum(e.length for e in entries.values())
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * opts.context_length
+    return {
+        "format": 1,
+        "name": opts.name,
+        "version": opts.version,
+        "base_model": {"name": src.name, "origin": os.path.basename(src.origin), "sha256": src.sha256},
+        "license": src.license,
+        "build_key": key,
+        "quantization": {"method": opts.quantization, "bits": 8, "block_size": layout.block_size,
+                         "accuracy_level": 4},
+        "architecture": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+                         "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
+                         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context},
+        "model_file": MODEL_FILE,
+        "embedding": {"file": "embed.bin", "rows": layout.rows, "cols": layout.cols,
+                      "block_size": layout.block_size, "codes_offset": layout.codes_offset,
+                      "scales_offset": layout.scales_offset, "zero_point": layout.zero_point},
+        "tokenizer": {"file": "tokenizer.json", "chat_template_file": "chat_template.jinja",
+                      "bos_token_id": src.bos_token_id, "eos_token_ids": list(src.eos_token_ids)},
+        "runtime": {"min_ram_mb": int((total * 1.2 + kv_bytes) / 2**20) + 64,
+                    "onnxruntime": f">={MIN_ORT}", "execution_providers": ["CPUExecutionProvider"]},
+        "generation": {"max_tokens": opts.max_tokens, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+                       "repetition_penalty": 1.0, "context_length": opts.context_length, "system_prompt": ""},
+        "evaluation": {"heldout_tokens": result.tokens, "top1_agreement": result.top1_agreement,
+                       "perplexity_float": result.perplexity_float, "perplexity_quant": result.perplexity_quant,
+                       "ppl_ratio": result.ppl_ratio, "min_top1": opts.min_top1,
+                       "max_ppl_ratio": opts.max_ppl_ratio, "passed": True},
+        "golden": golden,
+        "files": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "builder": BUILDER_ID,
+        "extra": {"onnxruntime_at_build": ort.__version__, **opts.extra},
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Swap the finished pack into place; an older pack at that path goes only after."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    shutil.rmtree(old, ignore_errors=True)
+    read_manifest(target)

@@ -1,0 +1,107 @@
+"""Compare a quantized graph with the float graph on held-out text that ships with us.
+
+Teacher-forced: both graphs see the same tokens; we count how often their top-1
+predictions agree and compute each one's perplexity on the true next tokens. The
+quality gate turns those numbers into a yes or no.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model_packs.build.source import ModelConfig
+from model_packs.errors import QualityGateError
+
+MIN_TOP1 = 0.93
+MAX_PPL_RATIO = 1.05
+Embedder = Callable[[list[int]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    tokens: int  # held-out tokens fed (each chunk scores all but its first)
+    top1_agreement: float
+    perplexity_float: float
+    perplexity_quant: float
+
+    @property
+    def ppl_ratio(self) -> float:
+        return self.perplexity_quant / self.perplexity_float
+
+
+def heldout_text() -> str:
+    return resources.files("model_packs").joinpath("data/heldout.txt").read_text(encoding="utf-8")
+
+
+class GraphRunner:
+    """Full-sequence logits from a graph directory (no cache reuse: evaluation only)."""
+
+    def __init__(self, model_path: Path, cfg: ModelConfig, embed: Embedder, threads: int = 2) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        self.cfg, self.embed = cfg, embed
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        cfg, n = self.cfg, len(ids)
+        empty = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), dtype=np.float32)
+        feeds: dict[str, np.ndarray] = {
+            "inputs_embeds": self.embed(ids)[None],
+            "logits_index": np.arange(n, dtype=np.int64),
+            "seqlens_k": np.array([n - 1], dtype=np.int32),
+            "total_sequence_length": np.array(n, dtype=np.int32),
+        }
+        for i in range(cfg.num_layers):
+            feeds[f"past_key_values.{i}.key"] = empty
+            feeds[f"past_key_values.{i}.value"] = empty
+        out: np.ndarray = self.session.run(["logits"], feeds)[0][0]
+        return out
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logz = np.log(np.exp(shifted).sum(axis=1))
+    return np.asarray(logz - shifted[np.arange(len(targets)), targets], dtype=np.float64)
+
+
+def chunks(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids) - 1, size) if len(ids[i : i + size]) > 1]
+
+
+def evaluate(
+    ref: GraphRunner, quant: GraphRunner, ids: list[int], chunk: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    agree, nll_f, nll_q, count = 0, 0.0, 0.0, 0
+    parts = chunks(ids, chunk)
+    for i, part in enumerate(parts):
+        lf, lq = ref.logits(part)[:-1], quant.logits(part)[:-1]
+        targets = np.asarray(part[1:], dtype=np.int64)
+        agree += int((lf.argmax(axis=1) == lq.argmax(axis=1)).sum())
+        nll_f += float(_nll(lf, targets).sum())
+        nll_q += float(_nll(lq, targets).sum())
+        count += len(targets)
+        if progress:
+            progress(i + 1, len(parts))
+    return EvalResult(len(ids), agree / count, float(np.exp(nll_f / count)), float(np.exp(nll_q / count)))
+
+
+def check_gate(result: EvalResult, min_top1: float = MIN_TOP1, max_ratio: float = MAX_PPL_RATIO) -> None:
+    """Refuse a quantization that drifted too far from the float model."""
+    problems = []
+    if result.top1_agreement < min_top1:
+        problems.append(f"top-1 agreement {result.top1_agreement:.3f} < {min_top1}")
+    if result.ppl_ratio > max_ratio:
+        problems.append(
+            f"perplexity {result.perplexity_quant:.2f} is {result.ppl_ratio:.3f}x float "
+            f"{result.perplexity_float:.2f} (> {max_ratio}x)"
+        )
+    if problems:
+        raise QualityGateError("quality gate refused the pack: " + "; ".join(problems))

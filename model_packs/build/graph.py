@@ -1,0 +1,254 @@
+"""Write a Llama/Qwen decoder as one fused onnxruntime graph.
+
+The graph is what onnxruntime's fast CPU kernels want, about 13 nodes per layer:
+``SkipSimplifiedLayerNormalization``, one packed-QKV ``MatMulNBits`` (8-bit, block 32,
+``accuracy_level=4`` for int8 compute), ``GroupQueryAttention`` with rotary embedding and
+a KV buffer shared by past and present, and a SiLU MLP. The float reference is the same
+graph with plain ``MatMul``, so the evaluation compares quantization and nothing else.
+
+Inputs: ``inputs_embeds`` (the engine looks token rows up in the int8 table itself, so
+the tied embedding is stored once), ``logits_index`` (positions whose logits are
+wanted: the last one when decoding, all of them when evaluating), ``seqlens_k`` and
+``total_sequence_length`` (GroupQueryAttention's view of the cache), and per layer
+``past_key_values.{i}.key/value`` of shape [batch, kv_heads, buffer, head_dim].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from model_packs.build.quantize import ZERO_POINT, BlockQuantized, quantize_blockwise
+from model_packs.build.source import ModelConfig, SourceModel
+from model_packs.errors import SourceModelError
+
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.bin"
+EMBED_FILE = "embed.bin"
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    quantized: bool
+    block_size: int = 32
+    accuracy_level: int = 4
+
+
+@dataclass(frozen=True)
+class EmbedLayout:
+    rows: int
+    cols: int
+    block_size: int
+    codes_offset: int
+    scales_offset: int
+    zero_point: int = ZERO_POINT
+
+
+class _Blob:
+    """Append-only external-data file; returns TensorProtos that point into it."""
+
+    def __init__(self, path: Path) -> None:
+        self.location = path.name
+        self.fh: BinaryIO = path.open("wb")
+        self.offset = 0
+
+    def add(self, name: str, arr: np.ndarray) -> TensorProto:
+        pad = (-self.offset) % _ALIGN
+        self.fh.write(b"\0" * pad)
+        self.offset += pad
+        data = np.ascontiguousarray(arr).tobytes()
+        self.fh.write(data)
+        t = _external_tensor(name, arr, self.location, self.offset, len(data))
+        self.offset += len(data)
+        return t
+
+    def close(self) -> None:
+        self.fh.flush()
+        self.fh.close()
+
+
+def _external_tensor(name: str, arr: np.ndarray, location: str, offset: int, length: int) -> TensorProto:
+    t = TensorProto()
+    t.name = name
+    t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+    t.dims.extend(arr.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+class _GraphBuilder:
+    """Accumulates nodes and initializers; ``linear`` is the one place weights differ."""
+
+    def __init__(self, cfg: ModelConfig, opts: GraphOptions, blob: _Blob) -> None:
+        self.cfg, self.opts, self.blob = cfg, opts, blob
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> None:
+        name = f"{op}_{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(self.blob.add(name, arr))
+        return name
+
+    def linear(self, x: str, w: np.ndarray, name: str, out: str) -> None:
+        """y = x @ w.T, with w [N, K] float (reference) or blockwise int8 (pack)."""
+        if not self.opts.quantized:
+            self.node("MatMul", [x, self.init(f"{name}.weight", w.T.copy())], [out])
+            return
+        self.linear_q(x, quantize_blockwise(w, self.opts.block_size), name, out)
+
+    def linear_q(self, x: str, q: BlockQuantized, name: str, out: str, shared: list[str] | None = None) -> None:
+        n, k = q.shape[0], q.shape[1]
+        inputs = shared or [self.init(f"{name}.qweight", q.codes), self.init(f"{name}.scales", q.scales)]
+        self.node(
+            "MatMulNBits",
+            [x, *inputs],
+            [out],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=8,
+            block_size=self.opts.block_size,
+            accuracy_level=self.opts.accuracy_level,
+        )
+
+
+def _rotary_caches(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    freqs = np.outer(np.arange(cfg.max_context, dtype=np.float64), inv_freq)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _layer(g: _GraphBuilder, w: dict[str, np.ndarray], i: int, x: str, residual: str | None) -> tuple[str, str]:
+    """Emit one decoder layer; returns (mlp output, residual stream) for the next one."""
+    cfg, p = g.cfg, f"layers.{i}"
+    ln, res_a = f"{p}.ln1", f"{p}.res_attn"
+    if residual is None:
+        norm = g.init(f"{p}.attn_norm", w[f"{p}.attn_norm"])
+        g.node("SimplifiedLayerNormalization", [x, norm], [ln], axis=-1, epsilon=cfg.rms_eps)
+        res_a = x
+    else:
+        norm = g.init(f"{p}.attn_norm", w[f"{p}.attn_norm"])
+        g.node("SkipSimplifiedLayerNormalization", [x, residual, norm], [ln, "", "", res_a],
+               domain="com.microsoft", epsilon=cfg.rms_eps)
+    qkv_w = np.concatenate([w[f"{p}.q"], w[f"{p}.k"], w[f"{p}.v"]], axis=0)
+    qkv = f"{p}.qkv"
+    g.linear(ln, qkv_w, f"{p}.qkv", qkv)
+    if cfg.attention_bias:
+        bias = np.concatenate([w[f"{p}.q_bias"], w[f"{p}.k_bias"], w[f"{p}.v_bias"]])
+        g.node("Add", [qkv, g.init(f"{p}.qkv_bias", bias)], [f"{qkv}_b"])
+        qkv = f"{qkv}_b"
+    g.node(
+        "GroupQueryAttention",
+        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+         "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
+        domain="com.microsoft",
+        num_heads=cfg.num_heads,
+        kv_num_heads=cfg.num_kv_heads,
+        do_rotary=1,
+        rotary_interleaved=0,
+        scale=float(1.0 / np.sqrt(cfg.head_dim)),
+        local_window_size=-1,
+    )
+    g.linear(f"{p}.attn", w[f"{p}.o"], f"{p}.o", f"{p}.o_out")
+    ln2, res_m = f"{p}.ln2", f"{p}.res_mlp"
+    g.node("SkipSimplifiedLayerNormalization", [f"{p}.o_out", res_a, g.init(f"{p}.mlp_norm", w[f"{p}.mlp_norm"])],
+           [ln2, "", "", res_m], domain="com.microsoft", epsilon=cfg.rms_eps)
+    g.linear(ln2, w[f"{p}.gate"], f"{p}.gate", f"{p}.gate_out")
+    g.linear(ln2, w[f"{p}.up"], f"{p}.up", f"{p}.up_out")
+    g.node("Sigmoid", [f"{p}.gate_out"], [f"{p}.gate_sig"])
+    g.node("Mul", [f"{p}.gate_out", f"{p}.gate_sig"], [f"{p}.silu"])
+    g.node("Mul", [f"{p}.silu", f"{p}.up_out"], [f"{p}.act"])
+    g.linear(f"{p}.act", w[f"{p}.down"], f"{p}.down", f"{p}.mlp_out")
+    return f"{p}.mlp_out", res_m
+
+
+def _io(cfg: ModelConfig) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    f32 = TensorProto.FLOAT
+    kv: list[str | int | None] = ["batch", cfg.num_kv_heads, "kv_len", cfg.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "seq", cfg.hidden_size]),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["n_logits"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "n_logits", cfg.vocab_size])]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, kv))
+    return inputs, outputs
+
+
+def _write_embedding(path: Path, q: BlockQuantized) -> tuple[EmbedLayout, list[TensorProto]]:
+    """embed.bin: codes then scales; the LM head's initializers point at the same bytes."""
+    blob = _Blob(path)
+    codes = blob.add("embed.qweight", q.codes)
+    scales = blob.add("embed.scales", q.scales)
+    blob.close()
+    n, k = q.shape
+    layout = EmbedLayout(
+        rows=n, cols=k, block_size=q.codes.shape[2],
+        codes_offset=int(codes.external_data[1].value), scales_offset=int(scales.external_data[1].value),
+    )
+    return layout, [codes, scales]
+
+
+def write_graph(
+    src: SourceModel, out_dir: Path, opts: GraphOptions, progress: Callable[[int, int], None] | None = None
+) -> EmbedLayout:
+    """Write model.onnx, weights.bin and embed.bin into ``out_dir``."""
+    cfg, w = src.config, src.weights
+    embed_q = quantize_blockwise(w["embed"], opts.block_size)
+    layout, embed_inits = _write_embedding(out_dir / EMBED_FILE, embed_q)
+    blob = _Blob(out_dir / WEIGHTS_FILE)
+    g = _GraphBuilder(cfg, opts, blob)
+    cos, sin = _rotary_caches(cfg)
+    g.init("cos_cache", cos)
+    g.init("sin_cache", sin)
+    x, residual = "inputs_embeds", None
+    for i in range(cfg.num_layers):
+        x, residual = _layer(g, w, i, x, residual)
+        if progress:
+            progress(i + 1, cfg.num_layers + 1)
+    if residual is None:
+        raise SourceModelError("the model has no decoder layers")
+    g.node("SkipSimplifiedLayerNormalization", [x, residual, g.init("norm", w["norm"])], ["final_ln"],
+           domain="com.microsoft", epsilon=cfg.rms_eps)
+    g.node("Gather", ["final_ln", "logits_index"], ["selected"], axis=1)
+    _lm_head(g, w, embed_inits, embed_q)
+    blob.close()
+    inputs, outputs = _io(cfg)
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, initializer=g.inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="edge-slm-agent",
+    )
+    model.ir_version = 10
+    onnx.save(model, str(out_dir / MODEL_FILE))
+    if progress:
+        progress(cfg.num_layers + 1, cfg.num_layers + 1)
+    return layout
+
+
+def _lm_head(g: _GraphBuilder, w: dict[str, np.ndarray], embed_inits: list[TensorProto], embed_q: BlockQuantized) -> None:
+    head = w.get("lm_head")
+    if head is None and g.opts.quantized:
+        g.inits.extend(embed_inits)
+        g.linear_q("selected", embed_q, "lm_head", "logits", shared=[t.name for t in embed_inits])
+        return
+    g.linear("selected", w["embed"] if head is None else head, "lm_head", "logits")
