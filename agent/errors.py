@@ -5,6 +5,13 @@
     +-- TooLarge               too_large          prompt or max_tokens over a limit (``limit``)
     +-- Cancelled              cancelled          cancelled by the operator
     +-- ModelUnavailable       model_unavailable  no pack loaded, or the pack failed to load
+    +-- BadJson                bad_json           payload is not UTF-8 JSON
+    +-- UnknownSensor          unknown_sensor     a read names a sensor the agent does not have
+    +-- QueueFull              queue_full         the request queue (or the client's share) is full
+    +-- RateLimited            rate_limited       the client sends faster than its rate limit
+    +-- Timeout                timeout            the request's deadline passed
+    +-- Forbidden              forbidden          a privileged command from a client not allowed
+    +-- ConfigError            bad_config         the configuration is invalid (start-up only)
 
 Pack loading raises :mod:`model_packs.errors` (manifest, files, runtime); the engine
 wraps those into ``ModelUnavailable`` only where a caller needs one code.
@@ -36,3 +43,31 @@ class Cancelled(AgentError):
 
 class ModelUnavailable(AgentError):
     code = "model_unavailable"
+
+
+class BadJson(AgentError):
+    code = "bad_json"
+
+
+class UnknownSensor(AgentError):
+    code = "unknown_sensor"
+
+
+class QueueFull(AgentError):
+    code = "queue_full"
+
+
+class RateLimited(AgentError):
+    code = "rate_limited"
+
+
+class Timeout(AgentError):
+    code = "timeout"
+
+
+class Forbidden(AgentError):
+    code = "forbidden"
+
+
+class ConfigError(AgentError):
+    code = "bad_config"

@@ -22,11 +22,19 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from model_packs.build.evaluate import MAX_PPL_RATIO, MIN_TOP1, EvalResult, GraphRunner, check_gate, evaluate, heldout_text
+from model_packs.build.evaluate import (
+    MAX_PPL_RATIO,
+    MIN_TOP1,
+    EvalResult,
+    GraphRunner,
+    check_gate,
+    evaluate,
+    heldout_text,
+)
 from model_packs.build.graph import MODEL_FILE, EmbedLayout, GraphOptions, write_graph
 from model_packs.build.quantize import ZERO_POINT
 from model_packs.build.source import SourceModel, default_gguf_path, load_source, sha256_of
-from model_packs.errors import PackExistsError, PackError, SourceModelError
+from model_packs.errors import PackError, PackExistsError, SourceModelError
 from model_packs.format import MANIFEST_NAME, file_entry, parse_manifest, read_manifest, verify_pack
 from model_packs.progress import StepProgress
 
@@ -70,10 +78,16 @@ class BuildOptions:
 def build_key(opts: BuildOptions, source_sha: str) -> str:
     """The inputs that define a pack; same key (and same builder), same pack."""
     material = {
-        "source": source_sha, "name": opts.name, "version": opts.version,
-        "quantization": opts.quantization, "context": opts.context_length, "golden": opts.golden_prompts,
-        "golden_tokens": opts.golden_tokens, "heldout": hashlib.sha256(heldout_text().encode()).hexdigest(),
-        "heldout_tokens": opts.heldout_tokens, "max_tokens": opts.max_tokens,
+        "source": source_sha,
+        "name": opts.name,
+        "version": opts.version,
+        "quantization": opts.quantization,
+        "context": opts.context_length,
+        "golden": opts.golden_prompts,
+        "golden_tokens": opts.golden_tokens,
+        "heldout": hashlib.sha256(heldout_text().encode()).hexdigest(),
+        "heldout_tokens": opts.heldout_tokens,
+        "max_tokens": opts.max_tokens,
         "gate": [opts.min_top1, opts.max_ppl_ratio],
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
@@ -127,8 +141,11 @@ def _source_key(path: Path) -> str:
         return sha256_of(path)
     if not path.is_dir():
         raise SourceModelError(f"base model {path} does not exist")
-    stats = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-             for p in sorted(path.rglob("*")) if p.is_file()]
+    stats = [
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    ]
     return hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()
 
 
@@ -138,8 +155,13 @@ def _build_into(staging: Path, src: SourceModel, opts: BuildOptions, key: str) -
         write_graph(src, ref_dir, GraphOptions(quantized=False), StepProgress("float reference graph"))
         layout = _write_quantized(src, staging, ref_dir, opts)
         result = _evaluate(src, ref_dir, staging, layout, opts)
-    log.info("evaluation", top1=round(result.top1_agreement, 4), ppl_float=round(result.perplexity_float, 3),
-             ppl_quant=round(result.perplexity_quant, 3), ratio=round(result.ppl_ratio, 4))
+    log.info(
+        "evaluation",
+        top1=round(result.top1_agreement, 4),
+        ppl_float=round(result.perplexity_float, 3),
+        ppl_quant=round(result.perplexity_quant, 3),
+        ratio=round(result.ppl_ratio, 4),
+    )
     check_gate(result, opts.min_top1, opts.max_ppl_ratio)
     (staging / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
     (staging / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
@@ -160,8 +182,11 @@ def _write_quantized(src: SourceModel, staging: Path, ref_dir: Path, opts: Build
     progress = StepProgress(f"quantize {opts.quantization}")
     progress(0, 1)
     quantize_dynamic(
-        ref_dir / MODEL_FILE, staging / "model.q.onnx", weight_type=QuantType.QInt8,
-        per_channel=opts.quantization.endswith("per-channel"), use_external_data_format=True,
+        ref_dir / MODEL_FILE,
+        staging / "model.q.onnx",
+        weight_type=QuantType.QInt8,
+        per_channel=opts.quantization.endswith("per-channel"),
+        use_external_data_format=True,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     for leftover in (MODEL_FILE, "weights.bin"):
@@ -171,7 +196,9 @@ def _write_quantized(src: SourceModel, staging: Path, ref_dir: Path, opts: Build
     return layout
 
 
-def _evaluate(src: SourceModel, ref_dir: Path, staging: Path, layout: EmbedLayout, opts: BuildOptions) -> EvalResult:
+def _evaluate(
+    src: SourceModel, ref_dir: Path, staging: Path, layout: EmbedLayout, opts: BuildOptions
+) -> EvalResult:
     from tokenizers import Tokenizer
 
     ids = Tokenizer.from_str(src.tokenizer_json).encode(heldout_text(), add_special_tokens=False).ids
@@ -206,18 +233,31 @@ def _golden(staging: Path, opts: BuildOptions) -> list[dict[str, Any]]:
     out = []
     for i, prompt in enumerate(opts.golden_prompts):
         done = engine.generate(GenerationRequest(engine.prompt_ids(prompt), opts.golden_tokens))
-        out.append({"prompt": prompt, "token_ids": done.token_ids, "text": done.text,
-                    "min_match": opts.golden_min_match})
+        out.append(
+            {
+                "prompt": prompt,
+                "token_ids": done.token_ids,
+                "text": done.text,
+                "min_match": opts.golden_min_match,
+            }
+        )
         progress(i + 1, len(opts.golden_prompts))
     return out
 
 
 def _manifest(
-    src: SourceModel, opts: BuildOptions, key: str, layout: EmbedLayout, result: EvalResult,
-    staging: Path, golden: list[dict[str, Any]],
+    src: SourceModel,
+    opts: BuildOptions,
+    key: str,
+    layout: EmbedLayout,
+    result: EvalResult,
+    staging: Path,
+    golden: list[dict[str, Any]],
 ) -> dict[str, Any]:
     cfg = src.config
-    entries = {p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    entries = {
+        p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
+    }
     files = {name: {"sha256": e.sha256, "length": e.length} for name, e in entries.items()}
     total = sum(e.length for e in entries.values())
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * opts.context_length
@@ -228,25 +268,61 @@ def _manifest(
         "base_model": {"name": src.name, "origin": os.path.basename(src.origin), "sha256": src.sha256},
         "license": src.license,
         "build_key": key,
-        "quantization": {"method": opts.quantization, "bits": 8, "block_size": layout.block_size,
-                         "accuracy_level": 4},
-        "architecture": {"hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
-                         "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
-                         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "max_context": cfg.max_context},
+        "quantization": {
+            "method": opts.quantization,
+            "bits": 8,
+            "block_size": layout.block_size,
+            "accuracy_level": 4,
+        },
+        "architecture": {
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers,
+            "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size,
+            "max_context": cfg.max_context,
+        },
         "model_file": MODEL_FILE,
-        "embedding": {"file": "embed.bin", "rows": layout.rows, "cols": layout.cols,
-                      "block_size": layout.block_size, "codes_offset": layout.codes_offset,
-                      "scales_offset": layout.scales_offset, "zero_point": layout.zero_point},
-        "tokenizer": {"file": "tokenizer.json", "chat_template_file": "chat_template.jinja",
-                      "bos_token_id": src.bos_token_id, "eos_token_ids": list(src.eos_token_ids)},
-        "runtime": {"min_ram_mb": int((total * 1.2 + kv_bytes) / 2**20) + 64,
-                    "onnxruntime": f">={MIN_ORT}", "execution_providers": ["CPUExecutionProvider"]},
-        "generation": {"max_tokens": opts.max_tokens, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
-                       "repetition_penalty": 1.0, "context_length": opts.context_length, "system_prompt": ""},
-        "evaluation": {"heldout_tokens": result.tokens, "top1_agreement": result.top1_agreement,
-                       "perplexity_float": result.perplexity_float, "perplexity_quant": result.perplexity_quant,
-                       "ppl_ratio": result.ppl_ratio, "min_top1": opts.min_top1,
-                       "max_ppl_ratio": opts.max_ppl_ratio, "passed": True},
+        "embedding": {
+            "file": "embed.bin",
+            "rows": layout.rows,
+            "cols": layout.cols,
+            "block_size": layout.block_size,
+            "codes_offset": layout.codes_offset,
+            "scales_offset": layout.scales_offset,
+            "zero_point": layout.zero_point,
+        },
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "chat_template_file": "chat_template.jinja",
+            "bos_token_id": src.bos_token_id,
+            "eos_token_ids": list(src.eos_token_ids),
+        },
+        "runtime": {
+            "min_ram_mb": int((total * 1.2 + kv_bytes) / 2**20) + 64,
+            "onnxruntime": f">={MIN_ORT}",
+            "execution_providers": ["CPUExecutionProvider"],
+        },
+        "generation": {
+            "max_tokens": opts.max_tokens,
+            "temperature": 0.0,
+            "top_k": 0,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "context_length": opts.context_length,
+            "system_prompt": "",
+        },
+        "evaluation": {
+            "heldout_tokens": result.tokens,
+            "top1_agreement": result.top1_agreement,
+            "perplexity_float": result.perplexity_float,
+            "perplexity_quant": result.perplexity_quant,
+            "ppl_ratio": result.ppl_ratio,
+            "min_top1": opts.min_top1,
+            "max_ppl_ratio": opts.max_ppl_ratio,
+            "passed": True,
+        },
         "golden": golden,
         "files": files,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

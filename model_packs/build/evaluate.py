@@ -76,7 +76,10 @@ def chunks(ids: list[int], size: int) -> list[list[int]]:
 
 
 def evaluate(
-    ref: GraphRunner, quant: GraphRunner, ids: list[int], chunk: int = 256,
+    ref: GraphRunner,
+    quant: GraphRunner,
+    ids: list[int],
+    chunk: int = 256,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     agree, nll_f, nll_q, count = 0, 0.0, 0.0, 0

@@ -109,7 +109,9 @@ class _GraphBuilder:
             return
         self.linear_q(x, quantize_blockwise(w, self.opts.block_size), name, out)
 
-    def linear_q(self, x: str, q: BlockQuantized, name: str, out: str, shared: list[str] | None = None) -> None:
+    def linear_q(
+        self, x: str, q: BlockQuantized, name: str, out: str, shared: list[str] | None = None
+    ) -> None:
         n, k = q.shape[0], q.shape[1]
         inputs = shared or [self.init(f"{name}.qweight", q.codes), self.init(f"{name}.scales", q.scales)]
         self.node(
@@ -131,7 +133,9 @@ def _rotary_caches(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def _layer(g: _GraphBuilder, w: dict[str, np.ndarray], i: int, x: str, residual: str | None) -> tuple[str, str]:
+def _layer(
+    g: _GraphBuilder, w: dict[str, np.ndarray], i: int, x: str, residual: str | None
+) -> tuple[str, str]:
     """Emit one decoder layer; returns (mlp output, residual stream) for the next one."""
     cfg, p = g.cfg, f"layers.{i}"
     ln, res_a = f"{p}.ln1", f"{p}.res_attn"
@@ -141,8 +145,13 @@ def _layer(g: _GraphBuilder, w: dict[str, np.ndarray], i: int, x: str, residual:
         res_a = x
     else:
         norm = g.init(f"{p}.attn_norm", w[f"{p}.attn_norm"])
-        g.node("SkipSimplifiedLayerNormalization", [x, residual, norm], [ln, "", "", res_a],
-               domain="com.microsoft", epsilon=cfg.rms_eps)
+        g.node(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, norm],
+            [ln, "", "", res_a],
+            domain="com.microsoft",
+            epsilon=cfg.rms_eps,
+        )
     qkv_w = np.concatenate([w[f"{p}.q"], w[f"{p}.k"], w[f"{p}.v"]], axis=0)
     qkv = f"{p}.qkv"
     g.linear(ln, qkv_w, f"{p}.qkv", qkv)
@@ -152,8 +161,17 @@ def _layer(g: _GraphBuilder, w: dict[str, np.ndarray], i: int, x: str, residual:
         qkv = f"{qkv}_b"
     g.node(
         "GroupQueryAttention",
-        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-         "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        [
+            qkv,
+            "",
+            "",
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            "seqlens_k",
+            "total_sequence_length",
+            "cos_cache",
+            "sin_cache",
+        ],
         [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
         domain="com.microsoft",
         num_heads=cfg.num_heads,
@@ -165,8 +183,13 @@ def _layer(g: _GraphBuilder, w: dict[str, np.ndarray], i: int, x: str, residual:
     )
     g.linear(f"{p}.attn", w[f"{p}.o"], f"{p}.o", f"{p}.o_out")
     ln2, res_m = f"{p}.ln2", f"{p}.res_mlp"
-    g.node("SkipSimplifiedLayerNormalization", [f"{p}.o_out", res_a, g.init(f"{p}.mlp_norm", w[f"{p}.mlp_norm"])],
-           [ln2, "", "", res_m], domain="com.microsoft", epsilon=cfg.rms_eps)
+    g.node(
+        "SkipSimplifiedLayerNormalization",
+        [f"{p}.o_out", res_a, g.init(f"{p}.mlp_norm", w[f"{p}.mlp_norm"])],
+        [ln2, "", "", res_m],
+        domain="com.microsoft",
+        epsilon=cfg.rms_eps,
+    )
     g.linear(ln2, w[f"{p}.gate"], f"{p}.gate", f"{p}.gate_out")
     g.linear(ln2, w[f"{p}.up"], f"{p}.up", f"{p}.up_out")
     g.node("Sigmoid", [f"{p}.gate_out"], [f"{p}.gate_sig"])
@@ -201,8 +224,11 @@ def _write_embedding(path: Path, q: BlockQuantized) -> tuple[EmbedLayout, list[T
     blob.close()
     n, k = q.shape
     layout = EmbedLayout(
-        rows=n, cols=k, block_size=q.codes.shape[2],
-        codes_offset=int(codes.external_data[1].value), scales_offset=int(scales.external_data[1].value),
+        rows=n,
+        cols=k,
+        block_size=q.codes.shape[2],
+        codes_offset=int(codes.external_data[1].value),
+        scales_offset=int(scales.external_data[1].value),
     )
     return layout, [codes, scales]
 
@@ -226,8 +252,13 @@ def write_graph(
             progress(i + 1, cfg.num_layers + 1)
     if residual is None:
         raise SourceModelError("the model has no decoder layers")
-    g.node("SkipSimplifiedLayerNormalization", [x, residual, g.init("norm", w["norm"])], ["final_ln"],
-           domain="com.microsoft", epsilon=cfg.rms_eps)
+    g.node(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, g.init("norm", w["norm"])],
+        ["final_ln"],
+        domain="com.microsoft",
+        epsilon=cfg.rms_eps,
+    )
     g.node("Gather", ["final_ln", "logits_index"], ["selected"], axis=1)
     _lm_head(g, w, embed_inits, embed_q)
     blob.close()
@@ -245,7 +276,9 @@ def write_graph(
     return layout
 
 
-def _lm_head(g: _GraphBuilder, w: dict[str, np.ndarray], embed_inits: list[TensorProto], embed_q: BlockQuantized) -> None:
+def _lm_head(
+    g: _GraphBuilder, w: dict[str, np.ndarray], embed_inits: list[TensorProto], embed_q: BlockQuantized
+) -> None:
     head = w.get("lm_head")
     if head is None and g.opts.quantized:
         g.inits.extend(embed_inits)

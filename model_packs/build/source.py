@@ -99,9 +99,7 @@ def load_source(path: Path, progress: Progress | None = None) -> SourceModel:
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved pairs -> HF rotary halves)."""
     rows = w.shape[0]
-    return (
-        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

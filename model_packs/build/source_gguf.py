@@ -127,9 +127,7 @@ def _pre_tokenizer(pre: str) -> Any:
     }
     if pre not in patterns:
         raise SourceModelError(f"GGUF pre-tokenizer {pre!r} is not supported: {sorted(patterns)}")
-    splits = [
-        pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns[pre]
-    ]
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns[pre]]
     return pre_tokenizers.Sequence([*splits, byte_level])
 
 

@@ -1,0 +1,309 @@
+"""Agent configuration: YAML -> frozen, validated value objects, built in one place.
+
+This is the only module that reads the environment. Every problem is reported with the
+key path (``mqtt.url``, ``sensors[2].source.interval_s``) and the reason, at start-up,
+before anything connects or loads.
+
+Environment overrides: ``EDGE_AGENT_DEVICE_ID``, ``EDGE_AGENT_MQTT_URL``,
+``EDGE_AGENT_PACK``, ``EDGE_AGENT_LOG_LEVEL``, ``EDGE_AGENT_STATE_DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from agent.errors import ConfigError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'90s', '5m', '1h', '250ms' or a number of seconds -> seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    m = _DURATION.match(str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class ReconnectConfig:
+    min_s: float = 0.5
+    max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    protocol: str = "5"  # "5" or "3.1.1"
+    topic_root: str = "edge/{device_id}"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive_s: int = 30
+    session_expiry_s: int = 3600
+    reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parsed = urlparse(self.url)
+        return parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts" or self.ca_file is not None
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    path: str | None = None  # None: the default pack in the cache
+    threads: int = 2
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    per_s: float = 2.0
+    burst: int = 10
+
+
+@dataclass(frozen=True)
+class Limits:
+    queue_size: int = 32
+    per_client_queue: int = 8
+    max_payload_bytes: int = 8192
+    max_question_chars: int = 2000
+    max_tokens: int = 256
+    deadline_s: float = 120.0
+    rate: RateLimit = field(default_factory=RateLimit)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: str = "mqtt"  # mqtt | file | command
+    topic: str | None = None  # mqtt: default {topic_root}/sensors/{name}
+    path: str | None = None  # file
+    argv: tuple[str, ...] = ()  # command
+    scale: float = 1.0
+    interval_s: float = 10.0
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class SensorConfig:
+    name: str
+    unit: str = ""
+    aliases: tuple[str, ...] = ()
+    max_age_s: float = 120.0
+    window_s: float = 3600.0
+    max_points: int = 4096
+    source: SourceConfig = field(default_factory=SourceConfig)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    system: str = (
+        "You are the assistant of an edge device. Answer in one or two short sentences. "
+        "Use only the sensor readings given; do not invent numbers."
+    )
+    temperature: float = 0.0
+    max_tokens: int = 96
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    limits: Limits = field(default_factory=Limits)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sensors: tuple[SensorConfig, ...] = ()
+    privileged_clients: tuple[str, ...] = ()
+    state_dir: str = "/var/lib/edge-agent"
+    log_level: str = "info"
+    watchdog: bool = True
+
+    @property
+    def topic_root(self) -> str:
+        return self.mqtt.topic_root.replace("{device_id}", self.device_id)
+
+    def topic(self, leaf: str) -> str:
+        return f"{self.topic_root}/{leaf}"
+
+
+# ---------------------------------------------------------------- generic loader
+
+
+def _convert(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], path)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, path)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
+    return _scalar(value, hint, path)
+
+
+def _scalar(value: Any, hint: Any, path: str) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is float:
+        if path.endswith("_s") and isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{path}: unsupported type {hint}")
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check(cfg: AgentConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.device_id):
+        raise ConfigError("device_id: 1-64 characters of letters, digits, '.', '_' or '-'")
+    if urlparse(cfg.mqtt.url).scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"mqtt.url: {cfg.mqtt.url!r} must start with mqtt:// or mqtts://")
+    if cfg.mqtt.protocol not in ("5", "3.1.1"):
+        raise ConfigError(f"mqtt.protocol: {cfg.mqtt.protocol!r} must be '5' or '3.1.1'")
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(cfg.mqtt, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"mqtt.{key}: file {value} does not exist")
+    if cfg.pack.path is not None and not Path(cfg.pack.path).is_dir():
+        raise ConfigError(f"pack.path: {cfg.pack.path} is not a directory")
+    for name in ("queue_size", "per_client_queue", "max_payload_bytes", "max_tokens"):
+        if getattr(cfg.limits, name) < 1:
+            raise ConfigError(f"limits.{name}: must be >= 1")
+    _check_sensors(cfg.sensors)
+
+
+def _check_sensors(sensors: tuple[SensorConfig, ...]) -> None:
+    seen: set[str] = set()
+    for i, s in enumerate(sensors):
+        p = f"sensors[{i}]"
+        if not re.fullmatch(r"[a-z0-9_]{1,48}", s.name):
+            raise ConfigError(f"{p}.name: {s.name!r} must be lowercase letters, digits or '_'")
+        if s.name in seen:
+            raise ConfigError(f"{p}.name: sensor {s.name!r} is defined twice")
+        seen.add(s.name)
+        src = s.source
+        if src.type not in ("mqtt", "file", "command"):
+            raise ConfigError(f"{p}.source.type: {src.type!r} must be mqtt, file or command")
+        if src.type == "file" and not src.path:
+            raise ConfigError(f"{p}.source.path: required for a file source")
+        if src.type == "command" and not src.argv:
+            raise ConfigError(f"{p}.source.argv: required for a command source")
+        if src.interval_s <= 0 or s.max_age_s <= 0 or s.window_s <= 0 or s.max_points < 2:
+            raise ConfigError(f"{p}: intervals, ages and windows must be positive, max_points >= 2")
+
+
+_ENV = {
+    "EDGE_AGENT_DEVICE_ID": ("device_id",),
+    "EDGE_AGENT_MQTT_URL": ("mqtt", "url"),
+    "EDGE_AGENT_PACK": ("pack", "path"),
+    "EDGE_AGENT_LOG_LEVEL": ("log_level",),
+    "EDGE_AGENT_STATE_DIR": ("state_dir",),
+}
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for var, keys in _ENV.items():
+        if var in env:
+            node = data
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = env[var]
+
+
+def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> AgentConfig:
+    raw = dict(data)
+    _apply_env(raw, os.environ if env is None else env)
+    cfg: AgentConfig = _build(AgentConfig, raw, "")
+    _check(cfg)
+    return cfg
+
+
+@dataclass(frozen=True)
+class SystemdEnv:
+    """What systemd tells the service through its environment (notify socket, watchdog)."""
+
+    notify_socket: str | None
+    watchdog_usec: int | None
+
+
+def systemd_env(env: Mapping[str, str] | None = None) -> SystemdEnv:
+    env = os.environ if env is None else env
+    usec = env.get("WATCHDOG_USEC", "")
+    return SystemdEnv(env.get("NOTIFY_SOCKET") or None, int(usec) if usec.isdigit() else None)
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and validate a YAML config; raises ConfigError naming the key and reason."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return config_from_mapping(data, env)

@@ -1,0 +1,1 @@
+"""Sensors: sources feed readings into rolling windows; windows answer exact reads."""

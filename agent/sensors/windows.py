@@ -1,0 +1,132 @@
+"""Rolling windows of readings per sensor, with bounded memory and honest staleness.
+
+Ages are measured on the monotonic clock of the agent's receive time: a device without
+a real-time clock must not see fresh readings turn stale when NTP moves the wall clock.
+The wall-clock time is kept only to report ``ts``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.config import SensorConfig
+
+AGGREGATES = ("last", "mean", "min", "max", "count", "trend")
+
+
+@dataclass(frozen=True)
+class Reading:
+    mono: float
+    wall: float
+    value: float
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One value as read, the way replies carry it (``facts`` entries)."""
+
+    sensor: str
+    value: float | None
+    unit: str
+    ts: float | None
+    stale: bool
+    agg: str
+    window_s: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "sensor": self.sensor,
+            "value": self.value,
+            "unit": self.unit,
+            "ts": self.ts,
+            "stale": self.stale,
+            "agg": self.agg,
+            "window": _window_text(self.window_s),
+        }
+
+
+def _window_text(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class SensorWindow:
+    """Readings of one sensor for its window, at most ``max_points`` of them."""
+
+    def __init__(
+        self,
+        cfg: SensorConfig,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self._clock, self._wall = clock, wall
+        self._points: deque[Reading] = deque(maxlen=cfg.max_points)
+        self._lock = threading.Lock()
+        self.accepted = 0
+        self.rejected = 0
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self._points.append(Reading(self._clock(), self._wall(), value))
+            self.accepted += 1
+            self._trim(self._clock())
+
+    def _trim(self, now: float) -> None:
+        while self._points and now - self._points[0].mono > self.cfg.window_s:
+            self._points.popleft()
+
+    def age_s(self) -> float | None:
+        with self._lock:
+            return self._clock() - self._points[-1].mono if self._points else None
+
+    def aggregate(self, agg: str, window_s: float | None = None) -> Fact:
+        """Exact aggregate over the last ``window_s`` seconds (default: the sensor's window)."""
+        span = min(window_s or self.cfg.window_s, self.cfg.window_s)
+        now = self._clock()
+        with self._lock:
+            self._trim(now)
+            pts = [p for p in self._points if now - p.mono <= span]
+        last = pts[-1] if pts else None
+        stale = last is None or now - last.mono > self.cfg.max_age_s
+        return Fact(
+            self.cfg.name, _compute(agg, pts), self.cfg.unit, last.wall if last else None, stale, agg, span
+        )
+
+
+def _compute(agg: str, pts: list[Reading]) -> float | None:
+    if agg == "count":
+        return float(len(pts))
+    if not pts:
+        return None
+    values = [p.value for p in pts]
+    if agg == "last":
+        return values[-1]
+    if agg == "mean":
+        return float(np.mean(values))
+    if agg == "min":
+        return min(values)
+    if agg == "max":
+        return max(values)
+    if agg == "trend":
+        return _trend_per_min(pts)
+    raise ValueError(f"unknown aggregate {agg!r}")
+
+
+def _trend_per_min(pts: list[Reading]) -> float | None:
+    """Least-squares slope in units per minute (None with fewer than two points)."""
+    if len(pts) < 2:
+        return None
+    t = np.array([p.mono for p in pts]) - pts[0].mono
+    if float(t[-1]) == 0.0:
+        return None
+    slope = np.polyfit(t, np.array([p.value for p in pts]), 1)[0]
+    return float(slope * 60.0)
