@@ -224,6 +224,7 @@ class Agent:
             top_p=1.0 if q.top_p is None else q.top_p,
             top_k=q.top_k or 0,
             seed=q.seed,
+            repetition_penalty=prompt_cfg.repetition_penalty,
         )
         req = GenerationRequest(prompt, q.max_tokens or prompt_cfg.max_tokens, params, q.stop)
         engine.check_fits(len(prompt), req.max_tokens)

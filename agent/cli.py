@@ -1,4 +1,4 @@
-"""``edge-agent``: the device's command line (``ask`` now; the daemon comes with MQTT)."""
+"""``edge-agent``: run the daemon, ask locally, or query a running agent over MQTT."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from agent.errors import AgentError
 from agent.inference import Engine, GenerationRequest, load_pack
 from agent.inference.sampling import SamplingParams
 from agent.logs import configure_logging
+from agent.transport.client import ClientError
 from model_packs.errors import PackError
 from model_packs.format import default_pack_path
 
@@ -31,6 +32,32 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--system", help="system prompt (default: the pack's)")
     a.add_argument("--threads", type=int)
     a.add_argument("--context-length", type=int)
+    r = sub.add_parser("run", help="run the MQTT daemon")
+    r.add_argument("--config", type=Path, required=True)
+    for name, helptext in (
+        ("query", "ask a running agent"),
+        ("read", "exact sensor read"),
+        ("cmd", "send a command"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+        c.add_argument("--device", required=True)
+        c.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+        c.add_argument("--client", default="operator", help="client name for fairness and rate limits")
+        c.add_argument("--timeout", type=float, default=120.0)
+        c.add_argument("--json", action="store_true", help="print the final reply as JSON")
+    q = sub.choices["query"]
+    q.add_argument("question")
+    q.add_argument("--max-tokens", type=int)
+    q.add_argument("--temperature", type=float)
+    q.add_argument("--seed", type=int)
+    rd = sub.choices["read"]
+    rd.add_argument("--sensor", required=True)
+    rd.add_argument("--window", default=None)
+    rd.add_argument("--agg", default="last")
+    cm = sub.choices["cmd"]
+    cm.add_argument("name", choices=["ping", "status", "cancel", "reload"])
+    cm.add_argument("--target-id")
     return p
 
 
@@ -72,14 +99,92 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import signal
+
+    from agent.app import Agent
+    from agent.config import load_config
+
+    cfg = load_config(args.config)
+    configure_logging(cfg.log_level)
+    agent = Agent(cfg, config_path=args.config)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
+    try:
+        agent.run()
+    finally:
+        agent.stop()
+    return 0
+
+
+def _remote(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from agent.transport.client import RequestClient
+
+    if args.command == "query":
+        body: dict[str, object] = {"question": args.question, "stream": True}
+        for key in ("max_tokens", "temperature", "seed"):
+            if getattr(args, key) is not None:
+                body[key] = getattr(args, key)
+    elif args.command == "read":
+        body = {"sensor": args.sensor, "agg": args.agg, **({"window": args.window} if args.window else {})}
+    else:
+        body = {"cmd": args.name, **({"target_id": args.target_id} if args.target_id else {})}
+    started = time.monotonic()
+    with RequestClient(args.broker, args.device, protocol=args.protocol, client=args.client) as client:
+        reply = client.request(
+            args.command,
+            body,
+            args.timeout,
+            on_chunk=None if args.json else _print_chunk,
+        )
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if args.json:
+        print(json.dumps(reply, ensure_ascii=False))
+    else:
+        _show(args.command, reply, elapsed_ms)
+    return 0 if reply.get("type") == "final" else 1
+
+
+def _print_chunk(chunk: dict[str, object]) -> None:
+    sys.stdout.write(str(chunk.get("delta", "")))
+    sys.stdout.flush()
+
+
+def _show(kind: str, reply: dict[str, object], elapsed_ms: float) -> None:
+    import json
+
+    if reply.get("type") == "error":
+        print(f"error [{reply.get('code')}]: {reply.get('message')}", file=sys.stderr)
+        return
+    if kind == "query":
+        usage = reply.get("usage") or {}
+        grounded = "grounded" if reply.get("grounded") else f"UNGROUNDED numbers: {reply.get('ungrounded')}"
+        print(f"\n[{grounded}; facts: {json.dumps(reply.get('facts'), ensure_ascii=False)}]")
+        print(f"[usage: {json.dumps(usage)}; round trip {elapsed_ms:.0f} ms]")
+    elif kind == "read":
+        print(f"{reply.get('text')}   [round trip {elapsed_ms:.1f} ms]")
+    else:
+        print(json.dumps(reply.get("result"), indent=2, ensure_ascii=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
+        if args.command == "run":
+            return _run(args)
+        if args.command in ("query", "read", "cmd"):
+            return _remote(args)
         return _ask(args)
     except (AgentError, PackError) as exc:
         print(f"edge-agent: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
+    except ClientError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

@@ -126,6 +126,7 @@ class PromptConfig:
         "Use only the sensor readings given; do not invent numbers."
     )
     temperature: float = 0.0
+    repetition_penalty: float = 1.05  # greedy 135M models loop without a light penalty
     max_tokens: int = 96
 
 

@@ -93,8 +93,11 @@ class Router:
         if kind == "read":
             r = parse_read(data)
             fact = self.agent.hub.read(r.sensor, r.agg, r.window_s)
+            shown = "no reading" if fact.value is None else f"{fact.value:.6g}"
+            stale = " (stale)" if fact.stale else ""
             text = (
-                f"{fact.sensor} {fact.agg} over {fact.to_json()['window']}: {fact.value} {fact.unit}".rstrip()
+                f"{fact.sensor} {fact.agg} over {fact.to_json()['window']}: {shown} {fact.unit}".rstrip()
+                + stale
             )
             self.agent.reply(
                 target,

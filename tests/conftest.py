@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.app import Agent
+from agent.config import AgentConfig, config_from_mapping
 from agent.inference import Engine, LoadedPack, load_pack
+from agent.localbroker import LocalBroker
+from agent.transport.client import RequestClient
 from model_packs.build.builder import BuildOptions, build_pack
 from model_packs.format import default_pack_path
 from tests.tiny_model import write_hf_dir
@@ -63,3 +70,63 @@ def real_pack_path() -> Path:
 @pytest.fixture(scope="session")
 def real_engine(real_pack_path: Path) -> Engine:
     return Engine(load_pack(real_pack_path), threads=2)
+
+
+# ---------------------------------------------------------------- MQTT agent fixtures
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[LocalBroker]:
+    """One private mosquitto per test session, on a free port with its own config."""
+    with LocalBroker() as b:
+        yield b
+
+
+def agent_config(broker_url: str, pack: Path | str, **overrides: Any) -> AgentConfig:
+    data: dict[str, Any] = {
+        "device_id": f"dev-{uuid.uuid4().hex[:8]}",
+        "mqtt": {"url": broker_url, "reconnect": {"min_s": 0.2, "max_s": 1.0}},
+        "pack": {"path": str(pack), "threads": 1},
+        "sensors": [
+            {"name": "temperature", "unit": "°C", "aliases": ["temp", "warm"], "max_age_s": 60},
+            {"name": "humidity", "unit": "%", "aliases": ["humid"], "max_age_s": 60},
+            {"name": "soil_moisture", "unit": "%", "aliases": ["soil", "water"], "max_age_s": 60},
+        ],
+        "privileged_clients": ["ops"],
+        "prompt": {"max_tokens": 16, "system": "Be brief."},
+        "limits": {"rate": {"per_s": 1000.0, "burst": 1000}, "queue_size": 64, "per_client_queue": 32},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return config_from_mapping(data, env={})
+
+
+class RunningAgent:
+    """An in-process agent (real broker, real engine) plus helpers to talk to it."""
+
+    def __init__(self, cfg: AgentConfig, broker: LocalBroker) -> None:
+        self.cfg, self.broker = cfg, broker
+        self.agent = Agent(cfg)
+        self.agent.start()
+        assert self.agent.transport.wait_connected(10), "agent did not connect"
+        time.sleep(0.1)  # let its SUBSCRIBEs land before tests publish
+
+    def client(self, **kwargs: Any) -> RequestClient:
+        return RequestClient(self.broker.url, self.cfg.device_id, **kwargs)
+
+    def publish(self, topic_leaf: str, payload: str | bytes) -> None:
+        with self.client() as c:
+            c._mqtt.publish(self.cfg.topic(topic_leaf), payload, qos=1).wait_for_publish(5)
+
+    def stop(self) -> None:
+        self.agent.stop()
+
+
+@pytest.fixture()
+def running_agent(broker: LocalBroker, tiny_pack_path: Path) -> Iterator[RunningAgent]:
+    ra = RunningAgent(agent_config(broker.url, tiny_pack_path), broker)
+    yield ra
+    ra.stop()

@@ -1,0 +1,303 @@
+"""The agent over a real mosquitto: contract, streaming, errors, sensors, cancel, deadlines."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.grounding import ungrounded_numbers
+from agent.localbroker import LocalBroker
+from agent.sensors.windows import Fact
+from tests.conftest import RunningAgent, agent_config
+
+
+def _facts(reply: dict[str, Any]) -> list[Fact]:
+    return [
+        Fact(f["sensor"], f["value"], f["unit"], f["ts"], f["stale"], f["agg"], 0) for f in reply["facts"]
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_query_streams_chunks_in_order_then_final(running_agent: RunningAgent, protocol: str) -> None:
+    running_agent.publish("sensors/temperature", "21.5")
+    chunks: list[dict[str, Any]] = []
+    with running_agent.client(protocol=protocol) as c:
+        reply = c.request("query", {"question": "How warm is it?", "max_tokens": 12}, 30, chunks.append)
+    assert reply["type"] == "final", (reply.get("code"), reply.get("message"))
+    assert [ch["seq"] for ch in chunks] == list(range(len(chunks)))
+    assert reply["seq"] == len(chunks)
+    assert "".join(ch["delta"] for ch in chunks) == reply["text"]
+    assert reply["facts"][0]["sensor"] == "temperature" and reply["facts"][0]["value"] == 21.5
+    assert reply["pack"] == {"name": "tiny", "version": "0.0.1"}
+    usage = reply["usage"]
+    assert usage["completion_tokens"] >= 1 and usage["prompt_tokens"] > 0
+    assert {"time_to_first_token_ms", "tokens_per_s", "queue_wait_ms"} <= set(usage)
+    assert reply["grounded"] == (not reply["ungrounded"])
+    assert reply["ungrounded"] == ungrounded_numbers(reply["text"], _facts(reply), "How warm is it?")
+
+
+def test_mqtt5_reply_echoes_correlation_data(running_agent: RunningAgent) -> None:
+    got: list[mqtt.MQTTMessage] = []
+    ready = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, u, m: got.append(m)
+    c.on_subscribe = lambda *a: ready.set()
+    c.connect("127.0.0.1", running_agent.broker.port)
+    c.loop_start()
+    c.subscribe("ops/raw-replies", qos=1)
+    assert ready.wait(5)
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "ops/raw-replies"
+    props.CorrelationData = b"\x00\x01binary-corr"
+    c.publish(
+        running_agent.cfg.topic("cmd"), json.dumps({"v": 1, "id": "p1", "cmd": "ping"}), 1, properties=props
+    )
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c.loop_stop()
+    c.disconnect()
+    assert got, "no reply"
+    assert got[0].properties.CorrelationData == b"\x00\x01binary-corr"
+    assert json.loads(got[0].payload)["id"] == "p1" and not got[0].retain
+
+
+def test_read_answers_exactly_from_the_window(running_agent: RunningAgent) -> None:
+    for v in ("20.0", '{"value": 22.0, "unit": "°C"}', "24.5"):
+        running_agent.publish("sensors/temperature", v)
+    time.sleep(0.2)
+    with running_agent.client() as c:
+        want = {"last": 24.5, "min": 20.0, "max": 24.5, "count": 3.0, "mean": (20.0 + 22.0 + 24.5) / 3}
+        for agg, value in want.items():
+            r = c.request("read", {"sensor": "temperature", "agg": agg, "window": "5m"}, 10)
+            assert r["type"] == "final" and r["value"] == pytest.approx(value), (agg, r)
+            assert r["facts"][0]["stale"] is False and r["facts"][0]["window"] == "5m"
+        trend = c.request("read", {"sensor": "temperature", "agg": "trend"}, 10)
+        assert trend["value"] > 0
+
+
+def test_stale_reading_is_reported_stale(broker: LocalBroker, tiny_pack_path: Path) -> None:
+    cfg = agent_config(
+        broker.url, tiny_pack_path, sensors=[{"name": "temperature", "unit": "°C", "max_age_s": 0.3}]
+    )
+    ra = RunningAgent(cfg, broker)
+    try:
+        ra.publish("sensors/temperature", "19.0")
+        time.sleep(0.6)
+        with ra.client() as c:
+            r = c.request("read", {"sensor": "temperature"}, 10)
+        assert r["value"] == 19.0 and r["facts"][0]["stale"] is True and "(stale)" in r["text"]
+    finally:
+        ra.stop()
+
+
+def _raw(ra: RunningAgent, kind: str, payload: bytes) -> dict[str, Any]:
+    """Send a raw payload with an MQTT 5 response topic and return the reply."""
+    with ra.client() as c:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = c.reply_topic
+        c._mqtt.publish(ra.cfg.topic(kind), payload, qos=1, properties=props).wait_for_publish(5)
+        return c._inbox.get(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "code"),
+    [
+        ("query", b"not json", "bad_json"),
+        ("query", b"\xff\xfe", "bad_json"),
+        ("query", b"[1, 2]", "bad_json"),
+        ("query", b'{"v": 1, "question": "no id"}', "bad_request"),
+        ("query", b'{"v": 2, "id": "a", "question": "q"}', "bad_request"),
+        ("query", b'{"v": 1, "id": "a", "question": 5}', "bad_request"),
+        ("query", b'{"v": 1, "id": "a", "question": "q", "temperature": "hot"}', "bad_request"),
+        ("query", b'{"v": 1, "id": "a", "question": "q", "max_tokens": 99999}', "too_large"),
+        ("query", b'{"v": 1, "id": "a", "question": "' + b"x" * 9000 + b'"}', "too_large"),
+        ("read", b'{"v": 1, "id": "a", "sensor": "pressure"}', "unknown_sensor"),
+        ("read", b'{"v": 1, "id": "a", "sensor": "temperature", "agg": "median"}', "bad_request"),
+        ("read", b'{"v": 1, "id": "a", "sensor": "temperature", "window": "soon"}', "bad_request"),
+        ("cmd", b'{"v": 1, "id": "a", "cmd": "reboot"}', "bad_request"),
+        ("cmd", b'{"v": 1, "id": "a", "cmd": "reload"}', "forbidden"),
+        ("cmd", b'{"v": 1, "id": "a", "cmd": "cancel", "target_id": "nope"}', "bad_request"),
+    ],
+)
+def test_every_bad_input_gets_its_error_code(
+    running_agent: RunningAgent, kind: str, payload: bytes, code: str
+) -> None:
+    reply = _raw(running_agent, kind, payload)
+    assert reply["type"] == "error" and reply["code"] == code, reply
+    assert reply["message"]
+    if code == "too_large":
+        assert reply["limit"] > 0
+    with running_agent.client() as c:  # and the agent keeps serving
+        assert c.request("cmd", {"cmd": "ping"}, 10)["type"] == "final"
+
+
+def test_prompt_over_the_context_is_too_large(broker: LocalBroker, tiny_pack_path: Path) -> None:
+    ra = RunningAgent(agent_config(broker.url, tiny_pack_path, limits={"max_question_chars": 5000}), broker)
+    try:
+        with ra.client() as c:
+            r = c.request("query", {"question": "soil moisture " * 300, "max_tokens": 4}, 10)
+        assert r["code"] == "too_large" and r["limit"] == 128
+    finally:
+        ra.stop()
+
+
+def test_rate_limit(broker: LocalBroker, tiny_pack_path: Path) -> None:
+    ra = RunningAgent(
+        agent_config(broker.url, tiny_pack_path, limits={"rate": {"per_s": 0.1, "burst": 2}}), broker
+    )
+    try:
+        with ra.client(client="greedy") as c:
+            codes = [c.request("read", {"sensor": "temperature"}, 10)["type"] for _ in range(3)]
+            last = c.request("read", {"sensor": "temperature"}, 10)
+        assert codes[:2] == ["final", "final"] and last["code"] == "rate_limited"
+        with ra.client(client="other") as c:  # other clients are not affected
+            assert c.request("read", {"sensor": "temperature"}, 10)["type"] == "final"
+    finally:
+        ra.stop()
+
+
+def test_queue_full_and_every_accepted_request_answered(broker: LocalBroker, tiny_pack_path: Path) -> None:
+    cfg = agent_config(
+        broker.url,
+        tiny_pack_path,
+        limits={"queue_size": 2, "per_client_queue": 2},
+        prompt={"max_tokens": 80},
+    )
+    ra = RunningAgent(cfg, broker)
+    try:
+        with ra.client() as c:
+            ids = [
+                c.send("query", {"question": f"q{i}", "max_tokens": 80, "stream": False}) for i in range(8)
+            ]
+            replies = [c.wait(rid, 60) for rid in ids]
+        codes = [r.get("code", r["type"]) for r in replies]
+        assert "queue_full" in codes and "final" in codes
+        assert all(code in ("final", "queue_full") for code in codes)
+    finally:
+        ra.stop()
+
+
+@pytest.mark.realpack
+def test_cancel_running_and_queued(broker: LocalBroker, real_pack_path: Path) -> None:
+    """The real pack: its answers take long enough to be cancelled mid-stream."""
+    cfg = agent_config(
+        broker.url,
+        real_pack_path,
+        prompt={"max_tokens": 200, "system": "Be brief."},
+    )
+    running_agent = RunningAgent(cfg, broker)
+    try:
+        _cancel_running_and_queued(running_agent)
+    finally:
+        running_agent.stop()
+
+
+def _cancel_running_and_queued(running_agent: RunningAgent) -> None:
+    with running_agent.client() as c:
+        first_chunk = threading.Event()
+        long_q = {
+            "question": "Write a long story about a greenhouse.",
+            "max_tokens": 200,
+            "temperature": 1.0,
+            "seed": 1,
+        }
+        running = c.send("query", long_q)
+        queued = c.send("query", {"question": "next", "max_tokens": 4})
+        result: dict[str, Any] = {}
+
+        def wait_running() -> None:
+            result["running"] = c.wait(running, 30, lambda ch: first_chunk.set())
+
+        t = threading.Thread(target=wait_running)
+        t.start()
+        assert first_chunk.wait(10)
+        with running_agent.client(client="ops") as ops:
+            r1 = ops.request("cmd", {"cmd": "cancel", "target_id": queued}, 10)
+            r2 = ops.request("cmd", {"cmd": "cancel", "target_id": running}, 10)
+        t.join(30)
+        queued_reply = c.wait(queued, 10)
+    assert r1["result"]["state"] == "queued" and queued_reply["code"] == "cancelled"
+    assert r2["result"]["state"] in ("running",)
+    assert result["running"]["type"] == "error" and result["running"]["code"] == "cancelled"
+
+
+def test_deadline_turns_into_timeout(broker: LocalBroker, tiny_pack_path: Path) -> None:
+    ra = RunningAgent(agent_config(broker.url, tiny_pack_path, limits={"deadline_s": 0.001}), broker)
+    try:
+        with ra.client() as c:
+            r = c.request("query", {"question": "slow", "max_tokens": 80}, 10)
+        assert r["type"] == "error" and r["code"] == "timeout"
+    finally:
+        ra.stop()
+
+
+def test_missing_pack_gives_model_unavailable_but_reads_work(broker: LocalBroker, tmp_path: Path) -> None:
+    ra = RunningAgent(agent_config(broker.url, tmp_path), broker)
+    try:
+        ra.publish("sensors/humidity", "55")
+        with ra.client() as c:
+            q = c.request("query", {"question": "humid?"}, 10)
+            r = c.request("read", {"sensor": "humidity"}, 10)
+            s = c.request("cmd", {"cmd": "status"}, 10)
+        assert q["code"] == "model_unavailable" and "bad_manifest" in q["message"]
+        assert r["value"] == 55.0
+        assert s["result"]["pack"] is None and s["result"]["pack_error"]
+    finally:
+        ra.stop()
+
+
+def test_bad_sensor_payloads_are_counted_not_fatal(running_agent: RunningAgent) -> None:
+    for bad in ("hot", '{"value": "x"}', "NaN", '{"unit": "C"}'):
+        running_agent.publish("sensors/soil_moisture", bad)
+    running_agent.publish("sensors/soil_moisture", "33")
+    time.sleep(0.2)
+    with running_agent.client() as c:
+        status = c.request("cmd", {"cmd": "status"}, 10)["result"]
+        soil = next(s for s in status["sensors"] if s["sensor"] == "soil_moisture")
+        assert soil["rejected"] == 4 and soil["accepted"] == 1
+        assert c.request("read", {"sensor": "soil_moisture"}, 10)["value"] == 33.0
+
+
+def test_fairness_200_requests_from_5_clients(broker: LocalBroker, tiny_pack_path: Path) -> None:
+    """A client floods 160 queries first; four others then send 10 each. Round-robin serves
+    the late small clients within a few turns, not after the flood (FIFO would)."""
+    cfg = agent_config(
+        broker.url,
+        tiny_pack_path,
+        limits={"queue_size": 256, "per_client_queue": 160},
+        prompt={"max_tokens": 2},
+    )
+    ra = RunningAgent(cfg, broker)
+    waits: dict[str, list[float]] = {}
+    try:
+        names = ["flood", "b", "c", "d", "e"]
+        clients = {name: ra.client(client=name).__enter__() for name in names}
+        sent = {name: [] for name in names}  # type: dict[str, list[str]]
+        body = {"question": "q", "max_tokens": 8, "stream": False}
+        sent["flood"] = [clients["flood"].send("query", body, confirm=False) for _ in range(160)]
+        for name in names[1:]:
+            sent[name] = [clients[name].send("query", body, confirm=False) for _ in range(10)]
+        for name in names:
+            replies = [clients[name].wait(rid, 180) for rid in sent[name]]
+            assert all(r["type"] == "final" for r in replies), replies[0]
+            waits[name] = [r["usage"]["queue_wait_ms"] for r in replies]
+            clients[name].__exit__(None, None, None)
+    finally:
+        ra.stop()
+    assert sum(len(w) for w in waits.values()) == 200
+    small_worst = max(max(waits[n]) for n in ("b", "c", "d", "e"))
+    assert small_worst < 0.5 * max(waits["flood"]), (small_worst, max(waits["flood"]))
