@@ -6,6 +6,7 @@ system broker. ``stop()``/``start()`` keep the port so clients can reconnect to 
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,9 @@ class LocalBroker:
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
         self.conf.write_text(
+            # mosquitto started as root drops to user "mosquitto", which could not write
+            # its log and sessions here: stay the user who started it
+            f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"

@@ -1,0 +1,258 @@
+"""The agent as a running service: broker restarts, last will, watchdog, config, sensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.app import Agent
+from agent.config import load_config
+from agent.errors import ConfigError
+from agent.localbroker import LocalBroker
+from agent.notify import Notifier
+from tests.conftest import RunningAgent, agent_config
+
+
+class StatusWatcher:
+    """Subscribes to a device's retained status topic and keeps every document seen."""
+
+    def __init__(self, broker: LocalBroker, topic: str) -> None:
+        self.docs: list[dict[str, Any]] = []
+        self._c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._c.on_message = lambda c, u, m: self.docs.append(json.loads(m.payload))
+        self._c.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
+        self._c.connect("127.0.0.1", broker.port)
+        self._c.loop_start()
+
+    def wait_state(self, state: str, timeout_s: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.docs and self.docs[-1]["state"] == state:
+                return self.docs[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"status never became {state}: {self.docs[-3:]}")
+
+    def close(self) -> None:
+        self._c.loop_stop()
+        self._c.disconnect()
+
+
+def test_broker_restart_agent_reconnects_and_answers_everything(tiny_pack_path: Path, tmp_path: Path) -> None:
+    broker = LocalBroker(workdir=tmp_path).start()
+    ra = RunningAgent(agent_config(broker.url, tiny_pack_path), broker)
+    watcher = StatusWatcher(broker, ra.cfg.topic("status"))
+    try:
+        assert watcher.wait_state("online")["pack"]["name"] == "tiny"
+        with ra.client(persistent=True) as c:
+            ids = [c.send("query", {"question": f"q{i}", "max_tokens": 40}) for i in range(6)]
+            broker.stop()  # SIGTERM: mosquitto saves its sessions
+            time.sleep(0.5)
+            broker.start()
+            replies = [c.wait(rid, 30) for rid in ids]
+            assert all(r["type"] in ("final", "error") for r in replies)
+            deadline = time.monotonic() + 15
+            while ra.agent.transport.connects < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ra.agent.transport.connects >= 2
+            after = c.request("query", {"question": "still there?", "max_tokens": 4}, 30)
+            assert after["type"] == "final"
+        watcher.close()
+        watcher = StatusWatcher(broker, ra.cfg.topic("status"))  # a new subscriber sees the retained doc
+        assert watcher.wait_state("online")["device_id"] == ra.cfg.device_id
+    finally:
+        watcher.close()
+        ra.stop()
+        broker.stop()
+
+
+def _write_config(path: Path, broker: LocalBroker, pack: Path, device: str, **extra: Any) -> Path:
+    data: dict[str, Any] = {
+        "device_id": device,
+        "mqtt": {"url": broker.url},
+        "pack": {"path": str(pack), "threads": 1},
+        "prompt": {"system": "Be brief.", "max_tokens": 8},
+        "sensors": [{"name": "temperature", "unit": "°C"}],
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _spawn(config: Path, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_last_will_on_kill_and_offline_on_clean_stop(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+) -> None:
+    config = _write_config(tmp_path / "agent.yaml", broker, tiny_pack_path, "will-dev")
+    watcher = StatusWatcher(broker, "edge/will-dev/status")
+    try:
+        proc = _spawn(config)
+        watcher.wait_state("online", 30)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert watcher.wait_state("offline")["device_id"] == "will-dev"  # the broker sent the will
+        proc = _spawn(config)
+        watcher.wait_state("online", 30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert watcher.wait_state("offline")["device_id"] == "will-dev"  # published by the agent itself
+    finally:
+        watcher.close()
+
+
+def test_watchdog_messages_on_a_real_notify_socket(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    agent = Agent(agent_config(broker.url, tiny_pack_path), notifier=Notifier(path, watchdog_usec=200_000))
+    runner = threading.Thread(target=agent.run)
+    runner.start()
+    got: list[str] = []
+    try:
+        while sum(m.startswith("WATCHDOG=1") for m in got) < 4 or not any("READY=1" in m for m in got):
+            got.append(sock.recv(4096).decode())
+    finally:
+        agent.stopping.set()
+        runner.join(10)
+        agent.stop()
+        sock.close()
+    ready = next(m for m in got if "READY=1" in m)
+    assert "STATUS=serving tiny 0.0.1" in ready
+
+
+def test_command_line_query_read_cmd(running_agent: RunningAgent) -> None:
+    running_agent.publish("sensors/temperature", "23.25")
+    time.sleep(0.2)
+    base = [sys.executable, "-m", "agent.cli"]
+    target = ["--broker", running_agent.broker.url, "--device", running_agent.cfg.device_id]
+    read = subprocess.run(
+        [*base, "read", *target, "--sensor", "temperature", "--agg", "max", "--window", "10m"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert read.returncode == 0 and "temperature max over 10m: 23.25 °C" in read.stdout
+    query = subprocess.run(
+        [*base, "query", *target, "--max-tokens", "6", "How warm is it?"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert query.returncode == 0, query.stderr
+    assert '"sensor": "temperature"' in query.stdout and "usage" in query.stdout
+    status = subprocess.run([*base, "cmd", *target, "status"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and json.loads(status.stdout)["pack"]["name"] == "tiny"
+    bad = subprocess.run(
+        [*base, "read", *target, "--sensor", "nope"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 1 and "unknown_sensor" in bad.stderr
+
+
+def test_reload_keeps_serving_and_is_privileged(running_agent: RunningAgent) -> None:
+    with running_agent.client(client="ops") as ops:
+        r = ops.request("cmd", {"cmd": "reload"}, 30)
+        assert r["type"] == "final" and r["result"]["pack"]["name"] == "tiny"
+        assert ops.request("query", {"question": "ok?", "max_tokens": 3}, 30)["type"] == "final"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("device_id: a\nmqtt: {urll: x}\n", "mqtt.urll: unknown key"),
+        ("device_id: a\nmqtt: {keepalive_s: fast}\n", "mqtt.keepalive_s: expected an integer"),
+        ("device_id: a\nmqtt: {url: 'http://x'}\n", "mqtt.url"),
+        ("device_id: a\nmqtt: {ca_file: /nope/ca.pem}\n", "mqtt.ca_file: file /nope/ca.pem does not exist"),
+        ("mqtt: {}\n", "device_id: required key is missing"),
+        ("device_id: a\nsensors: [{name: t, source: {type: file}}]\n", "sensors[0].source.path: required"),
+        ("device_id: a\nsensors: [{name: t, max_age_s: soon}]\n", "sensors[0].max_age_s"),
+        ("device_id: a\nsensors: [{name: t}, {name: t}]\n", "defined twice"),
+        ("device_id: [\n", "not valid YAML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert message in err.value.message and err.value.code == "bad_config"
+
+
+def test_config_durations_and_environment_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "device_id: a\nlimits: {deadline_s: 2m}\nsensors: [{name: t, max_age_s: 90s, window_s: 1h}]\n"
+    )
+    cfg = load_config(
+        path, env={"EDGE_AGENT_DEVICE_ID": "from-env", "EDGE_AGENT_MQTT_URL": "mqtt://10.0.0.5:1884"}
+    )
+    assert cfg.device_id == "from-env" and cfg.mqtt.port == 1884 and cfg.limits.deadline_s == 120.0
+    assert cfg.sensors[0].max_age_s == 90.0 and cfg.sensors[0].window_s == 3600.0
+    assert cfg.topic("query") == "edge/from-env/query"
+
+
+def test_run_with_a_bad_config_exits_with_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("device_id: a\nunknown_thing: 1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "[bad_config]" in done.stderr and "unknown_thing" in done.stderr
+
+
+def test_file_and_command_sensors_are_polled(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+) -> None:
+    zone = tmp_path / "thermal_zone0_temp"
+    zone.write_text("48500\n")
+    broken = tmp_path / "broken"
+    broken.write_text("n/a\n")
+    sensors = [
+        {
+            "name": "cpu_temp",
+            "unit": "°C",
+            "source": {"type": "file", "path": str(zone), "scale": 0.001, "interval_s": 0.05},
+        },
+        {"name": "uptime", "source": {"type": "command", "argv": ["echo", "42 s"], "interval_s": 0.05}},
+        {"name": "broken", "source": {"type": "file", "path": str(broken), "interval_s": 0.05}},
+        {
+            "name": "slow",
+            "source": {"type": "command", "argv": ["sleep", "5"], "timeout_s": 0.1, "interval_s": 0.05},
+        },
+    ]
+    ra = RunningAgent(agent_config(broker.url, tiny_pack_path, sensors=sensors), broker)
+    try:
+        time.sleep(0.5)
+        with ra.client() as c:
+            assert c.request("read", {"sensor": "cpu_temp"}, 10)["value"] == pytest.approx(48.5)
+            assert c.request("read", {"sensor": "uptime"}, 10)["value"] == 42.0
+            status = {s["sensor"]: s for s in c.request("cmd", {"cmd": "status"}, 10)["result"]["sensors"]}
+        assert status["broken"]["rejected"] >= 1 and status["broken"]["accepted"] == 0
+        assert status["slow"]["rejected"] >= 1 and status["slow"]["stale"] is True
+    finally:
+        ra.stop()

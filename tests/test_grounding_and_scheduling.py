@@ -1,0 +1,136 @@
+"""Pure pieces of the agent: grounding guard, sensor selection, windows, scheduler, backoff."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from agent.config import Limits, SensorConfig
+from agent.errors import QueueFull, RateLimited
+from agent.grounding import build_question, select_sensors, ungrounded_numbers
+from agent.messages import QueryRequest, ReplyTo
+from agent.scheduling import Job, RateLimiter, Scheduler
+from agent.sensors.windows import Fact, SensorWindow
+from agent.transport.mqtt import Backoff
+
+FACTS = [
+    Fact("temperature", 27.46, "°C", 1.0, False, "last", 3600),
+    Fact("humidity", 81.0, "%", 1.0, False, "last", 3600),
+]
+
+
+def test_invented_number_is_flagged() -> None:
+    assert ungrounded_numbers("It is 31 °C and humidity is 81 %.", FACTS, "How warm?") == ["31"]
+
+
+def test_rounded_facts_and_question_numbers_are_grounded() -> None:
+    text = "About 27.5 °C (27 really), humidity 81%, and your limit of 30 is not reached."
+    assert ungrounded_numbers(text, FACTS, "Is it above 30 degrees?") == []
+
+
+def test_more_precision_than_the_fact_is_not_grounded() -> None:
+    assert ungrounded_numbers("It is 27.461 °C.", FACTS, "temp?") == ["27.461"]
+
+
+def test_list_markers_are_not_claims() -> None:
+    assert ungrounded_numbers("1. Open the vents\n2. Water at 81 %", FACTS, "what now?") == []
+
+
+def test_sensor_selection_by_name_alias_and_unit() -> None:
+    sensors = [
+        SensorConfig("temperature", "°C", ("warm", "hot")),
+        SensorConfig("soil_moisture", "%", ("water",)),
+        SensorConfig("co2", "ppm"),
+    ]
+    assert [s.name for s in select_sensors("Is it too hot?", sensors)] == ["temperature"]
+    assert [s.name for s in select_sensors("Do the beds need water?", sensors)] == ["soil_moisture"]
+    assert [s.name for s in select_sensors("soil moisture and ppm levels?", sensors)] == [
+        "soil_moisture",
+        "co2",
+    ]
+    assert select_sensors("What is the capital of France?", sensors) == []
+
+
+def test_question_with_facts_marks_stale_values() -> None:
+    stale = Fact("humidity", 50.0, "%", 1.0, True, "last", 3600)
+    text = build_question("How humid?", [stale])
+    assert "humidity: 50 % (STALE" in text and text.endswith("Question: How humid?")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_window_aggregates_staleness_and_bounded_memory() -> None:
+    clock = FakeClock()
+    w = SensorWindow(SensorConfig("t", "°C", max_age_s=30, window_s=600, max_points=5), clock=clock)
+    for i in range(8):
+        w.add(float(i))
+        clock.t += 10
+    assert w.aggregate("count").value == 5.0  # bounded
+    assert w.aggregate("last").value == 7.0 and w.aggregate("min").value == 3.0
+    assert w.aggregate("trend").value == pytest.approx(6.0)  # 1 per 10 s = 6 per minute
+    assert w.aggregate("mean", 25).value == pytest.approx(6.5)  # only the last 2 readings
+    assert not w.aggregate("last").stale
+    clock.t += 31
+    assert w.aggregate("last").stale
+    clock.t += 700
+    assert w.aggregate("last").value is None and w.aggregate("count").value == 0.0
+
+
+def _job(rid: str, client: str) -> Job:
+    q = QueryRequest(rid, "q", None, None, None, None, None, (), True)
+    return Job(q, client, ReplyTo("r", None), 0.0, 100.0)
+
+
+def test_scheduler_takes_clients_in_turn() -> None:
+    s = Scheduler(Limits(queue_size=20, per_client_queue=10))
+    for i in range(5):
+        s.submit(_job(f"a{i}", "a"))
+    s.submit(_job("b0", "b"))
+    s.submit(_job("c0", "c"))
+    order = [s.next(0.1).id for _ in range(7)]  # type: ignore[union-attr]
+    assert order[:4] == ["a0", "b0", "c0", "a1"]
+
+
+def test_scheduler_limits_and_cancel() -> None:
+    s = Scheduler(Limits(queue_size=3, per_client_queue=2))
+    s.submit(_job("a0", "a"))
+    s.submit(_job("a1", "a"))
+    with pytest.raises(QueueFull, match="already has 2"):
+        s.submit(_job("a2", "a"))
+    s.submit(_job("b0", "b"))
+    with pytest.raises(QueueFull, match="holds 3"):
+        s.submit(_job("c0", "c"))
+    state, job = s.cancel("a1")  # type: ignore[misc]
+    assert state == "queued" and job.id == "a1" and s.depth == 2
+    running = s.next(0.1)
+    assert running is not None and s.cancel(running.id)[0] == "running" and running.cancel.is_set()  # type: ignore[index]
+    assert s.cancel("nope") is None
+
+
+def test_rate_limiter_refills() -> None:
+    clock = FakeClock()
+    rl = RateLimiter(per_s=1.0, burst=2, clock=clock)
+    rl.take("x")
+    rl.take("x")
+    with pytest.raises(RateLimited):
+        rl.take("x")
+    rl.take("y")
+    clock.t += 1.0
+    rl.take("x")
+
+
+def test_backoff_grows_with_jitter_and_resets() -> None:
+    b = Backoff(0.5, 8.0, random.Random(1))
+    delays = [b.next_delay() for _ in range(8)]
+    assert all(0.25 <= d <= 8.0 for d in delays)
+    assert delays[5] > delays[0] and max(delays) <= 8.0
+    assert len({round(d, 6) for d in delays}) == len(delays)  # jittered, not a fixed ladder
+    b.reset()
+    assert b.next_delay() <= 0.5
