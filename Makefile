@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-installed
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
-.PHONY: install pack test test-fast lint demo bench mosquitto clean-cache
+.PHONY: install pack test test-fast lint demo bench bench-mqtt mosquitto clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,16 +42,19 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-demo: pack
-	@echo "== pack"; $(BIN)/edge-pack inspect $(EDGE_SLM_CACHE)/packs/smollm2-135m-instruct-1.0.0
-	@for q in "What temperature does water boil at, in Celsius?" \
-	          "Name three vegetables that grow well in a greenhouse." \
-	          "Why should a greenhouse be ventilated on a sunny day?"; do \
-	  echo; echo "== $$q"; $(BIN)/edge-agent ask --max-tokens 64 "$$q"; done
+# A private mosquitto, the agent with the default pack, simulated greenhouse sensors,
+# three questions and two exact reads through the operator CLI.
+demo: pack mosquitto
+	@$(BIN)/edge-pack inspect $(EDGE_SLM_CACHE)/packs/smollm2-135m-instruct-1.0.0
+	$(BIN)/python -m agent.demo
 
-bench: install
+bench: pack mosquitto
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/mqtt.py
+
+bench-mqtt: pack mosquitto
+	$(BIN)/python bench/mqtt.py
 
 clean-cache:
 	rm -rf $(EDGE_SLM_CACHE)/packs

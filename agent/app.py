@@ -226,7 +226,9 @@ class Agent:
             seed=q.seed,
             repetition_penalty=prompt_cfg.repetition_penalty,
         )
-        req = GenerationRequest(prompt, q.max_tokens or prompt_cfg.max_tokens, params, q.stop)
+        req = GenerationRequest(
+            prompt, q.max_tokens or prompt_cfg.max_tokens, params, q.stop, deadline=job.deadline
+        )
         engine.check_fits(len(prompt), req.max_tokens)
         seq = [0]
 
@@ -235,16 +237,11 @@ class Agent:
                 self.reply(job.reply, chunk_reply(job.id, seq[0], delta))
                 seq[0] += 1
 
-        timer = threading.Timer(max(0.0, job.deadline - time.monotonic()), self._expire, (job,))
-        timer.start()
-        try:
-            done = engine.generate(req, on_delta, job.cancel)
-        finally:
-            timer.cancel()
-        if done.finish_reason == "cancelled":
-            err = (
-                Timeout("deadline passed during generation")
-                if job.timed_out
+        done = engine.generate(req, on_delta, job.cancel)
+        if done.finish_reason in ("cancelled", "deadline"):
+            err: AgentError = (
+                Timeout(f"deadline passed after {len(done.token_ids)} tokens")
+                if done.finish_reason == "deadline"
                 else Cancelled(f"request {job.id} was cancelled after {len(done.token_ids)} tokens")
             )
             self.reply(job.reply, error_reply(job.id, seq[0], err))
@@ -272,8 +269,3 @@ class Agent:
                 pack={"name": engine.pack.manifest.name, "version": engine.pack.manifest.version},
             ),
         )
-
-    @staticmethod
-    def _expire(job: Job) -> None:
-        job.timed_out = True
-        job.cancel.set()

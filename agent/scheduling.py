@@ -26,7 +26,6 @@ class Job:
     received: float
     deadline: float
     cancel: threading.Event = field(default_factory=threading.Event)
-    timed_out: bool = False
 
     @property
     def id(self) -> str:

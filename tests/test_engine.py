@@ -155,3 +155,17 @@ def test_usage_is_reported(tiny_engine: Engine) -> None:
     assert u.prompt_tokens == len(_prompt(tiny_engine))
     assert u.completion_tokens == len(done.token_ids)
     assert u.time_to_first_token_s > 0 and u.total_s >= u.time_to_first_token_s
+
+
+def test_deadline_stops_generation(tiny_engine: Engine) -> None:
+    import time
+
+    req = GenerationRequest(
+        _prompt(tiny_engine),
+        50,
+        SamplingParams(temperature=1.0, seed=3),
+        ignore_eos=True,
+        deadline=time.monotonic() - 1,
+    )
+    done = tiny_engine.generate(req)
+    assert done.finish_reason == "deadline" and len(done.token_ids) == 1

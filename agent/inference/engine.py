@@ -32,6 +32,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
+    deadline: float | None = None  # time.monotonic() after which the loop stops ("deadline")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Usage:
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length" | "cancelled"
+    finish_reason: str  # "eos" | "stop" | "length" | "cancelled" | "deadline"
     usage: Usage
 
 
@@ -209,6 +210,8 @@ class _Run:
             return "length"
         if self.cancel is not None and self.cancel.is_set():
             return "cancelled"
+        if self.req.deadline is not None and time.monotonic() > self.req.deadline:
+            return "deadline"
         return None
 
     def execute(self) -> Completion:
