@@ -195,10 +195,12 @@ class Agent:
             job = self.scheduler.next(timeout_s=0.5)
             if job is None:
                 continue
+            outcome, tokens = "internal", 0
             try:
-                self._answer(job)
+                outcome, tokens = self._answer(job)
             except AgentError as err:
                 self.reply(job.reply, error_reply(job.id, 0, err))
+                outcome = err.code
             except Exception as exc:  # never leave an accepted request without a reply
                 log.exception("query_failed", id=job.id)
                 self.reply(
@@ -206,8 +208,17 @@ class Agent:
                 )
             finally:
                 self.scheduler.done(job)
+            log.info(
+                "query_done",
+                id=job.id,
+                client=job.client,
+                outcome=outcome,
+                completion_tokens=tokens,
+                total_ms=round((time.monotonic() - job.received) * 1000, 1),
+            )
 
-    def _answer(self, job: Job) -> None:
+    def _answer(self, job: Job) -> tuple[str, int]:
+        """Run one query; returns (outcome, completion tokens) for the request log."""
         started = time.monotonic()
         if started > job.deadline:
             raise Timeout(f"request waited {started - job.received:.1f}s in the queue, past its deadline")
@@ -245,7 +256,7 @@ class Agent:
                 else Cancelled(f"request {job.id} was cancelled after {len(done.token_ids)} tokens")
             )
             self.reply(job.reply, error_reply(job.id, seq[0], err))
-            return
+            return err.code, len(done.token_ids)
         ungrounded = ungrounded_numbers(done.text, facts, q.question)
         u = done.usage
         self.reply(
@@ -269,3 +280,4 @@ class Agent:
                 pack={"name": engine.pack.manifest.name, "version": engine.pack.manifest.version},
             ),
         )
+        return "final", len(done.token_ids)
