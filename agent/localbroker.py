@@ -35,7 +35,8 @@ def find_mosquitto() -> str:
 
 
 class LocalBroker:
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, listener_conf: str = "") -> None:
+        """``listener_conf``: extra lines for the listener (TLS files, password_file, ...)."""
         self.port = port or free_port()
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="edge-mosquitto-"))
         self.conf = self.dir / "mosquitto.conf"
@@ -45,7 +46,8 @@ class LocalBroker:
             # its log and sessions here: stay the user who started it
             f"user {getpass.getuser()}\n"
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{listener_conf}"
+            f"allow_anonymous {'false' if 'password_file' in listener_conf else 'true'}\n"
             "set_tcp_nodelay true\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"

@@ -256,3 +256,53 @@ def test_file_and_command_sensors_are_polled(
         assert status["slow"]["rejected"] >= 1 and status["slow"]["stale"] is True
     finally:
         ra.stop()
+
+
+def test_tls_with_client_certificate_and_password(tiny_pack_path: Path, tmp_path: Path) -> None:
+    from tests.certs import make_pki
+
+    pki = make_pki(tmp_path)
+    pwfile = tmp_path / "passwords"
+    pwfile.touch()
+    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "agent", "s3cret"], check=True)
+    conf = (
+        f"cafile {pki['ca'].with_suffix('.pem')}\ncertfile {pki['server'].with_suffix('.pem')}\n"
+        f"keyfile {pki['server'].with_suffix('.key')}\nrequire_certificate true\npassword_file {pwfile}\n"
+    )
+    (tmp_path / "broker").mkdir()
+    broker = LocalBroker(workdir=tmp_path / "broker", listener_conf=conf).start()
+    tls = {
+        "ca_file": str(pki["ca"].with_suffix(".pem")),
+        "cert_file": str(pki["client"].with_suffix(".pem")),
+        "key_file": str(pki["client"].with_suffix(".key")),
+    }
+    try:
+        good = agent_config(
+            f"mqtts://localhost:{broker.port}",
+            tiny_pack_path,
+            mqtt={
+                "url": f"mqtts://localhost:{broker.port}",
+                "username": "agent",
+                "password": "s3cret",
+                **tls,
+            },
+        )
+        agent = Agent(good)
+        agent.start()
+        try:
+            assert agent.transport.wait_connected(10), "TLS connection with certificate and password failed"
+        finally:
+            agent.stop()
+        wrong = agent_config(
+            f"mqtts://localhost:{broker.port}",
+            tiny_pack_path,
+            mqtt={"url": f"mqtts://localhost:{broker.port}", "username": "agent", "password": "wrong", **tls},
+        )
+        refused = Agent(wrong)
+        refused.start()
+        try:
+            assert not refused.transport.wait_connected(2), "a wrong password must not connect"
+        finally:
+            refused.stop()
+    finally:
+        broker.stop()
