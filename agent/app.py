@@ -7,6 +7,7 @@ pollers. The previous engine keeps answering until a reloaded one is ready.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -161,15 +162,19 @@ class Agent:
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and the pack; queued requests stay queued. On any
-        failure the running config and engine stay as they were."""
+        failure the running config and engine stay as they were. Pack, prompt and limits
+        apply at once; MQTT and sensor changes need a restart (the reply says so)."""
         cfg = load_config(self.config_path) if self.config_path else self.cfg
         before = self.pack_label()
         self._load_engine(cfg)
         if self.engine_error and self.engine is not None:
             raise ModelUnavailable(f"reload failed, still serving {before}: {self.engine_error}")
-        self.cfg = cfg
+        restart = [k for k in ("mqtt", "sensors", "device_id") if getattr(cfg, k) != getattr(self.cfg, k)]
+        self.cfg = dataclasses.replace(
+            cfg, mqtt=self.cfg.mqtt, sensors=self.cfg.sensors, device_id=self.cfg.device_id
+        )
         self._publish_status()
-        return {"reloaded": True, "pack": self.pack_info(), "previous": before}
+        return {"reloaded": True, "pack": self.pack_info(), "previous": before, "restart_needed_for": restart}
 
     # ------------------------------------------------------------ threads
 

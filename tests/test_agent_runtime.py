@@ -306,3 +306,30 @@ def test_tls_with_client_certificate_and_password(tiny_pack_path: Path, tmp_path
             refused.stop()
     finally:
         broker.stop()
+
+
+def test_reload_of_a_broken_pack_keeps_the_old_one_serving(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    pack = Path(shutil.copytree(tiny_pack_path, tmp_path / "pack"))
+    config = _write_config(tmp_path / "agent.yaml", broker, pack, "reload-dev", privileged_clients=["ops"])
+    agent = Agent(load_config(config, env={}), config_path=config)
+    agent.start()
+    ra = RunningAgent.__new__(RunningAgent)
+    ra.cfg, ra.broker, ra.agent = agent.cfg, broker, agent
+    try:
+        assert agent.transport.wait_connected(10)
+        time.sleep(0.1)
+        # a new file, not a rewrite in place: the serving session maps the old one
+        (pack / "weights.tmp").write_bytes(b"garbage")
+        os.replace(pack / "weights.tmp", pack / "weights.bin")
+        with ra.client(client="ops") as ops:
+            r = ops.request("cmd", {"cmd": "reload"}, 30)
+            assert r["code"] == "model_unavailable" and "still serving tiny 0.0.1" in r["message"]
+            assert "weights.bin" in r["message"]
+            q = ops.request("query", {"question": "still ok?", "max_tokens": 3}, 30)
+            assert q["type"] == "final" and q["pack"]["name"] == "tiny"
+    finally:
+        agent.stop()
