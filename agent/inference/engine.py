@@ -107,10 +107,7 @@ class Engine:
 
     def embed(self, ids: list[int]) -> np.ndarray:
         """Dequantize the embedding rows of ``ids`` from the int8 table: [len(ids), hidden]."""
-        idx = np.asarray(ids, dtype=np.int64)
-        rows = self.pack.embed_codes[idx].astype(np.float32) - self.pack.manifest.embedding.zero_point
-        rows *= self.pack.embed_scales[idx][:, :, None]
-        return rows.reshape(len(ids), -1)[:, : self.arch.hidden_size]
+        return self.pack.embedding.rows(ids)
 
     def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
         """Run ``ids`` at positions start.. against the cache; return logits [n, vocab]."""

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_packs.errors import RuntimeRequirementError
-from model_packs.format import Manifest, verify_pack
+from model_packs.format import Embedding, Manifest, verify_pack
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,7 @@ class LoadedPack:
     manifest: Manifest
     chat_template: str
     tokenizer_json: str
-    embed_codes: np.ndarray  # uint8 [vocab, n_blocks, block]
-    embed_scales: np.ndarray  # float32 [vocab, n_blocks]
+    embedding: EmbeddingTable
 
     @property
     def model_path(self) -> Path:
@@ -63,28 +62,40 @@ def available_ram_mb() -> int | None:
     return None
 
 
-def _embedding(path: Path, m: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    e = m.embedding
-    n_blocks = -(-e.cols // e.block_size)
-    codes = np.memmap(
-        path / e.file, dtype=np.uint8, mode="r", offset=e.codes_offset, shape=(e.rows, n_blocks, e.block_size)
-    )
-    scales = np.memmap(
-        path / e.file, dtype=np.float32, mode="r", offset=e.scales_offset, shape=(e.rows, n_blocks)
-    )
-    return codes, scales
+@dataclass(frozen=True)
+class EmbeddingTable:
+    """The int8 token-embedding table, memory-mapped; rows are dequantized on demand
+    (one row per token: the same bytes serve as the tied LM head's weights)."""
+
+    codes: np.ndarray  # uint8 [vocab, n_blocks, block]
+    scales: np.ndarray  # float32 [vocab, n_blocks]
+    zero_point: int
+    cols: int
+
+    @classmethod
+    def open(cls, pack_dir: Path, e: Embedding) -> EmbeddingTable:
+        n_blocks = -(-e.cols // e.block_size)
+        path = pack_dir / e.file
+        codes = np.memmap(path, np.uint8, "r", e.codes_offset, (e.rows, n_blocks, e.block_size))
+        scales = np.memmap(path, np.float32, "r", e.scales_offset, (e.rows, n_blocks))
+        return cls(codes, scales, e.zero_point, e.cols)
+
+    def rows(self, ids: list[int]) -> np.ndarray:
+        """Float32 rows for ``ids``: [len(ids), cols]."""
+        idx = np.asarray(ids, dtype=np.int64)
+        out = self.codes[idx].astype(np.float32) - np.float32(self.zero_point)
+        out *= self.scales[idx][:, :, None]
+        return np.asarray(out.reshape(len(ids), -1)[:, : self.cols])
 
 
 def load_pack(path: Path, available_mb: int | None = None, check_ram: bool = True) -> LoadedPack:
     """Verify a pack directory and map its embedding table; no onnxruntime session yet."""
     manifest = verify_pack(path)
     check_runtime(manifest, (available_mb or available_ram_mb()) if check_ram else None)
-    codes, scales = _embedding(path, manifest)
     return LoadedPack(
         path=path,
         manifest=manifest,
         chat_template=(path / manifest.tokenizer.chat_template_file).read_text(),
         tokenizer_json=(path / manifest.tokenizer.file).read_text(),
-        embed_codes=codes,
-        embed_scales=scales,
+        embedding=EmbeddingTable.open(path, manifest.embedding),
     )

@@ -8,6 +8,7 @@ refused pack. Building the same inputs again finds the pack and does nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 import structlog
 
@@ -31,11 +31,17 @@ from model_packs.build.evaluate import (
     evaluate,
     heldout_text,
 )
-from model_packs.build.graph import MODEL_FILE, EmbedLayout, GraphOptions, write_graph
-from model_packs.build.quantize import ZERO_POINT
+from model_packs.build.graph import EMBED_FILE, MODEL_FILE, EmbedLayout, GraphOptions, write_graph
 from model_packs.build.source import SourceModel, default_gguf_path, load_source, sha256_of
 from model_packs.errors import PackError, PackExistsError, SourceModelError
-from model_packs.format import MANIFEST_NAME, file_entry, parse_manifest, read_manifest, verify_pack
+from model_packs.format import (
+    MANIFEST_NAME,
+    Embedding,
+    file_entry,
+    parse_manifest,
+    read_manifest,
+    verify_pack,
+)
 from model_packs.progress import StepProgress
 
 log = structlog.get_logger("edge_slm.build")
@@ -204,23 +210,13 @@ def _evaluate(
     ids = Tokenizer.from_str(src.tokenizer_json).encode(heldout_text(), add_special_tokens=False).ids
     ids = list(ids[: opts.heldout_tokens])
     float_embed = src.weights["embed"]
-    quant_embed = _int8_embedder(staging, layout)
+    from agent.inference.pack import EmbeddingTable
+
+    table = EmbeddingTable.open(staging, Embedding(EMBED_FILE, **dataclasses.asdict(layout)))
+    quant_embed = table.rows
     ref = GraphRunner(ref_dir / MODEL_FILE, src.config, lambda t: float_embed[t], opts.threads)
     quant = GraphRunner(staging / MODEL_FILE, src.config, quant_embed, opts.threads)
     return evaluate(ref, quant, ids, opts.eval_chunk, StepProgress("evaluate vs float"))
-
-
-def _int8_embedder(pack_dir: Path, layout: EmbedLayout) -> Any:
-    nb = -(-layout.cols // layout.block_size)
-    path = pack_dir / "embed.bin"
-    codes = np.memmap(path, np.uint8, "r", layout.codes_offset, (layout.rows, nb, layout.block_size))
-    scales = np.memmap(path, np.float32, "r", layout.scales_offset, (layout.rows, nb))
-
-    def embed(ids: list[int]) -> np.ndarray:
-        rows = (codes[ids].astype(np.float32) - ZERO_POINT) * scales[ids][:, :, None]
-        return rows.reshape(len(ids), -1)[:, : layout.cols]
-
-    return embed
 
 
 def _golden(staging: Path, opts: BuildOptions) -> list[dict[str, Any]]:
@@ -285,7 +281,7 @@ def _manifest(
         },
         "model_file": MODEL_FILE,
         "embedding": {
-            "file": "embed.bin",
+            "file": EMBED_FILE,
             "rows": layout.rows,
             "cols": layout.cols,
             "block_size": layout.block_size,
