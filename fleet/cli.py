@@ -1,41 +1,123 @@
-"""``edge-fleet``: fleet manager's command line.
+"""``edge-fleet``: the fleet manager's command line (signed pack repository for now).
 
-Signed repositories, rollouts and telemetry arrive with their issues; until then the
-command lists the packs this machine has built, which is what a fleet would publish.
+edge-fleet repo init        --repo DIR --keys DIR
+edge-fleet pack publish PACK --repo DIR --keys DIR [--min-agent-version V] [--hardware H ...]
+edge-fleet timestamp refresh --repo DIR --keys DIR
+edge-fleet keys rotate ROLE  --repo DIR --keys DIR   (needs the offline root keys)
+edge-fleet serve            --repo DIR [--port 8080]
+edge-fleet update send --broker URL --device ID --target NAME@VERSION
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import uuid
+from pathlib import Path
 
+from fleet.errors import FleetError
+from fleet.repository import FleetRepository
 from model_packs.errors import PackError
-from model_packs.format import packs_dir, read_manifest
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="group", required=True)
+
+    def repo_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--repo", type=Path, required=True)
+        sp.add_argument("--keys", type=Path, required=True)
+
+    repo = sub.add_parser("repo").add_subparsers(dest="command", required=True)
+    init = repo.add_parser("init", help="new repository: 2-of-3 root keys, one key per online role")
+    repo_args(init)
+    init.add_argument("--root-keys", type=int, default=3)
+    init.add_argument("--root-threshold", type=int, default=2)
+    pack = sub.add_parser("pack").add_subparsers(dest="command", required=True)
+    pub = pack.add_parser("publish", help="sign a pack as a target")
+    repo_args(pub)
+    pub.add_argument("pack", type=Path)
+    pub.add_argument("--min-agent-version", default="0.1.0")
+    pub.add_argument("--hardware", action="append", default=[])
+    ts = sub.add_parser("timestamp").add_subparsers(dest="command", required=True)
+    repo_args(ts.add_parser("refresh", help="re-sign timestamp.json (run it well within its 1-day expiry)"))
+    keys = sub.add_parser("keys").add_subparsers(dest="command", required=True)
+    rot = keys.add_parser("rotate", help="replace a role's keys (needs the root keys)")
+    repo_args(rot)
+    rot.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    srv = sub.add_parser("serve", help="serve the repository over HTTP (Range supported)")
+    srv.add_argument("--repo", type=Path, required=True)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    upd = sub.add_parser("update").add_subparsers(dest="command", required=True)
+    send = upd.add_parser("send", help="publish one rollout instruction to a device")
+    send.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    send.add_argument("--device", required=True)
+    send.add_argument("--target", required=True)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.group == "serve":
+        from fleet.serve import make_server
+
+        server = make_server(args.repo, args.host, args.port)
+        print(f"serving {args.repo} on http://{args.host}:{args.port}/", flush=True)
+        server.serve_forever()
+        return 0
+    if args.group == "update":
+        return _send_update(args)
+    repo = FleetRepository(args.repo, args.keys)
+    if args.group == "repo":
+        repo.init(args.root_keys, args.root_threshold)
+        print(f"repository in {args.repo}; keys in {args.keys} (move {args.keys}/root offline)")
+    elif args.group == "pack":
+        done = repo.publish(args.pack, args.min_agent_version, tuple(args.hardware or ["any"]))
+        print(
+            json.dumps(
+                {
+                    "target": done.path,
+                    "length": done.length,
+                    "sha256": done.sha256,
+                    "targets_version": done.version,
+                }
+            )
+        )
+    elif args.group == "timestamp":
+        print(f"timestamp version {repo.refresh_timestamp()}")
+    elif args.group == "keys":
+        print(f"{args.role} keys rotated; new key ids: {repo.rotate(args.role)}")
+    return 0
+
+
+def _send_update(args: argparse.Namespace) -> int:
+    from urllib.parse import urlparse
+
+    import paho.mqtt.publish as publish
+
+    url = urlparse(args.broker)
+    body = {"v": 1, "id": uuid.uuid4().hex[:16], "rollout_id": uuid.uuid4().hex[:12], "target": args.target}
+    publish.single(
+        f"edge/{args.device}/update",
+        json.dumps(body),
+        qos=1,
+        hostname=url.hostname or "127.0.0.1",
+        port=url.port or 1883,
+    )
+    print(json.dumps(body))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="edge-fleet", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("packs", help="list packs in the local cache with their evaluation")
-    p.parse_args(argv)
-    root = packs_dir()
-    found = (
-        sorted(d for d in root.glob("*") if d.is_dir() and not d.name.startswith("."))
-        if root.exists()
-        else []
-    )
-    for d in found:
-        try:
-            m = read_manifest(d)
-        except PackError as exc:
-            print(f"{d.name}\tunreadable [{exc.code}]")
-            continue
-        print(
-            f"{m.name}\t{m.version}\ttop1={m.evaluation.top1_agreement:.3f}\tppl_ratio={m.evaluation.ppl_ratio:.3f}"
-        )
-    if not found:
-        print(f"no packs in {root}", file=sys.stderr)
-    return 0
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FleetError, PackError) as exc:
+        print(f"edge-fleet: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

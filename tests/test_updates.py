@@ -1,0 +1,329 @@
+"""Signed pack updates end to end: a real TUF repository on disk served over real HTTP.
+
+Each attack must be refused with a clear reason while the active pack keeps working.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata
+from tuf.api.serialization.json import JSONSerializer
+
+from agent import __version__
+from agent.inference import load_pack
+from agent.packs.store import PackStore
+from agent.packs.updater import PackUpdater, UpdateEvent, provision_trust
+from agent.packs.verify import UpdateRejected
+from fleet.errors import RepositoryError
+from fleet.repository import FleetRepository
+from fleet.serve import RangeHandler, make_server, serve_in_thread
+from model_packs.build.builder import build_pack
+from model_packs.format import verify_pack
+from tests.conftest import tiny_build_options
+
+
+@pytest.fixture(scope="session")
+def tiny_versions(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    packs = tmp_path_factory.mktemp("versions")
+    return {
+        v: build_pack(tiny_build_options(tiny_source, packs, version=v)) for v in ("0.0.1", "0.0.2", "0.0.3")
+    }
+
+
+class FaultHandler(RangeHandler):
+    """Serves the repository; a test can make target downloads misbehave."""
+
+    fault: str | None = None
+    ranges: list[str] = []  # noqa: RUF012 (shared on purpose: the test reads it)
+    cut_after = 0
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/targets/") and self.fault == "endless":
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\xaa" * 65536)
+            except OSError:
+                return
+        if self.path.startswith("/targets/"):
+            FaultHandler.ranges.append(self.headers.get("Range") or "")
+        if self.path.startswith("/targets/") and self.fault == "cut_once":
+            FaultHandler.fault = None
+            f = self.send_head()
+            if f:
+                self.wfile.write(f.read(self.cut_after))
+                f.close()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@dataclass
+class Fleet:
+    repo: FleetRepository
+    url: str
+    server: Any
+    device: Path
+    store: PackStore
+    events: list[UpdateEvent] = field(default_factory=list)
+
+    def updater(self, hook: Any = None) -> PackUpdater:
+        return PackUpdater(
+            self.store, self.device / "tuf", self.url, __version__, on_event=self.events.append, hook=hook
+        )
+
+    def meta(self, role: str) -> Path:
+        return self.repo.meta_dir / f"{role}.json"
+
+
+@pytest.fixture()
+def fleet(tmp_path: Path, tiny_versions: dict[str, Path]) -> Iterator[Fleet]:
+    repo = FleetRepository(tmp_path / "repo", tmp_path / "keys")
+    repo.init()
+    repo.publish(tiny_versions["0.0.2"])
+    FaultHandler.fault, FaultHandler.ranges = None, []
+    server = make_server(repo.dir, port=0, handler=FaultHandler)
+    serve_in_thread(server)
+    device = tmp_path / "device"
+    store = PackStore(device)
+    store.seed(tiny_versions["0.0.1"], "tiny@0.0.1")
+    provision_trust(device / "tuf", repo.meta_dir / "1.root.json")
+    yield Fleet(repo, f"http://127.0.0.1:{server.server_address[1]}", server, device, store)
+    server.shutdown()
+
+
+def _refused(f: Fleet, target: str, reason: str) -> UpdateRejected:
+    with pytest.raises(UpdateRejected) as err:
+        f.updater().install(target)
+    assert err.value.reason_code == reason, err.value.message
+    assert f.store.active_version() == "0.0.1"
+    load_pack(f.store.active_path())  # type: ignore[arg-type]  # the old pack still loads
+    assert f.events[-1].state == "rejected" and f.events[-1].reason_code == reason
+    return err.value
+
+
+def test_install_over_http(fleet: Fleet) -> None:
+    path = fleet.updater().install("tiny@0.0.2")
+    assert verify_pack(path).version == "0.0.2" and fleet.store.active_version() == "0.0.2"
+    states = [e.state for e in fleet.events]
+    assert states[0] == "downloading"
+    assert [s for s in states if s != "downloading"] == ["verifying", "staged", "activated"]
+    assert fleet.events[[e.state for e in fleet.events].index("verifying") - 1].percent == 100.0
+    st = fleet.store.state()
+    assert st.versions[st.previous] == "tiny@0.0.1" and st.trial  # previous kept; first probe pending
+
+
+def test_tampered_file(fleet: Fleet) -> None:
+    tar = fleet.repo.targets_dir / "packs/tiny/0.0.2.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    _refused(fleet, "tiny@0.0.2", "hash_mismatch")
+
+
+def test_unknown_key(fleet: Fleet) -> None:
+    md = Metadata.from_file(str(fleet.meta("targets")))
+    md.signed.version += 1
+    md.signatures.clear()
+    md.sign(CryptoSigner.generate_ed25519())
+    md.to_file(str(fleet.meta("targets")), JSONSerializer())
+    fleet.repo._snapshot_and_timestamp(fleet.repo.root())
+    _refused(fleet, "tiny@0.0.2", "bad_signature")
+
+
+def test_root_below_threshold(fleet: Fleet) -> None:
+    md = Metadata.from_file(str(fleet.meta("root")))
+    md.signed.version += 1
+    signers = fleet.repo.keys.signers("root", md.signed)
+    md.signatures.clear()
+    md.sign(signers[0])  # 1 of the 2 needed
+    md.to_file(str(fleet.repo.meta_dir / "2.root.json"), JSONSerializer())
+    _refused(fleet, "tiny@0.0.2", "bad_signature")
+
+
+def test_downgrade_refused_on_device_and_in_the_fleet(fleet: Fleet, tiny_versions: dict[str, Path]) -> None:
+    fleet.updater().install("tiny@0.0.2")
+    with pytest.raises(UpdateRejected) as err:
+        fleet.updater().install("tiny@0.0.1")
+    assert err.value.reason_code == "downgrade" and fleet.store.active_version() == "0.0.2"
+    with pytest.raises(RepositoryError, match="versions only go up"):
+        fleet.repo.publish(tiny_versions["0.0.1"])
+
+
+def test_replayed_metadata(fleet: Fleet, tiny_versions: dict[str, Path]) -> None:
+    old_timestamp = fleet.meta("timestamp").read_bytes()
+    old_snapshot = fleet.meta("snapshot").read_bytes()
+    fleet.repo.publish(tiny_versions["0.0.3"])
+    fleet.updater().install("tiny@0.0.3")  # the device has now seen the newer metadata
+    fleet.meta("timestamp").write_bytes(old_timestamp)
+    fleet.meta("snapshot").write_bytes(old_snapshot)
+    with pytest.raises(UpdateRejected) as err:
+        fleet.updater().install("tiny@0.0.4")
+    assert err.value.reason_code == "replayed_metadata"
+    assert fleet.store.active_version() == "0.0.3"
+
+
+def test_expired_metadata(fleet: Fleet) -> None:
+    stale = FleetRepository(
+        fleet.repo.dir, fleet.repo.keys.dir, clock=lambda: datetime.now(UTC) - timedelta(days=3)
+    )
+    stale.refresh_timestamp()
+    _refused(fleet, "tiny@0.0.2", "expired_metadata")
+
+
+def test_mix_and_match(fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path) -> None:
+    other = FleetRepository(tmp_path / "other", tmp_path / "other-keys")
+    other.init()
+    other.publish(tiny_versions["0.0.3"])
+    shutil.copyfile(
+        other.targets_dir / "packs/tiny/0.0.3.tar", fleet.repo.targets_dir / "packs/tiny/0.0.2.tar"
+    )
+    _refused(fleet, "tiny@0.0.2", "hash_mismatch")
+
+
+def test_endless_data_stops_at_the_signed_length(fleet: Fleet) -> None:
+    FaultHandler.fault = "endless"
+    sizes: list[int] = []
+    part = fleet.store.downloads / "tiny-0.0.2.tar.part"
+
+    def hook(stage: str) -> None:
+        if stage == "verify":
+            sizes.append(part.stat().st_size)
+
+    with pytest.raises(UpdateRejected) as err:
+        fleet.updater(hook).install("tiny@0.0.2")
+    assert err.value.reason_code == "hash_mismatch"
+    length = json.loads(fleet.meta("targets").read_text())["signed"]["targets"]["packs/tiny/0.0.2.tar"][
+        "length"
+    ]
+    assert sizes == [length] and not part.exists()
+
+
+def test_key_rotation(fleet: Fleet, tiny_versions: dict[str, Path]) -> None:
+    old_md = Metadata.from_file(str(fleet.meta("root")))
+    old_signer = fleet.repo.keys.signers("targets", old_md.signed)[0]
+    fleet.repo.rotate("targets")
+    fleet.updater().install("tiny@0.0.2")  # new key accepted through the signed root chain
+    fleet.repo.publish(tiny_versions["0.0.3"])
+    md = Metadata.from_file(str(fleet.meta("targets")))
+    md.signed.version += 1
+    md.signatures.clear()
+    md.sign(old_signer)  # the old key alone
+    md.to_file(str(fleet.meta("targets")), JSONSerializer())
+    fleet.repo._snapshot_and_timestamp(fleet.repo.root())
+    with pytest.raises(UpdateRejected) as err:
+        fleet.updater().install("tiny@0.0.3")
+    assert err.value.reason_code == "bad_signature" and fleet.store.active_version() == "0.0.2"
+
+
+def test_interrupted_download_resumes(fleet: Fleet) -> None:
+    FaultHandler.fault, FaultHandler.cut_after = "cut_once", 5000
+    with pytest.raises(UpdateRejected) as err:
+        fleet.updater().install("tiny@0.0.2")
+    assert err.value.reason_code == "download_interrupted"
+    assert (fleet.store.downloads / "tiny-0.0.2.tar.part").stat().st_size == 5000
+    fleet.updater().install("tiny@0.0.2")
+    assert FaultHandler.ranges[-1] == "bytes=5000-" and fleet.store.active_version() == "0.0.2"
+
+
+def test_pack_failing_the_health_gate_is_never_activated(
+    fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = Path(shutil.copytree(tiny_versions["0.0.3"], tmp_path / "bad"))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    for g in manifest["golden"]:
+        g["token_ids"] = [(t + 1) % 50 for t in g["token_ids"]]  # outputs this pack will not reproduce
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    fleet.repo.publish(bad)
+    err = _refused(fleet, "tiny@0.0.3", "health_gate")
+    assert "golden prompt" in err.message
+    assert fleet.store.state().last_outcome["reason_code"] == "health_gate"
+
+
+def test_disk_full_while_downloading_cleans_up(fleet: Fleet) -> None:
+    target = fleet.store.downloads
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"tests run as root here and need tmpfs: {done.stderr!r}")
+    try:
+        _refused(fleet, "tiny@0.0.2", "disk_full")
+        assert list(target.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from agent import __version__
+from agent.packs.store import PackStore
+from agent.packs.updater import PackUpdater
+stage, device, url = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+def hook(s):
+    if s == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+PackUpdater(PackStore(device), device / "tuf", url, __version__, hook=hook).install("tiny@0.0.2")
+"""
+
+
+@pytest.mark.parametrize("stage", ["download", "verify", "stage", "health", "switch"])
+def test_sigkill_at_each_stage_leaves_one_complete_pack_and_converges(fleet: Fleet, stage: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, stage, str(fleet.device), fleet.url], timeout=120
+    )
+    assert done.returncode == -9
+    store = PackStore(fleet.device)
+    store.converge()
+    assert store.active_version() == "0.0.1"  # every kill point is before the switch
+    verify_pack(store.active_path())  # type: ignore[arg-type]
+    assert not store.staging.exists()
+    PackUpdater(store, fleet.device / "tuf", fleet.url, __version__).install("tiny@0.0.2")
+    assert store.active_version() == "0.0.2"
+
+
+def test_kill_right_after_the_switch_keeps_the_new_pack_on_trial(fleet: Fleet) -> None:
+    fleet.updater().install("tiny@0.0.2")
+    store = PackStore(fleet.device)
+    store.converge()
+    st = store.state()
+    assert store.active_version() == "0.0.2" and st.trial
+    verify_pack(store.active_path())  # type: ignore[arg-type]
+    assert store.rollback("first health probe failed")
+    assert store.active_version() == "0.0.1" and store.state().last_outcome["state"] == "rolled_back"
+
+
+def test_publish_and_serve_from_the_command_line(tmp_path: Path, tiny_versions: dict[str, Path]) -> None:
+    base = [sys.executable, "-m", "fleet.cli"]
+    repo, keys = str(tmp_path / "repo"), str(tmp_path / "keys")
+    assert subprocess.run([*base, "repo", "init", "--repo", repo, "--keys", keys], timeout=60).returncode == 0
+    pub = subprocess.run(
+        [*base, "pack", "publish", str(tiny_versions["0.0.2"]), "--repo", repo, "--keys", keys],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert pub.returncode == 0 and json.loads(pub.stdout)["target"] == "packs/tiny/0.0.2.tar"
+    again = subprocess.run(
+        [*base, "pack", "publish", str(tiny_versions["0.0.1"]), "--repo", repo, "--keys", keys],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 2 and "versions only go up" in again.stderr
+    key_files = list((tmp_path / "keys").rglob("*.pem"))
+    assert len(key_files) == 6 and all(p.stat().st_mode & 0o077 == 0 for p in key_files)
+    assert (tmp_path / "keys" / "root").stat().st_mode & 0o077 == 0
