@@ -25,13 +25,14 @@ from agent.inference import Engine, GenerationRequest, load_pack
 from agent.inference.sampling import SamplingParams
 from agent.messages import ReplyTo, chunk_reply, encode, error_reply, final_reply
 from agent.notify import Notifier
+from agent.packs.service import CRASH_LOOP_BOOTS, UpdateService, probe, seed_if_empty
+from agent.packs.store import PackStore
 from agent.router import Router
 from agent.scheduling import Job, RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
 from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
 from model_packs.errors import PackError
-from model_packs.format import default_pack_path
 
 log = structlog.get_logger("edge_agent")
 CAPABILITIES = ["query", "read", "cmd", "stream"]
@@ -51,8 +52,12 @@ class Agent:
         self.limiter = RateLimiter(cfg.limits.rate.per_s, cfg.limits.rate.burst)
         self.engine: Engine | None = None
         self.engine_error: str | None = None
+        self.state = "online"
         self._engine_lock = threading.Lock()
-        self._load_engine(cfg)
+        self.store = PackStore(Path(cfg.state_dir))
+        self.store.converge()
+        self.updates = UpdateService(self)
+        self._boot_pack()
         self.router = Router(self)
         self.stopping = threading.Event()
         self.transport = MqttTransport(
@@ -70,18 +75,16 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
 
     def _subscriptions(self) -> list[str]:
-        return [self.cfg.topic(k) for k in ("query", "read", "cmd")] + sorted(self.hub.topics)
+        return [self.cfg.topic(k) for k in ("query", "read", "cmd", "update")] + sorted(self.hub.topics)
 
-    def _load_engine(self, cfg: AgentConfig) -> None:
-        path = Path(cfg.pack.path) if cfg.pack.path else default_pack_path()
+    def _open_engine(self, path: Path | None, cfg: AgentConfig) -> tuple[Engine | None, str | None]:
+        if path is None:
+            return None, self.engine_error or "no pack in the store"
         try:
             engine = Engine(load_pack(path), threads=cfg.pack.threads, context_length=cfg.pack.context_length)
         except (PackError, AgentError) as exc:
-            self.engine_error = f"[{exc.code}] {exc.message}"
-            log.error("pack_load_failed", pack=str(path), reason=self.engine_error)
-            return
-        with self._engine_lock:
-            self.engine, self.engine_error = engine, None
+            log.error("pack_load_failed", pack=str(path), reason=exc.message)
+            return None, f"[{exc.code}] {exc.message}"
         log.info(
             "pack_loaded",
             pack=str(path),
@@ -89,6 +92,41 @@ class Agent:
             version=engine.pack.manifest.version,
             threads=engine.threads,
         )
+        return engine, None
+
+    def _boot_pack(self) -> None:
+        """Seed an empty store, count boots of a pack on trial, serve the active slot."""
+        try:
+            seed_if_empty(self.store, self.cfg.pack.path)
+        except PackError as exc:
+            self.engine_error = f"[{exc.code}] {exc.message}"
+            log.error("store_seed_failed", reason=self.engine_error)
+            return
+        st = self.store.note_boot()
+        if st.trial and st.trial_boots > CRASH_LOOP_BOOTS:
+            self.store.rollback(f"crash loop: {st.trial_boots} starts without a passing health probe")
+        self.serve_active_slot()
+
+    def serve_active_slot(self) -> str | None:
+        """Load the active slot. A pack on trial must pass its first health probe, else
+        the store rolls back and the previous pack serves. Returns the failure, if any."""
+        st = self.store.state()
+        engine, error = self._open_engine(self.store.active_path(), self.cfg)
+        if engine is not None and st.trial:
+            error = probe(engine)
+            engine = None if error else engine
+        if engine is None:
+            if st.trial and self.store.rollback(error or "failed after activation"):
+                log.warning("pack_rolled_back", reason=error, to=self.store.active_version())
+                engine, _ = self._open_engine(self.store.active_path(), self.cfg)
+            if engine is None:
+                self.engine_error = error
+                return error
+        elif st.trial:
+            self.store.confirm()
+        with self._engine_lock:
+            self.engine, self.engine_error = engine, None
+        return error
 
     def start(self) -> None:
         self.hub.start()
@@ -145,7 +183,11 @@ class Agent:
         ).encode()
 
     def _publish_status(self) -> None:
-        self.transport.publish(self.cfg.topic("status"), self._status_doc("online"), retain=True)
+        self.transport.publish(self.cfg.topic("status"), self._status_doc(self.state), retain=True)
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self._publish_status()
 
     def status_report(self) -> dict[str, Any]:
         return {
@@ -157,7 +199,17 @@ class Agent:
             "queue_depth": self.scheduler.depth,
             "running": sorted(self.scheduler.running),
             "sensors": self.hub.summary(),
+            "packs": self._store_report(),
             "mqtt_connects": self.transport.connects,
+        }
+
+    def _store_report(self) -> dict[str, Any]:
+        st = self.store.state()
+        return {
+            "active": st.versions.get(st.active or ""),
+            "previous": st.versions.get(st.previous or ""),
+            "trial": st.trial,
+            "last_update": st.last_outcome or None,
         }
 
     def reload(self) -> dict[str, Any]:
@@ -166,9 +218,13 @@ class Agent:
         apply at once; MQTT and sensor changes need a restart (the reply says so)."""
         cfg = load_config(self.config_path) if self.config_path else self.cfg
         before = self.pack_label()
-        self._load_engine(cfg)
-        if self.engine_error and self.engine is not None:
-            raise ModelUnavailable(f"reload failed, still serving {before}: {self.engine_error}")
+        engine, error = self._open_engine(self.store.active_path(), cfg)
+        if engine is None:
+            if self.engine is not None:
+                raise ModelUnavailable(f"reload failed, still serving {before}: {error}")
+            raise ModelUnavailable(f"reload failed: {error}")
+        with self._engine_lock:
+            self.engine, self.engine_error = engine, None
         restart = [k for k in ("mqtt", "sensors", "device_id") if getattr(cfg, k) != getattr(self.cfg, k)]
         self.cfg = dataclasses.replace(
             cfg, mqtt=self.cfg.mqtt, sensors=self.cfg.sensors, device_id=self.cfg.device_id

@@ -32,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--system", help="system prompt (default: the pack's)")
     a.add_argument("--threads", type=int)
     a.add_argument("--context-length", type=int)
+    pk = sub.add_parser("pack", help="model packs in the agent's store").add_subparsers(
+        dest="pack_cmd", required=True
+    )
+    inst = pk.add_parser("install", help="sideload a signed pack from a local copy of the fleet repository")
+    inst.add_argument("--config", type=Path, required=True)
+    inst.add_argument(
+        "--from", dest="source", type=Path, required=True, help="repository copy (metadata/, targets/)"
+    )
+    inst.add_argument("--target", required=True, help="NAME@VERSION")
     r = sub.add_parser("run", help="run the MQTT daemon")
     r.add_argument("--config", type=Path, required=True)
     for name, helptext in (
@@ -96,6 +105,36 @@ def _ask(args: argparse.Namespace) -> int:
         f"decode {u.decode_tokens_per_s:.1f} tokens/s, {engine.threads} threads",
         file=sys.stderr,
     )
+    return 0
+
+
+def _pack_install(args: argparse.Namespace) -> int:
+    """Sideload: the same TUF verification, health gate and A/B switch as a network update."""
+    from agent import __version__
+    from agent.config import load_config
+    from agent.packs.store import PackStore
+    from agent.packs.updater import PackUpdater, UpdateEvent, provision_trust
+
+    cfg = load_config(args.config)
+    state = Path(cfg.state_dir)
+    if cfg.updates.trusted_root:
+        provision_trust(state / "tuf", Path(cfg.updates.trusted_root))
+
+    def show(e: UpdateEvent) -> None:
+        pct = f" {e.percent:.0f}%" if e.percent is not None else ""
+        why = f" [{e.reason_code}] {e.reason}" if e.reason_code else ""
+        print(f"{e.state}{pct}{why}", file=sys.stderr)
+
+    updater = PackUpdater(
+        PackStore(state),
+        state / "tuf",
+        args.source.resolve().as_uri(),
+        __version__,
+        cfg.updates.hardware,
+        show,
+    )
+    path = updater.install(args.target)
+    print(f"active: {args.target} in {path}; restart the agent or send `cmd reload` to serve it")
     return 0
 
 
@@ -178,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command in ("query", "read", "cmd"):
             return _remote(args)
+        if args.command == "pack":
+            return _pack_install(args)
         return _ask(args)
     except (AgentError, PackError) as exc:
-        print(f"edge-agent: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        code = getattr(exc, "reason_code", exc.code)
+        print(f"edge-agent: error [{code}]: {exc.message}", file=sys.stderr)
         return 2
     except ClientError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)

@@ -131,6 +131,14 @@ class PromptConfig:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    repository_url: str | None = None  # the fleet's TUF repository (only ever from here)
+    trusted_root: str | None = None  # root.json installed at provisioning
+    hardware: str = "any"
+    latency_factor: float = 3.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -138,6 +146,7 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sensors: tuple[SensorConfig, ...] = ()
+    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     privileged_clients: tuple[str, ...] = ()
     state_dir: str = "/var/lib/edge-agent"
     log_level: str = "info"
@@ -229,6 +238,8 @@ def _check(cfg: AgentConfig) -> None:
             raise ConfigError(f"mqtt.{key}: file {value} does not exist")
     if cfg.pack.path is not None and not Path(cfg.pack.path).is_dir():
         raise ConfigError(f"pack.path: {cfg.pack.path} is not a directory")
+    if cfg.updates.trusted_root is not None and not Path(cfg.updates.trusted_root).is_file():
+        raise ConfigError(f"updates.trusted_root: file {cfg.updates.trusted_root} does not exist")
     for name in ("queue_size", "per_client_queue", "max_payload_bytes", "max_tokens"):
         if getattr(cfg.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be >= 1")

@@ -40,7 +40,7 @@ class Router:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         cfg = agent.cfg
-        self.kinds = {cfg.topic("query"): "query", cfg.topic("read"): "read", cfg.topic("cmd"): "cmd"}
+        self.kinds = {cfg.topic(k): k for k in ("query", "read", "cmd", "update")}
         self.fallback = cfg.topic("replies")
 
     def handle(self, msg: Inbound) -> None:
@@ -90,6 +90,10 @@ class Router:
             job = Job(q, client, target, started, started + limits.deadline_s)
             self.agent.scheduler.submit(job)
             return "queued"
+        if kind == "update":
+            state = self.agent.updates.handle(data, client)
+            self.agent.reply(target, final_reply(str(data.get("id")), 0, result={"update": state}))
+            return state
         if kind == "read":
             r = parse_read(data)
             fact = self.agent.hub.read(r.sensor, r.agg, r.window_s)

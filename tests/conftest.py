@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -95,6 +96,7 @@ def agent_config(broker_url: str, pack: Path | str, **overrides: Any) -> AgentCo
         "privileged_clients": ["ops"],
         "prompt": {"max_tokens": 16, "system": "Be brief."},
         "limits": {"rate": {"per_s": 1000.0, "burst": 1000}, "queue_size": 64, "per_client_queue": 32},
+        "state_dir": tempfile.mkdtemp(prefix="agent-state-"),
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

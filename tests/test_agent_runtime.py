@@ -85,6 +85,7 @@ def _write_config(path: Path, broker: LocalBroker, pack: Path, device: str, **ex
         "pack": {"path": str(pack), "threads": 1},
         "prompt": {"system": "Be brief.", "max_tokens": 8},
         "sensors": [{"name": "temperature", "unit": "°C"}],
+        "state_dir": str(path.parent / f"state-{device}"),
         **extra,
     }
     path.write_text(yaml.safe_dump(data))
@@ -323,8 +324,10 @@ def test_reload_of_a_broken_pack_keeps_the_old_one_serving(
         assert agent.transport.wait_connected(10)
         time.sleep(0.1)
         # a new file, not a rewrite in place: the serving session maps the old one
-        (pack / "weights.tmp").write_bytes(b"garbage")
-        os.replace(pack / "weights.tmp", pack / "weights.bin")
+        slot = agent.store.active_path()
+        assert slot is not None
+        (slot / "weights.tmp").write_bytes(b"garbage")
+        os.replace(slot / "weights.tmp", slot / "weights.bin")
         with ra.client(client="ops") as ops:
             r = ops.request("cmd", {"cmd": "reload"}, 30)
             assert r["code"] == "model_unavailable" and "still serving tiny 0.0.1" in r["message"]

@@ -9,19 +9,23 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
 from agent import __version__
 from agent.inference import load_pack
+from agent.localbroker import LocalBroker
 from agent.packs.store import PackStore
 from agent.packs.updater import PackUpdater, UpdateEvent, provision_trust
 from agent.packs.verify import UpdateRejected
@@ -30,7 +34,7 @@ from fleet.repository import FleetRepository
 from fleet.serve import RangeHandler, make_server, serve_in_thread
 from model_packs.build.builder import build_pack
 from model_packs.format import verify_pack
-from tests.conftest import tiny_build_options
+from tests.conftest import RunningAgent, agent_config, tiny_build_options
 
 
 @pytest.fixture(scope="session")
@@ -327,3 +331,153 @@ def test_publish_and_serve_from_the_command_line(tmp_path: Path, tiny_versions: 
     key_files = list((tmp_path / "keys").rglob("*.pem"))
     assert len(key_files) == 6 and all(p.stat().st_mode & 0o077 == 0 for p in key_files)
     assert (tmp_path / "keys" / "root").stat().st_mode & 0o077 == 0
+
+
+# ---------------------------------------------------------------- through the running agent
+
+
+def _agent_with_updates(broker: LocalBroker, fleet: Fleet, seed: Path) -> RunningAgent:
+    cfg = agent_config(
+        broker.url,
+        seed,
+        state_dir=str(fleet.device),
+        privileged_clients=["fleet"],
+        updates={"repository_url": fleet.url, "trusted_root": str(fleet.repo.meta_dir / "1.root.json")},
+    )
+    return RunningAgent(cfg, broker)
+
+
+def test_update_instruction_over_mqtt_reaches_a_running_agent(
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+) -> None:
+    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
+    events: list[dict[str, Any]] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, m: events.append(json.loads(m.payload))
+    watcher.on_connect = lambda c, u, f, r, p: c.subscribe(ra.cfg.topic("update/status"), qos=1)
+    watcher.connect("127.0.0.1", broker.port)
+    watcher.loop_start()
+    try:
+        time.sleep(0.3)
+        with ra.client(client="operator") as op:
+            denied = op.request("update", {"rollout_id": "r0", "target": "tiny@0.0.2"}, 10)
+            assert denied["code"] == "forbidden"
+        with ra.client(client="fleet") as fl:
+            ack = fl.request("update", {"rollout_id": "r1", "target": "tiny@0.0.2"}, 10)
+            assert ack["result"] == {"update": "started"}
+            deadline = time.monotonic() + 60
+            while (
+                not any(e["state"] in ("activated", "rejected") for e in events)
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
+            time.sleep(0.5)
+            answer = fl.request("query", {"question": "temperature?", "max_tokens": 3}, 30)
+            status = fl.request("cmd", {"cmd": "status"}, 10)["result"]
+        states = [e["state"] for e in events]
+        assert "downloading" in states and states[-3:] == ["verifying", "staged", "activated"][-3:]
+        assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+        assert all(e["rollout_id"] == "r1" for e in events)
+        assert answer["pack"] == {"name": "tiny", "version": "0.0.2"}
+        assert status["packs"]["active"] == "tiny@0.0.2" and status["packs"]["previous"] == "tiny@0.0.1"
+        assert status["packs"]["last_update"]["state"] == "activated"
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        ra.stop()
+
+
+def test_pack_failing_its_first_probe_after_activation_is_rolled_back(
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = Path(shutil.copytree(tiny_versions["0.0.3"], tmp_path / "bad"))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["golden"][0]["token_ids"] = [(t + 1) % 50 for t in manifest["golden"][0]["token_ids"]]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    staging = fleet.store.fresh_staging()
+    for p in bad.iterdir():
+        shutil.copy2(p, staging / p.name)
+    fleet.store.activate_staged("tiny@0.0.3")  # as if the switch had just happened
+    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
+    try:
+        with ra.client() as c:
+            status = c.request("cmd", {"cmd": "status"}, 10)["result"]
+            answer = c.request("query", {"question": "ok?", "max_tokens": 3}, 30)
+        assert status["packs"]["active"] == "tiny@0.0.1"
+        assert status["packs"]["last_update"]["state"] == "rolled_back"
+        assert "golden prompt" in status["packs"]["last_update"]["reason"]
+        assert answer["pack"]["version"] == "0.0.1"
+    finally:
+        ra.stop()
+
+
+def test_crash_loop_on_trial_rolls_back(
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+) -> None:
+    fleet.updater().install("tiny@0.0.2")
+    for _ in range(3):
+        fleet.store.note_boot()  # three starts that died before the first health probe
+    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
+    try:
+        st = fleet.store.state()
+        assert st.versions[st.active or ""] == "tiny@0.0.1"
+        assert "crash loop" in st.last_outcome["reason"]
+    finally:
+        ra.stop()
+
+
+def test_sideload_from_a_local_copy_of_the_repository(fleet: Fleet, tmp_path: Path) -> None:
+    usb = Path(shutil.copytree(fleet.repo.dir, tmp_path / "usb"))
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "device_id": "side",
+                "state_dir": str(fleet.device),
+                "updates": {"trusted_root": str(fleet.repo.meta_dir / "1.root.json")},
+            }
+        )
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "pack",
+            "install",
+            "--config",
+            str(config),
+            "--from",
+            str(usb),
+            "--target",
+            "tiny@0.0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert PackStore(fleet.device).active_version() == "0.0.2"
+    tar = usb / "targets/packs/tiny/0.0.2.tar"
+    tar.write_bytes(tar.read_bytes()[:-10] + b"0123456789")
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "pack",
+            "install",
+            "--config",
+            str(config),
+            "--from",
+            str(usb),
+            "--target",
+            "tiny@0.0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        again.returncode == 2 and "downgrade" in again.stderr
+    )  # same version again: refused before download

@@ -111,7 +111,7 @@ class PackStore:
         staging = self.fresh_staging()
         for p in pack_dir.iterdir():
             if p.is_file():
-                shutil.copy2(p, staging / p.name)
+                _link_or_copy(p, staging / p.name)
         slot = self.activate_staged(label)
         self.confirm()
         return slot
@@ -161,3 +161,11 @@ class PackStore:
         st = self.state()
         if st.active and not self.slot_path(st.active).is_dir() and st.previous:
             self.rollback("active slot missing after restart")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Packs are immutable (rebuilt packs get new files), so a hard link is a safe copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
