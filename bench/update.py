@@ -50,8 +50,12 @@ print(json.dumps({"base_rss_mb": base, "peak_rss_mb": peak, "total_s": total, "m
 
 
 def _child(device: Path, url: str, root: Path, stop_at: str, target: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(device), url, str(root), stop_at, target],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(device), url, str(root), stop_at, target],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -75,18 +79,23 @@ def main() -> None:
     full = _child(work / "device2", url, root, "none", target)
     server.shutdown()
     m = full["marks"]
-    print(json.dumps({
-        "bench": "update", "pack_mb": round(published.length / 1e6, 1),
-        "download_s": round(m.get("verifying", 0.0), 3),
-        "verify_and_unpack_s": round(m.get("staged", 0.0) - m.get("verifying", 0.0), 3),
-        "health_gate_and_switch_s": round(m.get("activated", 0.0) - m.get("staged", 0.0), 3),
-        "total_s": round(full["total_s"], 3),
-        "transfer_rss_growth_mb": round(staged["peak_rss_mb"] - staged["base_rss_mb"], 1),
-        "transfer_peak_rss_mb": round(staged["peak_rss_mb"], 1),
-        "full_update_peak_rss_mb": round(full["peak_rss_mb"], 1),
-        "bench_process_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "update",
+                "pack_mb": round(published.length / 1e6, 1),
+                "download_s": round(m.get("verifying", 0.0), 3),
+                "verify_and_unpack_s": round(m.get("staged", 0.0) - m.get("verifying", 0.0), 3),
+                "health_gate_and_switch_s": round(m.get("activated", 0.0) - m.get("staged", 0.0), 3),
+                "total_s": round(full["total_s"], 3),
+                "transfer_rss_growth_mb": round(staged["peak_rss_mb"] - staged["base_rss_mb"], 1),
+                "transfer_peak_rss_mb": round(staged["peak_rss_mb"], 1),
+                "full_update_peak_rss_mb": round(full["peak_rss_mb"], 1),
+                "bench_process_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

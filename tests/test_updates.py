@@ -481,3 +481,50 @@ def test_sideload_from_a_local_copy_of_the_repository(fleet: Fleet, tmp_path: Pa
     assert (
         again.returncode == 2 and "downgrade" in again.stderr
     )  # same version again: refused before download
+
+
+def test_disk_full_while_staging_cleans_up_and_reports(
+    fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
+) -> None:
+    """Room for the active slot and the download, not for unpacking it."""
+    device = tmp_path / "small-device"
+    device.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(device)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"tests run as root here and need tmpfs: {done.stderr!r}")
+    try:
+        store = PackStore(device)
+        store.seed(tiny_versions["0.0.1"], "tiny@0.0.1")
+        provision_trust(device / "tuf", fleet.repo.meta_dir / "1.root.json")
+        events: list[UpdateEvent] = []
+        with pytest.raises(UpdateRejected) as err:
+            PackUpdater(store, device / "tuf", fleet.url, __version__, on_event=events.append).install(
+                "tiny@0.0.2"
+            )
+        assert err.value.reason_code == "disk_full", err.value.message
+        assert [e.state for e in events if e.state != "downloading"] == ["verifying", "rejected"]
+        assert not store.staging.exists() and store.active_version() == "0.0.1"
+        assert store.state().last_outcome["reason_code"] == "disk_full"
+        load_pack(store.active_path())  # type: ignore[arg-type]
+    finally:
+        subprocess.run(["umount", str(device)], check=True)
+
+
+def test_memory_budget_relative_to_the_active_pack(fleet: Fleet) -> None:
+    from agent.packs.updater import HealthBudget
+
+    strict = PackUpdater(
+        fleet.store,
+        fleet.device / "tuf",
+        fleet.url,
+        __version__,
+        on_event=fleet.events.append,
+        budget=HealthBudget(memory_factor=0.0, memory_slack_mb=-1.0),
+    )
+    with pytest.raises(UpdateRejected, match="grew RSS") as err:
+        strict.install("tiny@0.0.2")
+    assert err.value.reason_code == "health_gate" and fleet.store.active_version() == "0.0.1"
+    fleet.updater().install("tiny@0.0.2")  # the default budget lets the same pack through
+    assert fleet.store.state().last_outcome["rss_growth_mb"] >= 0

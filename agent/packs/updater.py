@@ -9,6 +9,7 @@ trusted root was installed at provisioning and only signed metadata moves it for
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -50,6 +51,8 @@ class UpdateEvent:
 class HealthBudget:
     latency_factor: float = 3.0  # new pack's ms/token may be at most this x the active one's ...
     latency_slack_ms: float = 5.0  # ... plus this (tiny packs' timings are mostly noise)
+    memory_factor: float = 2.0  # the shadow session's RSS growth vs the active pack's ...
+    memory_slack_mb: float = 64.0  # ... plus this
     golden_tokens: int = 16
 
 
@@ -161,6 +164,7 @@ class PackUpdater:
         """Load the pack in a shadow engine; golden prompts must agree, latency within budget."""
         from agent.inference import Engine, GenerationRequest, load_pack
 
+        rss_before = _rss_mb()
         try:
             engine = Engine(load_pack(pack_dir), threads=2)
         except (PackError, Exception) as exc:  # any load failure is a failed gate
@@ -178,7 +182,11 @@ class PackUpdater:
                     f"tokens reproduced, {g.min_match} needed",
                 )
             ms_per_token.append(done.usage.total_s * 1000 / max(1, len(done.token_ids)))
-        return {"golden_min_agreement": worst, "ms_per_token": sum(ms_per_token) / max(1, len(ms_per_token))}
+        return {
+            "golden_min_agreement": worst,
+            "ms_per_token": sum(ms_per_token) / max(1, len(ms_per_token)),
+            "rss_growth_mb": max(0.0, _rss_mb() - rss_before),
+        }
 
     def _check_budget(self, new: dict[str, float]) -> None:
         active = self.store.active_path()
@@ -188,6 +196,14 @@ class PackUpdater:
             old = self.health_gate(active)
         except UpdateRejected:
             return  # the active pack itself misbehaves: do not hold the new one to it
+        mem_limit = self.budget.memory_factor * old["rss_growth_mb"] + self.budget.memory_slack_mb
+        if new["rss_growth_mb"] > mem_limit:
+            raise UpdateRejected(
+                "health_gate",
+                f"loading the pack grew RSS by {new['rss_growth_mb']:.0f} MB, over the budget of "
+                f"{mem_limit:.0f} MB ({self.budget.memory_factor}x the active pack's "
+                f"+ {self.budget.memory_slack_mb:g})",
+            )
         limit = self.budget.latency_factor * old["ms_per_token"] + self.budget.latency_slack_ms
         if new["ms_per_token"] > limit:
             raise UpdateRejected(
@@ -239,3 +255,12 @@ def provision_trust(tuf_dir: Path, trusted_root: Path) -> None:
     tuf_dir.mkdir(parents=True, exist_ok=True)
     if not (tuf_dir / "root.json").exists():
         shutil.copyfile(trusted_root, tuf_dir / "root.json")
+
+
+def _rss_mb() -> float:
+    """Resident set size from /proc/self/statm (0 where there is no /proc)."""
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return resident * os.sysconf("SC_PAGE_SIZE") / 2**20
