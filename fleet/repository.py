@@ -36,6 +36,7 @@ DEFAULT_EXPIRY = {
     "snapshot": timedelta(days=7),
     "timestamp": timedelta(days=1),
 }
+CREATED_FIELD = "x-edge-created"
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
 
 
@@ -152,6 +153,8 @@ class FleetRepository:
         self.meta_dir.mkdir(parents=True, exist_ok=True)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         root = Root(expires=self._expiry("root"), consistent_snapshot=False)
+        # signed with the root: a device whose clock is earlier than this cannot judge expiry
+        root.unrecognized_fields[CREATED_FIELD] = self._now().replace(microsecond=0).isoformat()
         signers: dict[str, list[CryptoSigner]] = {}
         for role in ("root", *ONLINE_ROLES):
             signers[role] = [

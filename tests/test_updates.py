@@ -528,3 +528,21 @@ def test_memory_budget_relative_to_the_active_pack(fleet: Fleet) -> None:
     assert err.value.reason_code == "health_gate" and fleet.store.active_version() == "0.0.1"
     fleet.updater().install("tiny@0.0.2")  # the default budget lets the same pack through
     assert fleet.store.state().last_outcome["rss_growth_mb"] >= 0
+
+
+def test_clock_before_the_trusted_root_refuses_network_updates(tmp_path: Path, tiny_versions: dict[str, Path]) -> None:
+    future = FleetRepository(tmp_path / "repo", tmp_path / "keys", clock=lambda: datetime.now(UTC) + timedelta(days=30))
+    future.init()  # as if this device's clock were a month behind the fleet's
+    future.publish(tiny_versions["0.0.2"])
+    server = make_server(future.dir, port=0)
+    serve_in_thread(server)
+    try:
+        store = PackStore(tmp_path / "device")
+        store.seed(tiny_versions["0.0.1"], "tiny@0.0.1")
+        provision_trust(tmp_path / "device" / "tuf", future.meta_dir / "1.root.json")
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(UpdateRejected) as err:
+            PackUpdater(store, tmp_path / "device" / "tuf", url, __version__).install("tiny@0.0.2")
+        assert err.value.reason_code == "clock_behind" and "set the time" in err.value.message
+    finally:
+        server.shutdown()

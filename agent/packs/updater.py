@@ -9,11 +9,13 @@ trusted root was installed at provisioning and only signed metadata moves it for
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from model_packs.errors import PackError
 from model_packs.format import Manifest, verify_pack
 
 log = structlog.get_logger("edge_agent.update")
+CREATED_FIELD = "x-edge-created"  # written by fleet.repository into the signed root
 MAX_PACK_BYTES = 4 << 30
 
 
@@ -80,9 +83,23 @@ class PackUpdater:
 
     # ------------------------------------------------------------ steps
 
+    def _check_clock(self) -> None:
+        """A clock before the trusted root was made would take expired metadata for fresh:
+        network updates wait for a sane clock (a sideload is the operator's own copy)."""
+        if self.base.startswith("file:"):
+            return
+        created = json.loads((self.tuf_dir / "root.json").read_text())["signed"].get(CREATED_FIELD)
+        if created and datetime.now(UTC) < datetime.fromisoformat(created):
+            raise UpdateRejected(
+                "clock_behind",
+                f"the device clock ({datetime.now(UTC):%Y-%m-%d %H:%M}Z) is earlier than the "
+                f"trusted root ({created}); set the time (NTP, RTC) before updating over the network",
+            )
+
     def _metadata(self, path: str) -> Any:
         if not (self.tuf_dir / "root.json").exists():
             raise UpdateRejected("no_trust", f"no trusted root in {self.tuf_dir}: provision the device first")
+        self._check_clock()
         updater = Updater(
             metadata_dir=str(self.tuf_dir),
             metadata_base_url=f"{self.base}/metadata/",
