@@ -8,9 +8,12 @@ pollers. The previous engine keeps answering until a reloaded one is ready.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -22,6 +25,7 @@ from agent.config import AgentConfig, load_config, systemd_env
 from agent.errors import AgentError, Cancelled, ModelUnavailable, Timeout
 from agent.grounding import build_question, select_sensors, ungrounded_numbers
 from agent.inference import Engine, GenerationRequest, load_pack
+from agent.inference.pack import available_ram_mb
 from agent.inference.sampling import SamplingParams
 from agent.messages import ReplyTo, chunk_reply, encode, error_reply, final_reply
 from agent.notify import Notifier
@@ -53,6 +57,8 @@ class Agent:
         self.engine: Engine | None = None
         self.engine_error: str | None = None
         self.state = "online"
+        self._paused = threading.Event()
+        self._serving = threading.Lock()  # held by the worker while it answers a query
         self._engine_lock = threading.Lock()
         self.store = PackStore(Path(cfg.state_dir))
         self.store.converge()
@@ -203,6 +209,31 @@ class Agent:
             "mqtt_connects": self.transport.connects,
         }
 
+    @contextmanager
+    def shadow_room(self, need_mb: int) -> Iterator[bool]:
+        """Room for a shadow session of ``need_mb``. When it does not fit beside the active
+        pack, serving pauses: the running query finishes, queued ones wait (none is
+        dropped), the active engine is unloaded, and it is reloaded afterwards."""
+        engine = self.engine
+        active_mb = engine.pack.manifest.runtime.min_ram_mb if engine else 0
+        budget = self.cfg.updates.ram_budget_mb
+        free = available_ram_mb() if budget is None else budget - active_mb
+        if engine is None or free is None or need_mb <= free:
+            yield False
+            return
+        log.warning("pausing_for_swap", need_mb=need_mb, free_mb=free, active_mb=active_mb)
+        self._paused.set()
+        self._serving.acquire()  # the running query finishes first
+        try:
+            with self._engine_lock:
+                self.engine = None
+            gc.collect()
+            yield True
+        finally:
+            self.serve_active_slot()
+            self._serving.release()
+            self._paused.clear()
+
     def _store_report(self) -> dict[str, Any]:
         st = self.store.state()
         return {
@@ -253,12 +284,16 @@ class Agent:
 
     def _worker_loop(self) -> None:
         while not self.stopping.is_set():
+            if self._paused.is_set():  # a pack swap that needs the memory: queued requests wait
+                time.sleep(0.05)
+                continue
             job = self.scheduler.next(timeout_s=0.5)
             if job is None:
                 continue
             outcome, tokens = "internal", 0
             try:
-                outcome, tokens = self._answer(job)
+                with self._serving:
+                    outcome, tokens = self._answer(job)
             except AgentError as err:
                 self.reply(job.reply, error_reply(job.id, 0, err))
                 outcome = err.code

@@ -136,6 +136,7 @@ class UpdatesConfig:
     trusted_root: str | None = None  # root.json installed at provisioning
     hardware: str = "any"
     latency_factor: float = 3.0
+    ram_budget_mb: int | None = None  # RAM for model packs; None: what the system has free
 
 
 @dataclass(frozen=True)

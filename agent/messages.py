@@ -17,8 +17,8 @@ from agent.errors import AgentError, BadJson, BadRequest, TooLarge
 from agent.sensors.windows import AGGREGATES
 
 SCHEMA_VERSION = 1
-COMMANDS = ("ping", "status", "cancel", "reload", "update-check")
-PRIVILEGED = ("reload", "update-check")
+COMMANDS = ("ping", "status", "cancel", "reload")
+PRIVILEGED = ("reload",)
 _NO_WILDCARDS = re.compile(r"^[^#+\x00]+$")
 
 

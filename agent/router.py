@@ -128,10 +128,8 @@ class Router:
             result = self.agent.status_report()
         elif c.cmd == "cancel":
             result = self._cancel(c)
-        elif c.cmd == "reload":
+        else:  # "reload": parse_cmd admits only COMMANDS
             result = self.agent.reload()
-        else:
-            raise BadRequest(f"{c.cmd} is not available on this agent yet")
         self.agent.reply(target, final_reply(c.id, 0, result=result))
         return "ok"
 

@@ -530,8 +530,12 @@ def test_memory_budget_relative_to_the_active_pack(fleet: Fleet) -> None:
     assert fleet.store.state().last_outcome["rss_growth_mb"] >= 0
 
 
-def test_clock_before_the_trusted_root_refuses_network_updates(tmp_path: Path, tiny_versions: dict[str, Path]) -> None:
-    future = FleetRepository(tmp_path / "repo", tmp_path / "keys", clock=lambda: datetime.now(UTC) + timedelta(days=30))
+def test_clock_before_the_trusted_root_refuses_network_updates(
+    tmp_path: Path, tiny_versions: dict[str, Path]
+) -> None:
+    future = FleetRepository(
+        tmp_path / "repo", tmp_path / "keys", clock=lambda: datetime.now(UTC) + timedelta(days=30)
+    )
     future.init()  # as if this device's clock were a month behind the fleet's
     future.publish(tiny_versions["0.0.2"])
     server = make_server(future.dir, port=0)
@@ -546,3 +550,31 @@ def test_clock_before_the_trusted_root_refuses_network_updates(tmp_path: Path, t
         assert err.value.reason_code == "clock_behind" and "set the time" in err.value.message
     finally:
         server.shutdown()
+
+
+def test_swap_pauses_serving_when_both_packs_do_not_fit(
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+) -> None:
+    """A 'small board': the RAM budget holds one pack. Serving pauses for the shadow
+    session; a query sent meanwhile waits and is answered, by the new pack."""
+    need = verify_pack(tiny_versions["0.0.2"]).runtime.min_ram_mb
+    cfg = agent_config(
+        broker.url, tiny_versions["0.0.1"], state_dir=str(fleet.device), privileged_clients=["fleet"],
+        updates={"repository_url": fleet.url, "trusted_root": str(fleet.repo.meta_dir / "1.root.json"),
+                 "ram_budget_mb": int(need * 1.5)},
+    )
+    ra = RunningAgent(cfg, broker)
+    try:
+        with ra.client(client="fleet") as fl:
+            fl.request("update", {"rollout_id": "r2", "target": "tiny@0.0.2"}, 10)
+            replies = [fl.request("query", {"question": "humid?", "max_tokens": 3}, 60) for _ in range(3)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and fleet.store.state().last_outcome.get("state") != "activated":
+                time.sleep(0.05)
+            after = fl.request("query", {"question": "humid?", "max_tokens": 3}, 60)
+        assert all(r["type"] == "final" for r in replies), replies
+        outcome = fleet.store.state().last_outcome
+        assert outcome["state"] == "activated" and outcome["paused_serving"] == 1.0
+        assert after["pack"]["version"] == "0.0.2"
+    finally:
+        ra.stop()

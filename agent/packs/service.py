@@ -91,6 +91,7 @@ class UpdateService:
             cfg.updates.hardware,
             on_event,
             HealthBudget(latency_factor=cfg.updates.latency_factor),
+            room=self.agent.shadow_room,
         )
 
     def handle(self, data: dict[str, Any], client: str) -> str:

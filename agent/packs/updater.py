@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +61,14 @@ class HealthBudget:
 
 
 Hook = Callable[[str], None]
+# ``room(need_mb)`` makes memory for the shadow session; it yields True when it had to
+# pause serving (unload the active pack) because both packs do not fit side by side.
+Room = Callable[[int], AbstractContextManager[bool]]
+
+
+@contextmanager
+def _always_room(need_mb: int) -> Iterator[bool]:
+    yield False
 
 
 class PackUpdater:
@@ -73,7 +82,9 @@ class PackUpdater:
         on_event: Callable[[UpdateEvent], None] | None = None,
         budget: HealthBudget | None = None,
         hook: Hook | None = None,
+        room: Room | None = None,
     ) -> None:
+        self.room = room or _always_room
         self.store, self.tuf_dir = store, tuf_dir
         self.base = repository_url.rstrip("/")
         self.agent_version, self.hardware = agent_version, hardware
@@ -256,8 +267,11 @@ class PackUpdater:
         self._stage(part, name, version)
         self.on_event(UpdateEvent("staged", target))
         self.hook("health")
-        stats = self.health_gate(self.store.staging)
-        self._check_budget(stats)
+        need_mb = verify_pack(self.store.staging).runtime.min_ram_mb
+        with self.room(need_mb) as paused:
+            stats = self.health_gate(self.store.staging)
+            self._check_budget(stats)
+        stats["paused_serving"] = float(paused)
         self.hook("switch")
         slot = self.store.activate_staged(target)
         part.unlink(missing_ok=True)
