@@ -52,6 +52,7 @@ bench: pack mosquitto
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/mqtt.py
+	$(BIN)/python bench/update.py
 
 bench-mqtt: pack mosquitto
 	$(BIN)/python bench/mqtt.py
