@@ -366,12 +366,8 @@ def test_update_instruction_over_mqtt_reaches_a_running_agent(
             ack = fl.request("update", {"rollout_id": "r1", "target": "tiny@0.0.2"}, 10)
             assert ack["result"] == {"update": "started"}
             deadline = time.monotonic() + 60
-            while (
-                not any(e["state"] in ("activated", "rejected") for e in events)
-                and time.monotonic() < deadline
-            ):
+            while time.monotonic() < deadline and (ra.agent.pack_info() or {}).get("version") != "0.0.2":
                 time.sleep(0.05)
-            time.sleep(0.5)
             answer = fl.request("query", {"question": "temperature?", "max_tokens": 3}, 30)
             status = fl.request("cmd", {"cmd": "status"}, 10)["result"]
         states = [e["state"] for e in events]
@@ -559,9 +555,15 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
     session; a query sent meanwhile waits and is answered, by the new pack."""
     need = verify_pack(tiny_versions["0.0.2"]).runtime.min_ram_mb
     cfg = agent_config(
-        broker.url, tiny_versions["0.0.1"], state_dir=str(fleet.device), privileged_clients=["fleet"],
-        updates={"repository_url": fleet.url, "trusted_root": str(fleet.repo.meta_dir / "1.root.json"),
-                 "ram_budget_mb": int(need * 1.5)},
+        broker.url,
+        tiny_versions["0.0.1"],
+        state_dir=str(fleet.device),
+        privileged_clients=["fleet"],
+        updates={
+            "repository_url": fleet.url,
+            "trusted_root": str(fleet.repo.meta_dir / "1.root.json"),
+            "ram_budget_mb": int(need * 1.5),
+        },
     )
     ra = RunningAgent(cfg, broker)
     try:
@@ -569,7 +571,7 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
             fl.request("update", {"rollout_id": "r2", "target": "tiny@0.0.2"}, 10)
             replies = [fl.request("query", {"question": "humid?", "max_tokens": 3}, 60) for _ in range(3)]
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and fleet.store.state().last_outcome.get("state") is None:
+            while time.monotonic() < deadline and (ra.agent.pack_info() or {}).get("version") != "0.0.2":
                 time.sleep(0.05)
             after = fl.request("query", {"question": "humid?", "max_tokens": 3}, 60)
         assert all(r["type"] == "final" for r in replies), replies
@@ -578,3 +580,22 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
         assert after["pack"]["version"] == "0.0.2"
     finally:
         ra.stop()
+
+
+def test_sideload_ignores_timestamp_expiry_but_nothing_else(fleet: Fleet, tmp_path: Path) -> None:
+    stale = FleetRepository(
+        fleet.repo.dir, fleet.repo.keys.dir, clock=lambda: datetime.now(UTC) - timedelta(days=3)
+    )
+    stale.refresh_timestamp()  # an old USB copy: its timestamp expired two days ago
+    forged = Path(shutil.copytree(fleet.repo.dir, tmp_path / "forged"))
+    md = Metadata.from_file(str(forged / "metadata/targets.json"))
+    md.signatures.clear()
+    md.sign(CryptoSigner.generate_ed25519())
+    md.to_file(str(forged / "metadata/targets.json"), JSONSerializer())
+    with pytest.raises(UpdateRejected) as err:
+        PackUpdater(fleet.store, fleet.device / "tuf", forged.as_uri(), __version__).install("tiny@0.0.2")
+    assert err.value.reason_code == "bad_signature"
+    usb = Path(shutil.copytree(fleet.repo.dir, tmp_path / "usb"))
+    PackUpdater(fleet.store, fleet.device / "tuf", usb.as_uri(), __version__).install("tiny@0.0.2")
+    outcome = fleet.store.state().last_outcome
+    assert outcome["state"] == "activated" and outcome["expiry_not_enforced"] == ["timestamp", "snapshot"]

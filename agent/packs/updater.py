@@ -85,6 +85,7 @@ class PackUpdater:
         room: Room | None = None,
     ) -> None:
         self.room = room or _always_room
+        self.sideload = repository_url.startswith("file:")
         self.store, self.tuf_dir = store, tuf_dir
         self.base = repository_url.rstrip("/")
         self.agent_version, self.hardware = agent_version, hardware
@@ -97,7 +98,7 @@ class PackUpdater:
     def _check_clock(self) -> None:
         """A clock before the trusted root was made would take expired metadata for fresh:
         network updates wait for a sane clock (a sideload is the operator's own copy)."""
-        if self.base.startswith("file:"):
+        if self.sideload:
             return
         created = json.loads((self.tuf_dir / "root.json").read_text())["signed"].get(CREATED_FIELD)
         if created and datetime.now(UTC) < datetime.fromisoformat(created):
@@ -118,6 +119,8 @@ class PackUpdater:
             fetcher=UrlFetcher(),
             bootstrap=None,  # the trusted root.json already in metadata_dir
         )
+        if self.sideload:
+            _ignore_timestamp_and_snapshot_expiry(updater)
         try:
             updater.refresh()
             info = updater.get_targetinfo(path)
@@ -275,7 +278,8 @@ class PackUpdater:
         self.hook("switch")
         slot = self.store.activate_staged(target)
         part.unlink(missing_ok=True)
-        self.store.record({"state": "activated", "target": target, **stats})
+        extra = {"expiry_not_enforced": ["timestamp", "snapshot"]} if self.sideload else {}
+        self.store.record({"state": "activated", "target": target, **stats, **extra})
         self.on_event(UpdateEvent("activated", target))
         log.info("update_activated", target=target, slot=slot, **stats)
         return self.store.slot_path(slot)
@@ -295,3 +299,22 @@ def _rss_mb() -> float:
     except (OSError, IndexError, ValueError):
         return 0.0
     return resident * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _ignore_timestamp_and_snapshot_expiry(updater: Updater) -> None:
+    """A sideload (USB stick) is never fresh: keep every signature, hash, version and root
+    check, but do not enforce timestamp and snapshot expiry (python-tuf#2359). ngclient
+    has no option for it, so the two final checks of its trusted set are replaced by the
+    same checks minus expiry; tuf is pinned below 8 for this."""
+    trusted = updater._trusted_set
+
+    def final_snapshot() -> None:
+        expected = trusted.timestamp.snapshot_meta.version
+        if trusted.snapshot.version != expected:
+            raise tuf_errors.BadVersionNumberError(
+                f"Expected snapshot version {expected}, got {trusted.snapshot.version}"
+            )
+
+    trusted._check_final_timestamp = lambda: None  # type: ignore[method-assign]
+    trusted._check_final_snapshot = final_snapshot  # type: ignore[method-assign]
+    log.warning("sideload_expiry_not_enforced", roles=["timestamp", "snapshot"])
