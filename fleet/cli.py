@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     send.add_argument("--device", required=True)
     send.add_argument("--target", required=True)
+    send.add_argument("--client", default="fleet", help="client key the agent's privileged_clients allows")
     return p
 
 
@@ -94,21 +95,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _send_update(args: argparse.Namespace) -> int:
-    from urllib.parse import urlparse
+    """One rollout instruction, MQTT 5 with the client key as a user property."""
+    from agent.transport.client import RequestClient
 
-    import paho.mqtt.publish as publish
-
-    url = urlparse(args.broker)
-    body = {"v": 1, "id": uuid.uuid4().hex[:16], "rollout_id": uuid.uuid4().hex[:12], "target": args.target}
-    publish.single(
-        f"edge/{args.device}/update",
-        json.dumps(body),
-        qos=1,
-        hostname=url.hostname or "127.0.0.1",
-        port=url.port or 1883,
-    )
-    print(json.dumps(body))
-    return 0
+    body = {"rollout_id": uuid.uuid4().hex[:12], "target": args.target}
+    with RequestClient(args.broker, args.device, client=args.client) as client:
+        reply = client.request("update", body, 30)
+    print(json.dumps({**body, "reply": reply}))
+    return 0 if reply.get("type") == "final" else 1
 
 
 def main(argv: list[str] | None = None) -> int:
