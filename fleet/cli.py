@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("pack", type=Path)
     pub.add_argument("--min-agent-version", default="0.1.0")
     pub.add_argument("--hardware", action="append", default=[])
+    pub.add_argument(
+        "--rollback",
+        action="store_true",
+        help="sign a lower version as a rollback instruction (devices may then go back to it)",
+    )
     ts = sub.add_parser("timestamp").add_subparsers(dest="command", required=True)
     repo_args(ts.add_parser("refresh", help="re-sign timestamp.json (run it well within its 1-day expiry)"))
     keys = sub.add_parser("keys").add_subparsers(dest="command", required=True)
@@ -76,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         repo.init(args.root_keys, args.root_threshold)
         print(f"repository in {args.repo}; keys in {args.keys} (move {args.keys}/root offline)")
     elif args.group == "pack":
-        done = repo.publish(args.pack, args.min_agent_version, tuple(args.hardware or ["any"]))
+        done = repo.publish(args.pack, args.min_agent_version, tuple(args.hardware or ["any"]), args.rollback)
         print(
             json.dumps(
                 {

@@ -202,18 +202,18 @@ class FleetRepository:
         pack_dir: Path,
         min_agent_version: str = "0.1.0",
         hardware: tuple[str, ...] = ("any",),
-        allow_lower: bool = False,
+        rollback: bool = False,
     ) -> PublishedPack:
         """Add a verified pack as a target; versions of one pack only go up."""
         manifest = verify_pack(pack_dir)
         if not manifest.evaluation.passed:
             raise RepositoryError(f"pack {manifest.name} {manifest.version} did not pass its quality gate")
         newest = max(self.published_versions(manifest.name), key=semver_key, default=None)
-        if newest and semver_key(manifest.version) <= semver_key(newest) and not allow_lower:
+        if newest and semver_key(manifest.version) <= semver_key(newest) and not rollback:
             raise RepositoryError(
                 f"{manifest.name} {manifest.version} is not above the published {newest}: "
-                "versions only go up; to roll the fleet back, republish the old pack's files "
-                "under a new, higher version"
+                "versions only go up; to roll the fleet back, publish it with --rollback "
+                "(a signed rollback instruction)"
             )
         path = target_path(manifest.name, manifest.version)
         write_pack_tarball(pack_dir, self.targets_dir / path)
@@ -223,6 +223,7 @@ class FleetRepository:
             "min_agent_version": min_agent_version,
             "hardware": list(hardware),
             "min_ram_mb": manifest.runtime.min_ram_mb,
+            **({"rollback": True} if rollback else {}),
         }
         tf = TargetFile.from_file(path, str(self.targets_dir / path), ["sha256"])
         tf.unrecognized_fields["custom"] = custom

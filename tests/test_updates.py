@@ -158,12 +158,21 @@ def test_root_below_threshold(fleet: Fleet) -> None:
 
 
 def test_downgrade_refused_on_device_and_in_the_fleet(fleet: Fleet, tiny_versions: dict[str, Path]) -> None:
-    fleet.updater().install("tiny@0.0.2")
+    fleet.repo.publish(tiny_versions["0.0.3"])
+    fleet.updater().install("tiny@0.0.3")
     with pytest.raises(UpdateRejected) as err:
-        fleet.updater().install("tiny@0.0.1")
-    assert err.value.reason_code == "downgrade" and fleet.store.active_version() == "0.0.2"
+        fleet.updater().install("tiny@0.0.2")  # a signed target, but lower and not signed as a rollback
+    assert err.value.reason_code == "downgrade" and fleet.store.active_version() == "0.0.3"
     with pytest.raises(RepositoryError, match="versions only go up"):
         fleet.repo.publish(tiny_versions["0.0.1"])
+
+
+def test_signed_rollback_instruction_allows_going_back(fleet: Fleet, tiny_versions: dict[str, Path]) -> None:
+    fleet.repo.publish(tiny_versions["0.0.3"])
+    fleet.updater().install("tiny@0.0.3")
+    fleet.repo.publish(tiny_versions["0.0.2"], rollback=True)
+    fleet.updater().install("tiny@0.0.2")
+    assert fleet.store.active_version() == "0.0.2"
 
 
 def test_replayed_metadata(fleet: Fleet, tiny_versions: dict[str, Path]) -> None:

@@ -259,9 +259,11 @@ class PackUpdater:
 
     def _install(self, target: str) -> Path:
         name, version, path = parse_target(target)
-        check_version_goes_up(self.store.active_version(), version)
         info = self._metadata(path)
-        check_custom(info.unrecognized_fields.get("custom"), name, version, self.agent_version, self.hardware)
+        custom = info.unrecognized_fields.get("custom") or {}
+        check_custom(custom, name, version, self.agent_version, self.hardware)
+        if custom.get("rollback") is not True:
+            check_version_goes_up(self.store.active_version(), version)
         self.hook("download")
         part = self._download(info, target, name, version)
         self.hook("verify")

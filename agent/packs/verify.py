@@ -58,8 +58,13 @@ def check_custom(
 
 
 def check_version_goes_up(current: str | None, new: str) -> None:
+    """Versions only go up, unless the fleet signed this target as a rollback."""
     if current is not None and semver(new) <= semver(current):
-        raise UpdateRejected("downgrade", f"{new} is not above the active {current}: versions only go up")
+        raise UpdateRejected(
+            "downgrade",
+            f"{new} is not above the active {current}: versions only go up "
+            "(a fleet rollback is a target signed with rollback: true)",
+        )
 
 
 def check_members(members: Iterable[tarfile.TarInfo], max_bytes: int) -> list[tarfile.TarInfo]:
