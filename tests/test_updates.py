@@ -626,3 +626,57 @@ def test_sideload_ignores_timestamp_expiry_but_nothing_else(fleet: Fleet, tmp_pa
     PackUpdater(fleet.store, fleet.device / "tuf", usb.as_uri(), __version__).install("tiny@0.0.2")
     outcome = fleet.store.state().last_outcome
     assert outcome["state"] == "activated" and outcome["expiry_not_enforced"] == ["timestamp", "snapshot"]
+
+
+def test_pack_that_fails_to_load_after_activation_is_rolled_back(
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+) -> None:
+    fleet.updater().install("tiny@0.0.2")
+    slot = fleet.store.active_path()
+    assert slot is not None
+    (slot / "model.tmp").write_bytes(b"not onnx")
+    (slot / "model.tmp").replace(slot / "model.onnx")  # e.g. a flash error after the switch
+    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
+    try:
+        assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.1"}
+        outcome = fleet.store.state().last_outcome
+        assert outcome["state"] == "rolled_back" and "model.onnx" in outcome["reason"]
+    finally:
+        ra.stop()
+
+
+def test_sigkill_during_the_first_health_probe_converges(
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.updater().install("tiny@0.0.2")  # switched; first probe pending (trial)
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "device_id": "probe-kill",
+                "mqtt": {"url": broker.url},
+                "state_dir": str(fleet.device),
+                "pack": {"threads": 1},
+                "prompt": {"system": "Be brief."},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    while PackStore(fleet.device).state().trial_boots < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()  # the boot was counted; the probe had not passed
+    proc.wait(10)
+    store = PackStore(fleet.device)
+    store.converge()
+    assert store.state().trial, "the kill should land before the probe passed"
+    assert store.active_version() == "0.0.2"
+    verify_pack(store.active_path())  # type: ignore[arg-type]
+    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
+    try:
+        st = PackStore(fleet.device).state()
+        assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.2"} and not st.trial
+    finally:
+        ra.stop()
