@@ -449,7 +449,10 @@ def test_crash_loop_on_trial_rolls_back(
         ra.stop()
 
 
-def test_sideload_from_a_local_copy_of_the_repository(fleet: Fleet, tmp_path: Path) -> None:
+def test_sideload_from_a_local_copy_of_the_repository(
+    fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
+) -> None:
+    fleet.repo.publish(tiny_versions["0.0.3"])
     usb = Path(shutil.copytree(fleet.repo.dir, tmp_path / "usb"))
     config = tmp_path / "agent.yaml"
     config.write_text(
@@ -461,49 +464,21 @@ def test_sideload_from_a_local_copy_of_the_repository(fleet: Fleet, tmp_path: Pa
             }
         )
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "pack",
-            "install",
-            "--config",
-            str(config),
-            "--from",
-            str(usb),
-            "--target",
-            "tiny@0.0.2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def sideload(target: str) -> subprocess.CompletedProcess[str]:
+        cmd = ["pack", "install", "--config", str(config), "--from", str(usb), "--target", target]
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", *cmd], capture_output=True, text=True, timeout=120
+        )
+
+    done = sideload("tiny@0.0.2")
     assert done.returncode == 0, done.stderr
+    assert "activated" in done.stderr and PackStore(fleet.device).active_version() == "0.0.2"
+    tar = usb / "targets/packs/tiny/0.0.3.tar"
+    tar.write_bytes(tar.read_bytes()[:-10] + b"0123456789")  # a tampered stick
+    bad = sideload("tiny@0.0.3")
+    assert bad.returncode == 2 and "[hash_mismatch]" in bad.stderr
     assert PackStore(fleet.device).active_version() == "0.0.2"
-    tar = usb / "targets/packs/tiny/0.0.2.tar"
-    tar.write_bytes(tar.read_bytes()[:-10] + b"0123456789")
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "pack",
-            "install",
-            "--config",
-            str(config),
-            "--from",
-            str(usb),
-            "--target",
-            "tiny@0.0.2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert (
-        again.returncode == 2 and "downgrade" in again.stderr
-    )  # same version again: refused before download
 
 
 def test_disk_full_while_staging_cleans_up_and_reports(
