@@ -53,6 +53,7 @@ bench: pack mosquitto
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/mqtt.py
 	$(BIN)/python bench/update.py
+	$(BIN)/python -m bench.memory
 
 bench-mqtt: pack mosquitto
 	$(BIN)/python bench/mqtt.py

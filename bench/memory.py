@@ -1,0 +1,91 @@
+"""Resident memory of the agent daemon after loading and after 1,000 queries.
+
+Prints one JSON line. A private mosquitto and ``edge-agent run`` (default pack) run as
+their own processes; this process sends the queries (short answers, a few sensor
+readings in between) and reads the agent's VmRSS/VmHWM from /proc. A leak shows as
+growth between the two readings.
+
+    python bench/memory.py [--queries 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from agent.localbroker import LocalBroker
+from agent.transport.client import RequestClient
+from bench.mqtt import DEVICE, _wait_ready
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--queries", type=int, default=1000)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    with LocalBroker() as broker:
+        config = work / "agent.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "device_id": DEVICE,
+                    "mqtt": {"url": broker.url},
+                    "state_dir": str(work / "state"),
+                    "sensors": [{"name": "temperature", "unit": "°C"}],
+                    "log_level": "warning",
+                    "limits": {"rate": {"per_s": 10000.0, "burst": 10000}},
+                }
+            )
+        )
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=subprocess.DEVNULL
+        )
+        try:
+            _wait_ready(broker)
+            loaded = _status_kb(agent.pid)
+            failures, samples = 0, {}
+            with RequestClient(broker.url, DEVICE, client="bench") as c:
+                for i in range(args.queries):
+                    if i % 10 == 0:
+                        c._mqtt.publish(f"edge/{DEVICE}/sensors/temperature", str(20 + i % 7), qos=1)
+                    r = c.request("query", {"question": "How warm is it?", "max_tokens": 8, "seed": i}, 60)
+                    failures += r["type"] != "final"
+                    if i + 1 in (100, args.queries // 2):
+                        samples[i + 1] = round(_status_kb(agent.pid)["VmRSS"] / 1024, 1)
+            after = _status_kb(agent.pid)
+        finally:
+            agent.terminate()
+            agent.wait(20)
+    print(
+        json.dumps(
+            {
+                "bench": "memory",
+                "queries": args.queries,
+                "failed": failures,
+                "rss_after_load_mb": round(loaded["VmRSS"] / 1024, 1),
+                "rss_after_queries_mb": round(after["VmRSS"] / 1024, 1),
+                "growth_mb": round((after["VmRSS"] - loaded["VmRSS"]) / 1024, 1),
+                "rss_mb_at": samples,  # growth that stops early is warm-up (arenas), steady growth a leak
+                "peak_rss_mb": round(after["VmHWM"] / 1024, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
