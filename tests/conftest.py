@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 import uuid
@@ -76,6 +77,16 @@ def real_engine(real_pack_path: Path) -> Engine:
 # ---------------------------------------------------------------- MQTT agent fixtures
 
 
+STATE_ROOT = tempfile.mkdtemp(prefix="edge-agent-tests-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_agent_state_dirs() -> Iterator[None]:
+    """Agents' state directories (seeded packs) live under one root, removed at the end."""
+    yield
+    shutil.rmtree(STATE_ROOT, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[LocalBroker]:
     """One private mosquitto per test session, on a free port with its own config."""
@@ -96,7 +107,7 @@ def agent_config(broker_url: str, pack: Path | str, **overrides: Any) -> AgentCo
         "privileged_clients": ["ops"],
         "prompt": {"max_tokens": 16, "system": "Be brief."},
         "limits": {"rate": {"per_s": 1000.0, "burst": 1000}, "queue_size": 64, "per_client_queue": 32},
-        "state_dir": tempfile.mkdtemp(prefix="agent-state-"),
+        "state_dir": tempfile.mkdtemp(prefix="agent-state-", dir=STATE_ROOT),
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
