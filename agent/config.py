@@ -122,8 +122,8 @@ class SensorConfig:
 @dataclass(frozen=True)
 class PromptConfig:
     system: str = (
-        "You are the assistant of an edge device. Answer in one or two short sentences. "
-        "Use only the sensor readings given; do not invent numbers."
+        "You answer questions about a greenhouse from its sensor readings. "
+        "Give the reading with its unit in one short sentence."
     )
     temperature: float = 0.0
     repetition_penalty: float = 1.05  # greedy 135M models loop without a light penalty

@@ -43,12 +43,14 @@ def _fmt(value: float | None) -> str:
 
 
 def facts_block(facts: list[Fact]) -> str:
-    """The readings as the prompt shows them; stale ones are marked as such."""
-    lines = []
+    """The readings as one plain sentence (small models quote it more faithfully than a
+    list, measured on the demo questions); stale ones are marked as such."""
+    parts = []
     for f in facts:
-        state = " (STALE: no recent reading)" if f.stale else ""
-        lines.append(f"- {f.sensor}: {_fmt(f.value)} {f.unit}{state}".rstrip())
-    return "Current sensor readings:\n" + "\n".join(lines)
+        state = " (stale: no recent reading)" if f.stale else ""
+        parts.append(f"the {f.sensor.replace('_', ' ')} is {_fmt(f.value)} {f.unit}".rstrip() + state)
+    label = "Sensor reading" if len(parts) == 1 else "Sensor readings"
+    return f"{label}: " + "; ".join(parts) + "."
 
 
 def build_question(question: str, facts: list[Fact]) -> str:

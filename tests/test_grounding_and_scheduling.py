@@ -55,7 +55,7 @@ def test_sensor_selection_by_name_alias_and_unit() -> None:
 def test_question_with_facts_marks_stale_values() -> None:
     stale = Fact("humidity", 50.0, "%", 1.0, True, "last", 3600)
     text = build_question("How humid?", [stale])
-    assert "humidity: 50 % (STALE" in text and text.endswith("Question: How humid?")
+    assert "the humidity is 50 % (stale: no recent reading)" in text and text.endswith("Question: How humid?")
 
 
 class FakeClock:
