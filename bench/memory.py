@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-import yaml
-
-from agent.localbroker import LocalBroker
 from agent.transport.client import RequestClient
-from bench.mqtt import DEVICE, _wait_ready
+from bench.mqtt import DEVICE, agent_daemon
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -37,40 +31,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--queries", type=int, default=1000)
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    with LocalBroker() as broker:
-        config = work / "agent.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "device_id": DEVICE,
-                    "mqtt": {"url": broker.url},
-                    "state_dir": str(work / "state"),
-                    "sensors": [{"name": "temperature", "unit": "°C"}],
-                    "log_level": "warning",
-                    "limits": {"rate": {"per_s": 10000.0, "burst": 10000}},
-                }
-            )
-        )
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=subprocess.DEVNULL
-        )
-        try:
-            _wait_ready(broker)
-            loaded = _status_kb(agent.pid)
-            failures, samples = 0, {}
-            with RequestClient(broker.url, DEVICE, client="bench") as c:
-                for i in range(args.queries):
-                    if i % 10 == 0:
-                        c._mqtt.publish(f"edge/{DEVICE}/sensors/temperature", str(20 + i % 7), qos=1)
-                    r = c.request("query", {"question": "How warm is it?", "max_tokens": 8, "seed": i}, 60)
-                    failures += r["type"] != "final"
-                    if i + 1 in (100, args.queries // 2):
-                        samples[i + 1] = round(_status_kb(agent.pid)["VmRSS"] / 1024, 1)
-            after = _status_kb(agent.pid)
-        finally:
-            agent.terminate()
-            agent.wait(20)
+    with agent_daemon() as (broker, agent):
+        loaded = _status_kb(agent.pid)
+        failures, samples = 0, {}
+        with RequestClient(broker.url, DEVICE, client="bench") as c:
+            for i in range(args.queries):
+                if i % 10 == 0:
+                    c._mqtt.publish(f"edge/{DEVICE}/sensors/temperature", str(20 + i % 7), qos=1)
+                r = c.request("query", {"question": "How warm is it?", "max_tokens": 8, "seed": i}, 60)
+                failures += r["type"] != "final"
+                if i + 1 in (100, args.queries // 2):
+                    samples[i + 1] = round(_status_kb(agent.pid)["VmRSS"] / 1024, 1)
+        after = _status_kb(agent.pid)
     print(
         json.dumps(
             {

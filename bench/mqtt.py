@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -71,36 +74,45 @@ def measure(broker: LocalBroker, queries: int, reads: int) -> dict[str, float]:
     }
 
 
+@contextmanager
+def agent_daemon() -> Iterator[tuple[LocalBroker, subprocess.Popen[bytes]]]:
+    """A private mosquitto and ``edge-agent run`` with the default pack, ready to answer."""
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    try:
+        with LocalBroker() as broker:
+            config = work / "agent.yaml"
+            config.write_text(
+                yaml.safe_dump(
+                    {
+                        "device_id": DEVICE,
+                        "mqtt": {"url": broker.url},
+                        "state_dir": str(work / "state"),
+                        "sensors": [{"name": "temperature", "unit": "°C"}],
+                        "log_level": "warning",
+                        "limits": {"rate": {"per_s": 10000.0, "burst": 10000}},
+                    }
+                )
+            )
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=subprocess.DEVNULL
+            )
+            try:
+                _wait_ready(broker)
+                yield broker, agent
+            finally:
+                agent.terminate()
+                agent.wait(20)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--reads", type=int, default=300)
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-mqtt-"))
-    with LocalBroker() as broker:
-        config = work / "agent.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "device_id": DEVICE,
-                    "mqtt": {"url": broker.url},
-                    "state_dir": str(work),
-                    "sensors": [{"name": "temperature", "unit": "°C"}],
-                    "limits": {"rate": {"per_s": 10000.0, "burst": 10000}},
-                    "log_level": "warning",
-                }
-            )
-        )
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_ready(broker)
-            result = measure(broker, args.queries, args.reads)
-        finally:
-            agent.terminate()
-            agent.wait(20)
+    with agent_daemon() as (broker, _):
+        result = measure(broker, args.queries, args.reads)
     print(json.dumps({"bench": "mqtt", "qos": 1, "transport": "loopback", **result}))
 
 
