@@ -336,7 +336,6 @@ class Agent:
         req = GenerationRequest(
             prompt, q.max_tokens or prompt_cfg.max_tokens, params, q.stop, deadline=job.deadline
         )
-        engine.check_fits(len(prompt), req.max_tokens)
         seq = [0]
 
         def on_delta(delta: str) -> None:

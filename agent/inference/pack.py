@@ -91,7 +91,10 @@ class EmbeddingTable:
 def load_pack(path: Path, available_mb: int | None = None, check_ram: bool = True) -> LoadedPack:
     """Verify a pack directory and map its embedding table; no onnxruntime session yet."""
     manifest = verify_pack(path)
-    check_runtime(manifest, (available_mb or available_ram_mb()) if check_ram else None)
+    if check_ram:
+        check_runtime(manifest, available_mb if available_mb is not None else available_ram_mb())
+    else:
+        check_runtime(manifest, None)
     return LoadedPack(
         path=path,
         manifest=manifest,

@@ -198,7 +198,7 @@ class PackUpdater:
         rss_before = _rss_mb()
         try:
             engine = Engine(load_pack(pack_dir), threads=2)
-        except (PackError, Exception) as exc:  # any load failure is a failed gate
+        except Exception as exc:
             raise UpdateRejected("health_gate", f"pack does not load: {exc}") from None
         worst, ms_per_token = 1.0, []
         for g in engine.pack.manifest.golden:
