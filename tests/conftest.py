@@ -139,7 +139,21 @@ class RunningAgent:
 
 
 @pytest.fixture()
-def running_agent(broker: LocalBroker, tiny_pack_path: Path) -> Iterator[RunningAgent]:
-    ra = RunningAgent(agent_config(broker.url, tiny_pack_path), broker)
-    yield ra
-    ra.stop()
+def running_agent(broker: LocalBroker, tiny_pack_path: Path, start_agent: Any) -> RunningAgent:
+    agent: RunningAgent = start_agent(agent_config(broker.url, tiny_pack_path), broker)
+    return agent
+
+
+@pytest.fixture()
+def start_agent() -> Iterator[Any]:
+    """Start agents for one test; all of them are stopped when it ends, pass or fail."""
+    started: list[RunningAgent] = []
+
+    def start(cfg: AgentConfig, broker: LocalBroker) -> RunningAgent:
+        ra = RunningAgent(cfg, broker)
+        started.append(ra)
+        return ra
+
+    yield start
+    for ra in started:
+        ra.stop()

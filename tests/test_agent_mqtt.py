@@ -86,19 +86,16 @@ def test_read_answers_exactly_from_the_window(running_agent: RunningAgent) -> No
         assert trend["value"] > 0
 
 
-def test_stale_reading_is_reported_stale(broker: LocalBroker, tiny_pack_path: Path) -> None:
+def test_stale_reading_is_reported_stale(broker: LocalBroker, tiny_pack_path: Path, start_agent: Any) -> None:
     cfg = agent_config(
         broker.url, tiny_pack_path, sensors=[{"name": "temperature", "unit": "°C", "max_age_s": 0.3}]
     )
-    ra = RunningAgent(cfg, broker)
-    try:
-        ra.publish("sensors/temperature", "19.0")
-        time.sleep(0.6)
-        with ra.client() as c:
-            r = c.request("read", {"sensor": "temperature"}, 10)
-        assert r["value"] == 19.0 and r["facts"][0]["stale"] is True and "(stale)" in r["text"]
-    finally:
-        ra.stop()
+    ra = start_agent(cfg, broker)
+    ra.publish("sensors/temperature", "19.0")
+    time.sleep(0.6)
+    with ra.client() as c:
+        r = c.request("read", {"sensor": "temperature"}, 10)
+    assert r["value"] == 19.0 and r["facts"][0]["stale"] is True and "(stale)" in r["text"]
 
 
 def _raw(ra: RunningAgent, kind: str, payload: bytes) -> dict[str, Any]:
@@ -145,65 +142,55 @@ def test_every_bad_input_gets_its_error_code(
         assert c.request("cmd", {"cmd": "ping"}, 10)["type"] == "final"
 
 
-def test_prompt_over_the_context_is_too_large(broker: LocalBroker, tiny_pack_path: Path) -> None:
-    ra = RunningAgent(agent_config(broker.url, tiny_pack_path, limits={"max_question_chars": 5000}), broker)
-    try:
-        with ra.client() as c:
-            r = c.request("query", {"question": "soil moisture " * 300, "max_tokens": 4}, 10)
-        assert r["code"] == "too_large" and r["limit"] == 128
-    finally:
-        ra.stop()
+def test_prompt_over_the_context_is_too_large(
+    broker: LocalBroker, tiny_pack_path: Path, start_agent: Any
+) -> None:
+    ra = start_agent(agent_config(broker.url, tiny_pack_path, limits={"max_question_chars": 5000}), broker)
+    with ra.client() as c:
+        r = c.request("query", {"question": "soil moisture " * 300, "max_tokens": 4}, 10)
+    assert r["code"] == "too_large" and r["limit"] == 128
 
 
-def test_rate_limit(broker: LocalBroker, tiny_pack_path: Path) -> None:
-    ra = RunningAgent(
+def test_rate_limit(broker: LocalBroker, tiny_pack_path: Path, start_agent: Any) -> None:
+    ra = start_agent(
         agent_config(broker.url, tiny_pack_path, limits={"rate": {"per_s": 0.1, "burst": 2}}), broker
     )
-    try:
-        with ra.client(client="greedy") as c:
-            codes = [c.request("read", {"sensor": "temperature"}, 10)["type"] for _ in range(3)]
-            last = c.request("read", {"sensor": "temperature"}, 10)
-        assert codes[:2] == ["final", "final"] and last["code"] == "rate_limited"
-        with ra.client(client="other") as c:  # other clients are not affected
-            assert c.request("read", {"sensor": "temperature"}, 10)["type"] == "final"
-    finally:
-        ra.stop()
+    with ra.client(client="greedy") as c:
+        codes = [c.request("read", {"sensor": "temperature"}, 10)["type"] for _ in range(3)]
+        last = c.request("read", {"sensor": "temperature"}, 10)
+    assert codes[:2] == ["final", "final"] and last["code"] == "rate_limited"
+    with ra.client(client="other") as c:  # other clients are not affected
+        assert c.request("read", {"sensor": "temperature"}, 10)["type"] == "final"
 
 
-def test_queue_full_and_every_accepted_request_answered(broker: LocalBroker, tiny_pack_path: Path) -> None:
+def test_queue_full_and_every_accepted_request_answered(
+    broker: LocalBroker, tiny_pack_path: Path, start_agent: Any
+) -> None:
     cfg = agent_config(
         broker.url,
         tiny_pack_path,
         limits={"queue_size": 2, "per_client_queue": 2},
         prompt={"max_tokens": 80},
     )
-    ra = RunningAgent(cfg, broker)
-    try:
-        with ra.client() as c:
-            ids = [
-                c.send("query", {"question": f"q{i}", "max_tokens": 80, "stream": False}) for i in range(8)
-            ]
-            replies = [c.wait(rid, 60) for rid in ids]
-        codes = [r.get("code", r["type"]) for r in replies]
-        assert "queue_full" in codes and "final" in codes
-        assert all(code in ("final", "queue_full") for code in codes)
-    finally:
-        ra.stop()
+    ra = start_agent(cfg, broker)
+    with ra.client() as c:
+        ids = [c.send("query", {"question": f"q{i}", "max_tokens": 80, "stream": False}) for i in range(8)]
+        replies = [c.wait(rid, 60) for rid in ids]
+    codes = [r.get("code", r["type"]) for r in replies]
+    assert "queue_full" in codes and "final" in codes
+    assert all(code in ("final", "queue_full") for code in codes)
 
 
 @pytest.mark.realpack
-def test_cancel_running_and_queued(broker: LocalBroker, real_pack_path: Path) -> None:
+def test_cancel_running_and_queued(broker: LocalBroker, real_pack_path: Path, start_agent: Any) -> None:
     """The real pack: its answers take long enough to be cancelled mid-stream."""
     cfg = agent_config(
         broker.url,
         real_pack_path,
         prompt={"max_tokens": 200, "system": "Be brief."},
     )
-    running_agent = RunningAgent(cfg, broker)
-    try:
-        _cancel_running_and_queued(running_agent)
-    finally:
-        running_agent.stop()
+    running_agent = start_agent(cfg, broker)
+    _cancel_running_and_queued(running_agent)
 
 
 def _cancel_running_and_queued(running_agent: RunningAgent) -> None:
@@ -235,29 +222,25 @@ def _cancel_running_and_queued(running_agent: RunningAgent) -> None:
     assert result["running"]["type"] == "error" and result["running"]["code"] == "cancelled"
 
 
-def test_deadline_turns_into_timeout(broker: LocalBroker, tiny_pack_path: Path) -> None:
-    ra = RunningAgent(agent_config(broker.url, tiny_pack_path, limits={"deadline_s": 0.001}), broker)
-    try:
-        with ra.client() as c:
-            r = c.request("query", {"question": "slow", "max_tokens": 80}, 10)
-        assert r["type"] == "error" and r["code"] == "timeout"
-    finally:
-        ra.stop()
+def test_deadline_turns_into_timeout(broker: LocalBroker, tiny_pack_path: Path, start_agent: Any) -> None:
+    ra = start_agent(agent_config(broker.url, tiny_pack_path, limits={"deadline_s": 0.001}), broker)
+    with ra.client() as c:
+        r = c.request("query", {"question": "slow", "max_tokens": 80}, 10)
+    assert r["type"] == "error" and r["code"] == "timeout"
 
 
-def test_missing_pack_gives_model_unavailable_but_reads_work(broker: LocalBroker, tmp_path: Path) -> None:
-    ra = RunningAgent(agent_config(broker.url, tmp_path), broker)
-    try:
-        ra.publish("sensors/humidity", "55")
-        with ra.client() as c:
-            q = c.request("query", {"question": "humid?"}, 10)
-            r = c.request("read", {"sensor": "humidity"}, 10)
-            s = c.request("cmd", {"cmd": "status"}, 10)
-        assert q["code"] == "model_unavailable" and "bad_manifest" in q["message"]
-        assert r["value"] == 55.0
-        assert s["result"]["pack"] is None and s["result"]["pack_error"]
-    finally:
-        ra.stop()
+def test_missing_pack_gives_model_unavailable_but_reads_work(
+    broker: LocalBroker, tmp_path: Path, start_agent: Any
+) -> None:
+    ra = start_agent(agent_config(broker.url, tmp_path), broker)
+    ra.publish("sensors/humidity", "55")
+    with ra.client() as c:
+        q = c.request("query", {"question": "humid?"}, 10)
+        r = c.request("read", {"sensor": "humidity"}, 10)
+        s = c.request("cmd", {"cmd": "status"}, 10)
+    assert q["code"] == "model_unavailable" and "bad_manifest" in q["message"]
+    assert r["value"] == 55.0
+    assert s["result"]["pack"] is None and s["result"]["pack_error"]
 
 
 def test_bad_sensor_payloads_are_counted_not_fatal(running_agent: RunningAgent) -> None:

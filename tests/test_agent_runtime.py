@@ -227,7 +227,7 @@ def test_run_with_a_bad_config_exits_with_the_reason(tmp_path: Path) -> None:
 
 
 def test_file_and_command_sensors_are_polled(
-    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path, start_agent: Any
 ) -> None:
     zone = tmp_path / "thermal_zone0_temp"
     zone.write_text("48500\n")
@@ -246,17 +246,14 @@ def test_file_and_command_sensors_are_polled(
             "source": {"type": "command", "argv": ["sleep", "5"], "timeout_s": 0.1, "interval_s": 0.05},
         },
     ]
-    ra = RunningAgent(agent_config(broker.url, tiny_pack_path, sensors=sensors), broker)
-    try:
-        time.sleep(0.5)
-        with ra.client() as c:
-            assert c.request("read", {"sensor": "cpu_temp"}, 10)["value"] == pytest.approx(48.5)
-            assert c.request("read", {"sensor": "uptime"}, 10)["value"] == 42.0
-            status = {s["sensor"]: s for s in c.request("cmd", {"cmd": "status"}, 10)["result"]["sensors"]}
-        assert status["broken"]["rejected"] >= 1 and status["broken"]["accepted"] == 0
-        assert status["slow"]["rejected"] >= 1 and status["slow"]["stale"] is True
-    finally:
-        ra.stop()
+    ra = start_agent(agent_config(broker.url, tiny_pack_path, sensors=sensors), broker)
+    time.sleep(0.5)
+    with ra.client() as c:
+        assert c.request("read", {"sensor": "cpu_temp"}, 10)["value"] == pytest.approx(48.5)
+        assert c.request("read", {"sensor": "uptime"}, 10)["value"] == 42.0
+        status = {s["sensor"]: s for s in c.request("cmd", {"cmd": "status"}, 10)["result"]["sensors"]}
+    assert status["broken"]["rejected"] >= 1 and status["broken"]["accepted"] == 0
+    assert status["slow"]["rejected"] >= 1 and status["slow"]["stale"] is True
 
 
 def test_tls_with_client_certificate_and_password(tiny_pack_path: Path, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +61,9 @@ def test_tiny_pack_has_manifest_evaluation_and_golden(tiny_pack_path: Path) -> N
 
 def test_rebuild_of_same_inputs_does_nothing(tiny_source: Path, tiny_pack_path: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in tiny_pack_path.iterdir()}
-    start = time.monotonic()
     again = build_pack(tiny_build_options(tiny_source, tiny_pack_path.parent))
     assert again == tiny_pack_path
     assert {p.name: p.stat().st_mtime_ns for p in tiny_pack_path.iterdir()} == before
-    assert time.monotonic() - start < 30  # sanity bound only; no files were rewritten
 
 
 def test_same_version_from_other_inputs_is_refused(tiny_source: Path, tiny_pack_path: Path) -> None:

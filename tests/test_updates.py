@@ -24,6 +24,7 @@ from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
 from agent import __version__
+from agent.config import AgentConfig
 from agent.inference import load_pack
 from agent.localbroker import LocalBroker
 from agent.packs.store import PackStore
@@ -34,7 +35,7 @@ from fleet.repository import FleetRepository
 from fleet.serve import RangeHandler, make_server, serve_in_thread
 from model_packs.build.builder import build_pack
 from model_packs.format import verify_pack
-from tests.conftest import RunningAgent, agent_config, tiny_build_options
+from tests.conftest import agent_config, tiny_build_options
 
 
 @pytest.fixture(scope="session")
@@ -308,7 +309,7 @@ def test_sigkill_at_each_stage_leaves_one_complete_pack_and_converges(fleet: Fle
     assert store.active_version() == "0.0.2"
 
 
-def test_kill_right_after_the_switch_keeps_the_new_pack_on_trial(fleet: Fleet) -> None:
+def test_switch_leaves_the_new_pack_on_trial_and_rollback_restores_the_old(fleet: Fleet) -> None:
     fleet.updater().install("tiny@0.0.2")
     store = PackStore(fleet.device)
     store.converge()
@@ -345,21 +346,20 @@ def test_publish_and_serve_from_the_command_line(tmp_path: Path, tiny_versions: 
 # ---------------------------------------------------------------- through the running agent
 
 
-def _agent_with_updates(broker: LocalBroker, fleet: Fleet, seed: Path) -> RunningAgent:
-    cfg = agent_config(
+def _updates_config(broker: LocalBroker, fleet: Fleet, seed: Path) -> AgentConfig:
+    return agent_config(
         broker.url,
         seed,
         state_dir=str(fleet.device),
         privileged_clients=["fleet"],
         updates={"repository_url": fleet.url, "trusted_root": str(fleet.repo.meta_dir / "1.root.json")},
     )
-    return RunningAgent(cfg, broker)
 
 
 def test_update_instruction_over_mqtt_reaches_a_running_agent(
-    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], start_agent: Any
 ) -> None:
-    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
+    ra = start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
     events: list[dict[str, Any]] = []
     watcher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     watcher.on_message = lambda c, u, m: events.append(json.loads(m.payload))
@@ -398,7 +398,7 @@ def test_update_instruction_over_mqtt_reaches_a_running_agent(
             answer = fl.request("query", {"question": "temperature?", "max_tokens": 3}, 30)
             status = fl.request("cmd", {"cmd": "status"}, 10)["result"]
         states = [e["state"] for e in events]
-        assert "downloading" in states and states[-3:] == ["verifying", "staged", "activated"][-3:]
+        assert "downloading" in states and states[-3:] == ["verifying", "staged", "activated"]
         assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
         assert len({e["rollout_id"] for e in events}) == 1
         assert answer["pack"] == {"name": "tiny", "version": "0.0.2"}
@@ -407,11 +407,10 @@ def test_update_instruction_over_mqtt_reaches_a_running_agent(
     finally:
         watcher.loop_stop()
         watcher.disconnect()
-        ra.stop()
 
 
 def test_pack_failing_its_first_probe_after_activation_is_rolled_back(
-    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path, start_agent: Any
 ) -> None:
     bad = Path(shutil.copytree(tiny_versions["0.0.3"], tmp_path / "bad"))
     manifest = json.loads((bad / "manifest.json").read_text())
@@ -421,32 +420,26 @@ def test_pack_failing_its_first_probe_after_activation_is_rolled_back(
     for p in bad.iterdir():
         shutil.copy2(p, staging / p.name)
     fleet.store.activate_staged("tiny@0.0.3")  # as if the switch had just happened
-    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
-    try:
-        with ra.client() as c:
-            status = c.request("cmd", {"cmd": "status"}, 10)["result"]
-            answer = c.request("query", {"question": "ok?", "max_tokens": 3}, 30)
-        assert status["packs"]["active"] == "tiny@0.0.1"
-        assert status["packs"]["last_update"]["state"] == "rolled_back"
-        assert "golden prompt" in status["packs"]["last_update"]["reason"]
-        assert answer["pack"]["version"] == "0.0.1"
-    finally:
-        ra.stop()
+    ra = start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
+    with ra.client() as c:
+        status = c.request("cmd", {"cmd": "status"}, 10)["result"]
+        answer = c.request("query", {"question": "ok?", "max_tokens": 3}, 30)
+    assert status["packs"]["active"] == "tiny@0.0.1"
+    assert status["packs"]["last_update"]["state"] == "rolled_back"
+    assert "golden prompt" in status["packs"]["last_update"]["reason"]
+    assert answer["pack"]["version"] == "0.0.1"
 
 
 def test_crash_loop_on_trial_rolls_back(
-    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], start_agent: Any
 ) -> None:
     fleet.updater().install("tiny@0.0.2")
     for _ in range(3):
         fleet.store.note_boot()  # three starts that died before the first health probe
-    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
-    try:
-        st = fleet.store.state()
-        assert st.versions[st.active or ""] == "tiny@0.0.1"
-        assert "crash loop" in st.last_outcome["reason"]
-    finally:
-        ra.stop()
+    start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
+    st = fleet.store.state()
+    assert st.versions[st.active or ""] == "tiny@0.0.1"
+    assert "crash loop" in st.last_outcome["reason"]
 
 
 def test_sideload_from_a_local_copy_of_the_repository(
@@ -551,7 +544,7 @@ def test_clock_before_the_trusted_root_refuses_network_updates(
 
 
 def test_swap_pauses_serving_when_both_packs_do_not_fit(
-    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], start_agent: Any
 ) -> None:
     """A 'small board': the RAM budget holds one pack. Serving pauses for the shadow
     session; a query sent meanwhile waits and is answered, by the new pack."""
@@ -567,21 +560,18 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
             "ram_budget_mb": int(need * 1.5),
         },
     )
-    ra = RunningAgent(cfg, broker)
-    try:
-        with ra.client(client="fleet") as fl:
-            fl.request("update", {"rollout_id": "r2", "target": "tiny@0.0.2"}, 10)
-            replies = [fl.request("query", {"question": "humid?", "max_tokens": 3}, 60) for _ in range(3)]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (ra.agent.pack_info() or {}).get("version") != "0.0.2":
-                time.sleep(0.05)
-            after = fl.request("query", {"question": "humid?", "max_tokens": 3}, 60)
-        assert all(r["type"] == "final" for r in replies), replies
-        outcome = fleet.store.state().last_outcome
-        assert outcome["state"] == "activated" and outcome["paused_serving"] == 1.0
-        assert after["pack"]["version"] == "0.0.2"
-    finally:
-        ra.stop()
+    ra = start_agent(cfg, broker)
+    with ra.client(client="fleet") as fl:
+        fl.request("update", {"rollout_id": "r2", "target": "tiny@0.0.2"}, 10)
+        replies = [fl.request("query", {"question": "humid?", "max_tokens": 3}, 60) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (ra.agent.pack_info() or {}).get("version") != "0.0.2":
+            time.sleep(0.05)
+        after = fl.request("query", {"question": "humid?", "max_tokens": 3}, 60)
+    assert all(r["type"] == "final" for r in replies), replies
+    outcome = fleet.store.state().last_outcome
+    assert outcome["state"] == "activated" and outcome["paused_serving"] == 1.0
+    assert after["pack"]["version"] == "0.0.2"
 
 
 def test_sideload_ignores_timestamp_expiry_but_nothing_else(fleet: Fleet, tmp_path: Path) -> None:
@@ -604,24 +594,21 @@ def test_sideload_ignores_timestamp_expiry_but_nothing_else(fleet: Fleet, tmp_pa
 
 
 def test_pack_that_fails_to_load_after_activation_is_rolled_back(
-    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path]
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], start_agent: Any
 ) -> None:
     fleet.updater().install("tiny@0.0.2")
     slot = fleet.store.active_path()
     assert slot is not None
     (slot / "model.tmp").write_bytes(b"not onnx")
     (slot / "model.tmp").replace(slot / "model.onnx")  # e.g. a flash error after the switch
-    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
-    try:
-        assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.1"}
-        outcome = fleet.store.state().last_outcome
-        assert outcome["state"] == "rolled_back" and "model.onnx" in outcome["reason"]
-    finally:
-        ra.stop()
+    ra = start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
+    assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.1"}
+    outcome = fleet.store.state().last_outcome
+    assert outcome["state"] == "rolled_back" and "model.onnx" in outcome["reason"]
 
 
 def test_sigkill_during_the_first_health_probe_converges(
-    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
+    broker: LocalBroker, fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path, start_agent: Any
 ) -> None:
     fleet.updater().install("tiny@0.0.2")  # switched; first probe pending (trial)
     config = tmp_path / "agent.yaml"
@@ -649,9 +636,6 @@ def test_sigkill_during_the_first_health_probe_converges(
     assert store.state().trial, "the kill should land before the probe passed"
     assert store.active_version() == "0.0.2"
     verify_pack(store.active_path())  # type: ignore[arg-type]
-    ra = _agent_with_updates(broker, fleet, tiny_versions["0.0.1"])
-    try:
-        st = PackStore(fleet.device).state()
-        assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.2"} and not st.trial
-    finally:
-        ra.stop()
+    ra = start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
+    st = PackStore(fleet.device).state()
+    assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.2"} and not st.trial
