@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_packs.errors import RuntimeRequirementError
-from model_packs.format import Embedding, Manifest, verify_pack
+from model_packs.format import Embedding, Manifest, read_manifest, verify_pack
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,12 @@ class EmbeddingTable:
         return np.asarray(out.reshape(len(ids), -1)[:, : self.cols])
 
 
-def load_pack(path: Path, available_mb: int | None = None, check_ram: bool = True) -> LoadedPack:
-    """Verify a pack directory and map its embedding table; no onnxruntime session yet."""
-    manifest = verify_pack(path)
+def load_pack(
+    path: Path, available_mb: int | None = None, check_ram: bool = True, hash_files: bool = True
+) -> LoadedPack:
+    """Verify a pack directory and map its embedding table; no onnxruntime session yet.
+    ``hash_files=False`` only for a pack whose files the caller has just verified."""
+    manifest = verify_pack(path) if hash_files else read_manifest(path)
     if check_ram:
         check_runtime(manifest, available_mb if available_mb is not None else available_ram_mb())
     else:

@@ -197,7 +197,8 @@ class PackUpdater:
 
         rss_before = _rss_mb()
         try:
-            engine = Engine(load_pack(pack_dir), threads=2)
+            # staging was hashed in _stage, the active slot at boot: no third pass over the files
+            engine = Engine(load_pack(pack_dir, hash_files=False), threads=2)
         except Exception as exc:
             raise UpdateRejected("health_gate", f"pack does not load: {exc}") from None
         worst, ms_per_token = 1.0, []
