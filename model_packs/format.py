@@ -8,7 +8,6 @@ read the files but decide nothing beyond "which file differs".
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from model_packs.errors import ManifestError, PackFileError
+from model_packs.fileio import sha256_file
+from model_packs.layout import is_pack_name
+from model_packs.versions import VersionError, parse_version
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-_SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -208,6 +208,13 @@ def _parse_golden(raw: list[Any]) -> tuple[Golden, ...]:
     return tuple(out)
 
 
+def _check_version(version: str) -> None:
+    try:
+        parse_version(version)
+    except VersionError as exc:
+        raise ManifestError(f"manifest {exc}") from None
+
+
 def parse_manifest(data: Any) -> Manifest:
     """Validate a decoded manifest and build the typed view; raises ManifestError."""
     if not isinstance(data, dict):
@@ -216,10 +223,9 @@ def parse_manifest(data: Any) -> Manifest:
     if fmt != FORMAT_VERSION:
         raise ManifestError(f"manifest format {fmt} is not supported (this agent reads {FORMAT_VERSION})")
     name, version = _get(data, "name", str, ""), _get(data, "version", str, "")
-    if not _NAME.match(name):
+    if not is_pack_name(name):
         raise ManifestError(f"manifest name {name!r} must be lowercase letters, digits, '.', '_' or '-'")
-    if not _SEMVER.match(version):
-        raise ManifestError(f"manifest version {version!r} is not SemVer (MAJOR.MINOR.PATCH)")
+    _check_version(version)
     q, a, e = _section(data, "quantization"), _section(data, "architecture"), _section(data, "embedding")
     t, r, g, ev = (_section(data, k) for k in ("tokenizer", "runtime", "generation", "evaluation"))
     eos = _get(t, "eos_token_ids", list, "tokenizer.")
@@ -299,14 +305,8 @@ def read_manifest(pack_dir: Path) -> Manifest:
 
 
 def file_entry(path: Path) -> FileEntry:
-    """Hash a file in 1 MiB chunks (memory stays flat whatever its size)."""
-    digest = hashlib.sha256()
-    length = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            length += len(chunk)
-    return FileEntry(sha256=digest.hexdigest(), length=length)
+    """Length and sha256 of a file (hashed in chunks: memory stays flat whatever its size)."""
+    return FileEntry(sha256=sha256_file(path), length=path.stat().st_size)
 
 
 def find_mismatches(pack_dir: Path, manifest: Manifest) -> list[str]:

@@ -32,8 +32,9 @@ from model_packs.build.evaluate import (
     heldout_text,
 )
 from model_packs.build.graph import EMBED_FILE, MODEL_FILE, EmbedLayout, GraphOptions, write_graph
-from model_packs.build.source import SourceModel, default_gguf_path, load_source, sha256_of
+from model_packs.build.source import SourceModel, default_gguf_path, load_source
 from model_packs.errors import PackError, PackExistsError, SourceModelError
+from model_packs.fileio import atomic_write_bytes, fsync_dir, sha256_file
 from model_packs.format import (
     MANIFEST_NAME,
     Embedding,
@@ -144,7 +145,7 @@ def _source_key(path: Path) -> str:
     """Identity of the source for the idempotency check: a file's sha256, or for a
     directory its path and the size and mtime of every file in it."""
     if path.is_file():
-        return sha256_of(path)
+        return sha256_file(path)
     if not path.is_dir():
         raise SourceModelError(f"base model {path} does not exist")
     stats = [
@@ -328,12 +329,7 @@ def _manifest(
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode("utf-8"))
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -343,10 +339,6 @@ def _publish(staging: Path, target: Path) -> None:
     if target.exists():
         target.rename(old)
     staging.rename(target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
     read_manifest(target)

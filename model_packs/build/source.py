@@ -7,7 +7,6 @@ and a chat template. Only numpy, gguf and tokenizers are used: no torch.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import struct
@@ -71,14 +70,6 @@ def default_gguf_path() -> Path:
         if f.name == DEFAULT_GGUF_NAME:
             return Path(str(dist.locate_file(f)))
     raise SourceModelError(f"{DEFAULT_SOURCE_PACKAGE} is installed but has no {DEFAULT_GGUF_NAME}")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_source(path: Path, progress: Progress | None = None) -> SourceModel:

@@ -17,10 +17,10 @@ from model_packs.build.source import (
     ModelConfig,
     Progress,
     SourceModel,
-    sha256_of,
     unpermute_rotary,
 )
 from model_packs.errors import SourceModelError
+from model_packs.fileio import sha256_file
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = (
@@ -176,7 +176,7 @@ def load_gguf(path: Path, progress: Progress | None = None) -> SourceModel:
         name=str(_field(reader, "general.name", path.stem)),
         license=str(_field(reader, "general.license", "unknown")),
         origin=str(path),
-        sha256=sha256_of(path),
+        sha256=sha256_file(path),
         config=cfg,
         weights=_weights(reader, cfg, arch == "llama", progress),
         tokenizer_json=build_tokenizer_json(reader),
