@@ -1,9 +1,18 @@
 """The fleet's signed pack repository: TUF metadata (python-tuf) plus pack tarballs.
 
-Static layout, servable by any HTTP server or CDN::
+Static layout, servable by any HTTP server or CDN. With consistent snapshots (the
+default, TUF spec 5.7.3)::
 
-    REPO/metadata/{N.root.json, root.json, targets.json, snapshot.json, timestamp.json}
-    REPO/targets/packs/{name}/{version}.tar
+    REPO/metadata/{N.root.json, N.targets.json, N.snapshot.json, timestamp.json}
+    REPO/targets/packs/{name}/{SHA256}.{version}.tar
+
+Every file but ``timestamp.json`` is written once under a name that its content decides
+(a version or a hash) and never rewritten, and ``timestamp.json`` is written last: a
+reader, or a CDN cache, that saw an older timestamp still finds every file it names, so a
+publish never races a download. ``root.json``, ``targets.json`` and ``snapshot.json`` are
+also kept unversioned, as the repository's own record of what is current. Without
+consistent snapshots (``init(consistent_snapshot=False)``) targets are plain
+``packs/{name}/{version}.tar`` and only root is versioned.
 
 Signing keys live in ``KEYS/`` (0700, files 0600): ``KEYS/root/`` holds the root keys
 (2-of-3 by default; keep them offline: only ``init`` and ``keys rotate`` need them),
@@ -13,13 +22,12 @@ Signing keys live in ``KEYS/`` (0700, files 0600): ``KEYS/root/`` holds the root
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer
@@ -27,7 +35,10 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 
 from fleet.errors import RepositoryError
+from model_packs.fileio import atomic_write_bytes, atomic_writer, fsync_dir, sha256_file
 from model_packs.format import verify_pack
+from model_packs.layout import CREATED_FIELD, consistent_path, pack_of_path, target_path
+from model_packs.versions import Version, VersionError, parse_version
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY = {
@@ -36,44 +47,35 @@ DEFAULT_EXPIRY = {
     "snapshot": timedelta(days=7),
     "timestamp": timedelta(days=1),
 }
-CREATED_FIELD = "x-edge-created"
-_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
 
 
-def semver_key(version: str) -> tuple[int, int, int]:
-    m = _SEMVER.match(version)
-    if not m:
-        raise RepositoryError(f"version {version!r} is not SemVer")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+def semver_key(version: str) -> Version:
+    """SemVer precedence of ``version`` (model_packs.versions); RepositoryError if invalid."""
+    try:
+        return parse_version(version)
+    except VersionError as exc:
+        raise RepositoryError(str(exc)) from None
 
 
-def target_path(name: str, version: str) -> str:
-    return f"packs/{name}/{version}.tar"
-
-
-def write_pack_tarball(pack_dir: Path, dest: Path) -> None:
-    """A deterministic tar of the pack (sorted names, no owners, mtime 0), streamed to
-    ``dest`` through a temp file and renamed into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with tmp.open("wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+def write_pack_tarball(pack_dir: Path, out: BinaryIO) -> None:
+    """A deterministic tar of the pack (sorted names, no owners, mtime 0) streamed to
+    ``out``: the same pack gives the same bytes, so the same hash and target name."""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(p for p in pack_dir.iterdir() if p.is_file()):
             info = tarfile.TarInfo(path.name)
             info.size = path.stat().st_size
             info.mode = 0o644
             with path.open("rb") as fh:
                 tar.addfile(info, fh)
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
 
 
 @dataclass(frozen=True)
 class PublishedPack:
-    path: str
+    path: str  # the TUF target path, packs/{name}/{version}.tar
     length: int
     sha256: str
     version: int  # targets metadata version
+    file: Path  # the tarball in the repository (hash-prefixed name with consistent snapshots)
 
 
 class KeyStore:
@@ -121,7 +123,7 @@ class FleetRepository:
         self.keys = KeyStore(keys_dir)
         self._now = clock or (lambda: datetime.now(UTC))
 
-    # ------------------------------------------------------------ helpers
+    # ------------------------------------------------------------ reading
 
     def _expiry(self, role: str) -> datetime:
         return (self._now() + DEFAULT_EXPIRY[role]).replace(microsecond=0)
@@ -136,39 +138,107 @@ class FleetRepository:
         root: Root = self.load("root").signed
         return root
 
-    def _write(self, md: Metadata[Any], role: str, signers: list[Signer], versioned: bool = False) -> None:
+    def published_versions(self, name: str) -> list[str]:
+        targets: Targets = self.load("targets").signed
+        packs = (pack_of_path(p) for p in targets.targets)
+        return [pack[1] for pack in packs if pack is not None and pack[0] == name]
+
+    def target_file(self, path: str) -> Path:
+        """Where the file of published target ``path`` lies in this repository: what a
+        reader downloads, hash-prefixed when the root says consistent_snapshot."""
+        targets: Targets = self.load("targets").signed
+        if path not in targets.targets:
+            raise RepositoryError(f"{path} is not a published target")
+        return self._file_of(targets.targets[path], self.root())
+
+    def _file_of(self, target: TargetFile, root: Root) -> Path:
+        if not root.consistent_snapshot:
+            return self.targets_dir / target.path
+        return self.targets_dir / consistent_path(target.path, next(iter(target.hashes.values())))
+
+    # ------------------------------------------------------------ writing
+
+    def _write(self, md: Metadata[Any], role: str, signers: list[Signer]) -> None:
         md.signatures.clear()
         for s in signers:
             md.sign(s, append=True)
-        names = [f"{role}.json"] + ([f"{md.signed.version}.{role}.json"] if versioned else [])
-        data = md.to_bytes(JSONSerializer(compact=False))
-        for name in names:
-            _atomic_write(self.meta_dir / name, data)
+        self._store(role, md.signed.version, md.to_bytes(JSONSerializer(compact=False)))
+
+    def _store(self, role: str, version: int, data: bytes) -> None:
+        """The versioned copy first (what a reader fetches: root always, targets and snapshot
+        with consistent snapshots), then the unversioned file that says what is current."""
+        if role == "root" or (role != "timestamp" and self.root().consistent_snapshot):
+            self._store_versioned(role, version, data)
+        atomic_write_bytes(self.meta_dir / f"{role}.json", data)
+
+    def _store_versioned(self, role: str, version: int, data: bytes) -> None:
+        """``N.role.json`` is written once: a reader holding an older timestamp may be
+        fetching it, so other content under the same version is refused."""
+        path = self.meta_dir / f"{version}.{role}.json"
+        if path.exists():
+            if path.read_bytes() != data:
+                raise RepositoryError(f"{path.name} is already published with other content")
+            return
+        atomic_write_bytes(path, data)
+
+    def _store_target(self, pack_dir: Path, path: str, root: Root) -> TargetFile:
+        """Write the pack's tarball where readers will ask for it. With consistent snapshots
+        its hash is part of the name, so it is written under a hidden name first."""
+        incoming = (self.targets_dir / path).with_name(f".{Path(path).name}.incoming")
+        with atomic_writer(incoming) as fh:
+            write_pack_tarball(pack_dir, fh)
+        target = TargetFile(incoming.stat().st_size, {"sha256": sha256_file(incoming)}, path)
+        dest = self._file_of(target, root)
+        os.replace(incoming, dest)
+        fsync_dir(dest.parent)
+        return target
 
     # ------------------------------------------------------------ commands
 
-    def init(self, root_keys: int = 3, root_threshold: int = 2) -> None:
+    def init(self, root_keys: int = 3, root_threshold: int = 2, consistent_snapshot: bool = True) -> None:
+        """A new repository with fresh keys. ``consistent_snapshot`` (TUF spec 5.7.3, on by
+        default) names files by version and hash so a publish never races a reader."""
         if (self.meta_dir / "root.json").exists():
             raise RepositoryError(f"{self.meta_dir} already holds a repository")
         self.meta_dir.mkdir(parents=True, exist_ok=True)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
-        root = Root(expires=self._expiry("root"), consistent_snapshot=False)
+        root = Root(expires=self._expiry("root"), consistent_snapshot=consistent_snapshot)
         # signed with the root: a device whose clock is earlier than this cannot judge expiry
         root.unrecognized_fields[CREATED_FIELD] = self._now().replace(microsecond=0).isoformat()
-        signers: dict[str, list[CryptoSigner]] = {}
-        for role in ("root", *ONLINE_ROLES):
-            signers[role] = [
-                CryptoSigner.generate_ed25519() for _ in range(root_keys if role == "root" else 1)
-            ]
-            for s in signers[role]:
-                root.add_key(s.public_key, role)
-                self.keys.add(role, s)
+        signers = self._generate_keys(root, root_keys)
         root.roles["root"].threshold = root_threshold
-        self._write(Metadata(root), "root", list(signers["root"]), versioned=True)
+        self._write(Metadata(root), "root", list(signers["root"]))
         self._write(Metadata(Targets(expires=self._expiry("targets"))), "targets", list(signers["targets"]))
         self._snapshot_and_timestamp(root)
 
-    def _snapshot_and_timestamp(self, root: Root) -> None:
+    def _generate_keys(self, root: Root, root_keys: int) -> dict[str, list[CryptoSigner]]:
+        """``root_keys`` keys for root, one for each online role; added to ``root`` and kept."""
+        signers: dict[str, list[CryptoSigner]] = {}
+        for role in ("root", *ONLINE_ROLES):
+            count = root_keys if role == "root" else 1
+            signers[role] = [CryptoSigner.generate_ed25519() for _ in range(count)]
+            for s in signers[role]:
+                root.add_key(s.public_key, role)
+                self.keys.add(role, s)
+        return signers
+
+    def republish_snapshot(self) -> int:
+        """Publish ``targets.json`` as it now is on disk under a new snapshot and timestamp.
+
+        For targets metadata signed outside this class (an offline or hardware targets key,
+        another tool, or a test forging one): it is published byte for byte, never re-signed
+        here, so devices judge its signatures themselves. With consistent snapshots it is
+        also stored as ``N.targets.json``, the name readers fetch. Returns the new snapshot
+        version.
+        """
+        root = self.root()
+        md = self.load("targets")
+        if root.consistent_snapshot:
+            data = (self.meta_dir / "targets.json").read_bytes()
+            self._store_versioned("targets", md.signed.version, data)
+        return self._snapshot_and_timestamp(root)
+
+    def _snapshot_and_timestamp(self, root: Root) -> int:
         targets_version = self.load("targets").signed.version
         try:
             snap: Metadata[Snapshot] = self.load("snapshot")
@@ -179,6 +249,7 @@ class FleetRepository:
         snap.signed.expires = self._expiry("snapshot")
         self._write(snap, "snapshot", self.keys.signers("snapshot", root))
         self.refresh_timestamp(root)
+        return int(snap.signed.version)
 
     def refresh_timestamp(self, root: Root | None = None) -> int:
         root = root or self.root()
@@ -192,11 +263,6 @@ class FleetRepository:
         self._write(ts, "timestamp", self.keys.signers("timestamp", root))
         return int(ts.signed.version)
 
-    def published_versions(self, name: str) -> list[str]:
-        targets: Targets = self.load("targets").signed
-        prefix = f"packs/{name}/"
-        return [p[len(prefix) : -4] for p in targets.targets if p.startswith(prefix)]
-
     def publish(
         self,
         pack_dir: Path,
@@ -208,16 +274,12 @@ class FleetRepository:
         manifest = verify_pack(pack_dir)
         if not manifest.evaluation.passed:
             raise RepositoryError(f"pack {manifest.name} {manifest.version} did not pass its quality gate")
-        newest = max(self.published_versions(manifest.name), key=semver_key, default=None)
-        if newest and semver_key(manifest.version) <= semver_key(newest) and not rollback:
-            raise RepositoryError(
-                f"{manifest.name} {manifest.version} is not above the published {newest}: "
-                "versions only go up; to roll the fleet back, publish it with --rollback "
-                "(a signed rollback instruction)"
-            )
+        if not rollback:
+            self._check_goes_up(manifest.name, manifest.version)
         path = target_path(manifest.name, manifest.version)
-        write_pack_tarball(pack_dir, self.targets_dir / path)
-        custom = {
+        root = self.root()
+        tf = self._store_target(pack_dir, path, root)
+        tf.unrecognized_fields["custom"] = {
             "name": manifest.name,
             "version": manifest.version,
             "min_agent_version": min_agent_version,
@@ -225,16 +287,22 @@ class FleetRepository:
             "min_ram_mb": manifest.runtime.min_ram_mb,
             **({"rollback": True} if rollback else {}),
         }
-        tf = TargetFile.from_file(path, str(self.targets_dir / path), ["sha256"])
-        tf.unrecognized_fields["custom"] = custom
-        root = self.root()
         md: Metadata[Targets] = self.load("targets")
         md.signed.targets[path] = tf
         md.signed.version += 1
         md.signed.expires = self._expiry("targets")
         self._write(md, "targets", self.keys.signers("targets", root))
         self._snapshot_and_timestamp(root)
-        return PublishedPack(path, tf.length, tf.hashes["sha256"], md.signed.version)
+        return PublishedPack(path, tf.length, tf.hashes["sha256"], md.signed.version, self._file_of(tf, root))
+
+    def _check_goes_up(self, name: str, version: str) -> None:
+        newest = max(self.published_versions(name), key=semver_key, default=None)
+        if newest is not None and semver_key(version) <= semver_key(newest):
+            raise RepositoryError(
+                f"{name} {version} is not above the published {newest}: "
+                "versions only go up; to roll the fleet back, publish it with --rollback "
+                "(a signed rollback instruction)"
+            )
 
     def rotate(self, role: str) -> str:
         """Replace ``role``'s keys with a new one; the new root is signed by the old root
@@ -254,7 +322,7 @@ class FleetRepository:
         root.version += 1
         root.expires = self._expiry("root")
         signers: list[Signer] = [*old_root_signers, *(fresh if role == "root" else [])]
-        self._write(md, "root", signers, versioned=True)
+        self._write(md, "root", signers)
         for keyid in old_ids:
             self.keys.remove(role, keyid)
         if role in ONLINE_ROLES:
@@ -269,13 +337,3 @@ class FleetRepository:
             self._snapshot_and_timestamp(root)
         elif role == "snapshot":
             self.refresh_timestamp(root)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
