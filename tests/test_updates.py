@@ -144,7 +144,7 @@ def test_unknown_key(fleet: Fleet) -> None:
     md.signatures.clear()
     md.sign(CryptoSigner.generate_ed25519())
     md.to_file(str(fleet.meta("targets")), JSONSerializer())
-    fleet.repo._snapshot_and_timestamp(fleet.repo.root())
+    fleet.repo.republish_snapshot()
     _refused(fleet, "tiny@0.0.2", "bad_signature")
 
 
@@ -236,7 +236,7 @@ def test_key_rotation(fleet: Fleet, tiny_versions: dict[str, Path]) -> None:
     md.signatures.clear()
     md.sign(old_signer)  # the old key alone
     md.to_file(str(fleet.meta("targets")), JSONSerializer())
-    fleet.repo._snapshot_and_timestamp(fleet.repo.root())
+    fleet.repo.republish_snapshot()
     with pytest.raises(UpdateRejected) as err:
         fleet.updater().install("tiny@0.0.3")
     assert err.value.reason_code == "bad_signature" and fleet.store.active_version() == "0.0.2"
