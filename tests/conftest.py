@@ -120,9 +120,9 @@ def agent_config(broker_url: str, pack: Path | str, **overrides: Any) -> AgentCo
 class RunningAgent:
     """An in-process agent (real broker, real engine) plus helpers to talk to it."""
 
-    def __init__(self, cfg: AgentConfig, broker: LocalBroker) -> None:
+    def __init__(self, cfg: AgentConfig, broker: LocalBroker, config_path: Path | None = None) -> None:
         self.cfg, self.broker = cfg, broker
-        self.agent = Agent(cfg)
+        self.agent = Agent(cfg, config_path=config_path)
         self.agent.start()
         assert self.agent.transport.wait_connected(10), "agent did not connect"
         time.sleep(0.1)  # let its SUBSCRIBEs land before tests publish
@@ -132,7 +132,7 @@ class RunningAgent:
 
     def publish(self, topic_leaf: str, payload: str | bytes) -> None:
         with self.client() as c:
-            c._mqtt.publish(self.cfg.topic(topic_leaf), payload, qos=1).wait_for_publish(5)
+            c.publish(self.cfg.topic(topic_leaf), payload)
 
     def stop(self) -> None:
         self.agent.stop()
@@ -149,8 +149,8 @@ def start_agent() -> Iterator[Any]:
     """Start agents for one test; all of them are stopped when it ends, pass or fail."""
     started: list[RunningAgent] = []
 
-    def start(cfg: AgentConfig, broker: LocalBroker) -> RunningAgent:
-        ra = RunningAgent(cfg, broker)
+    def start(cfg: AgentConfig, broker: LocalBroker, config_path: Path | None = None) -> RunningAgent:
+        ra = RunningAgent(cfg, broker, config_path)
         started.append(ra)
         return ra
 

@@ -1,39 +1,41 @@
-"""Operator-side MQTT client: send one request, stream its chunks, return the final reply.
+"""Operator-side requests: send one request, stream its chunks, return the final reply.
 
-Used by the ``edge-agent query/read/cmd`` commands, the demo and the tests. MQTT 5 uses
-a response topic and correlation data; MQTT 3.1.1 puts ``reply_to`` in the payload.
+Used by ``edge-agent query|read|cmd``, ``edge-fleet update send``, the demo, the benchmarks
+and the tests. It owns no MQTT connection of its own: it rides on :class:`MqttTransport`,
+the daemon's wrapper, so reconnects, TLS, credentials and TCP tuning behave the same on
+both ends. MQTT 5 uses a response topic and correlation data; MQTT 3.1.1 puts
+``reply_to`` in the payload.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlparse
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from agent.config import MqttConfig
+from agent.transport.mqtt import Inbound, MqttError, MqttTransport
 
+ClientError = MqttError
+"""The name operator code catches: the broker is unreachable or refused us, or no reply came."""
 
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Small request/reply messages: Nagle plus delayed ACKs would add ~40 ms each way."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class ClientError(Exception):
-    """The broker could not be reached, or no reply came in time."""
+CONNECT_TIMEOUT_S = 10.0
+CONFIRM_TIMEOUT_S = 10.0
+OPERATOR_SESSION_S = 300  # a persistent operator session outlives a broker restart, not a day
 
 
 class RequestClient:
+    """Requests to one device. Use it as a context manager: entering connects (and raises
+    :class:`ClientError` at once when the broker cannot be reached), leaving disconnects.
+
+    ``persistent`` keeps the session, and so the replies, across a broker restart.
+    ``ca_file`` (or an ``mqtts://`` URL) turns TLS on; ``cert_file``/``key_file`` are the
+    client certificate for brokers that require one.
+    """
+
     def __init__(
         self,
         url: str,
@@ -45,79 +47,54 @@ class RequestClient:
         username: str | None = None,
         password: str | None = None,
         persistent: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         self.root = topic_root.replace("{device_id}", device_id)
         self.v5 = protocol == "5"
         self.client_name = client
         self.reply_topic = f"edge-ops/{client}/{uuid.uuid4().hex[:12]}"
-        self._inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._subscribed = threading.Event()
-        self._pending: dict[str, list[dict[str, Any]]] = {}
-        cid = f"{client}-{uuid.uuid4().hex[:8]}"
         self.persistent = persistent
-        if self.v5:
-            self._mqtt = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
-        else:
-            self._mqtt = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=cid,
-                protocol=mqtt.MQTTv311,
-                clean_session=not persistent,
-            )
-        self._mqtt.on_connect = self._on_connect
-        self._mqtt.on_socket_open = _no_delay
-        if username:
-            self._mqtt.username_pw_set(username, password)
-        self._mqtt.on_message = self._on_message
-        self._mqtt.on_subscribe = lambda *a: self._subscribed.set()
-        parsed = urlparse(url)
-        self._host, self._port = parsed.hostname or "127.0.0.1", parsed.port or 1883
+        cfg = MqttConfig(
+            url=url,
+            protocol=protocol,
+            username=username,
+            password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            session_expiry_s=OPERATOR_SESSION_S,
+        )
+        cid = f"{client}-{uuid.uuid4().hex[:8]}"
+        self.transport = MqttTransport(cfg, cid, [self.reply_topic], persistent=persistent)
+        self._pending: dict[str, list[dict[str, Any]]] = {}
 
     def __enter__(self) -> RequestClient:
-        kwargs: dict[str, Any] = {}
-        if self.v5 and self.persistent:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 300
-            kwargs = {"clean_start": False, "properties": props}
-        try:
-            self._mqtt.connect(self._host, self._port, keepalive=30, **kwargs)
-        except OSError as exc:
-            raise ClientError(f"cannot reach the broker at {self._host}:{self._port}: {exc}") from None
-        self._mqtt.loop_start()
-        if not self._subscribed.wait(10):
-            raise ClientError("the broker did not acknowledge the reply subscription")
+        self.transport.connect(CONNECT_TIMEOUT_S)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._mqtt.disconnect()
-        self._mqtt.loop_stop()
+        self.transport.stop()
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        """(Re)subscribe on every connect: a restarted broker may have lost the session."""
-        client.subscribe(self.reply_topic, qos=1)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            self._inbox.put(json.loads(msg.payload))
-        except (ValueError, UnicodeDecodeError):
-            self._inbox.put({"type": "garbage", "raw": msg.payload[:100].decode("utf-8", "replace")})
+    # ------------------------------------------------------------ requests
 
     def send(self, kind: str, body: dict[str, Any], confirm: bool = True) -> str:
         """Publish a request on ``{root}/{kind}``; returns its id. ``confirm`` waits for
         the broker's PUBACK (off for bursts)."""
-        payload = {"v": 1, "id": uuid.uuid4().hex[:16], **body}
-        props = None
-        if self.v5:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ResponseTopic = self.reply_topic
-            props.CorrelationData = payload["id"].encode()
-            props.UserProperty = [("client", self.client_name)]
-        else:
+        payload: dict[str, Any] = {"v": 1, "id": uuid.uuid4().hex[:16], **body}
+        rid = str(payload["id"])  # a body may bring its own id
+        if not self.v5:
             payload.update(reply_to=self.reply_topic, client=self.client_name)
-        info = self._mqtt.publish(f"{self.root}/{kind}", json.dumps(payload), qos=1, properties=props)
-        if confirm:
-            info.wait_for_publish(10)
-        return str(payload["id"])
+        self.transport.publish(  # the properties are MQTT 5 only; the transport drops them for 3.1.1
+            f"{self.root}/{kind}",
+            json.dumps(payload),
+            correlation_data=rid.encode(),
+            response_topic=self.reply_topic,
+            user_properties={"client": self.client_name},
+            wait_s=CONFIRM_TIMEOUT_S if confirm else None,
+        )
+        return rid
 
     def wait(
         self, rid: str, timeout_s: float, on_chunk: Callable[[dict[str, Any]], None] | None = None
@@ -133,11 +110,12 @@ class RequestClient:
                     on_chunk(msg)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ClientError(f"no reply to {rid} within {timeout_s:g}s")
+                raise ClientError(f"no reply to {rid} within {timeout_s:g}s", "no_reply")
             try:
-                msg = self._inbox.get(timeout=min(left, 0.5))
+                inbound = self.transport.inbox.get(timeout=left)
             except queue.Empty:
                 continue
+            msg = _decode(inbound.payload)
             self._pending.setdefault(str(msg.get("id")), []).append(msg)
 
     def request(
@@ -148,3 +126,48 @@ class RequestClient:
         on_chunk: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         return self.wait(self.send(kind, body), timeout_s, on_chunk)
+
+    # ------------------------------------------------------------ raw messages
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Mapping[str, str] | None = None,
+        confirm: bool = True,
+    ) -> None:
+        """Publish ``payload`` as it is to any topic (QoS 1): a sensor reading, or a request
+        that :meth:`send` would not build (malformed, foreign correlation data). The MQTT 5
+        properties are dropped under 3.1.1. ``confirm`` waits for the broker's PUBACK."""
+        self.transport.publish(
+            topic,
+            payload,
+            response_topic=response_topic,
+            correlation_data=correlation_data,
+            user_properties=user_properties,
+            wait_s=CONFIRM_TIMEOUT_S if confirm else None,
+        )
+
+    def next_reply(self, timeout_s: float) -> Inbound:
+        """The next message on :attr:`reply_topic` as it came off the wire (payload bytes,
+        MQTT 5 properties, retain flag), for callers that check the envelope itself. Replies
+        :meth:`wait` has already taken are not returned again."""
+        try:
+            return self.transport.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            raise ClientError(f"nothing on {self.reply_topic} within {timeout_s:g}s", "no_reply") from None
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
+    """A reply as a dict; anything that is not a JSON object is handed on as ``garbage``
+    (with no id, so no ``wait`` takes it for its reply)."""
+    try:
+        msg = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        msg = None
+    if not isinstance(msg, dict):
+        return {"type": "garbage", "raw": payload[:100].decode("utf-8", "replace")}
+    return msg

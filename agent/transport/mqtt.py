@@ -1,9 +1,18 @@
-"""paho-mqtt 2.x wrapper: connect, reconnect with backoff and jitter, publish, hand messages over.
+"""paho-mqtt 2.x wrapper, the only module that imports paho: the daemon and operator clients use it.
 
 paho's callbacks run on paho's network thread; here they do nothing but put an
 :class:`Inbound` on a queue (or flip a flag), so a slow handler can never stall
-keepalives. Subscriptions are renewed on every connect; the status birth document is
-republished on every connect; the last will marks the device offline.
+keepalives. Subscriptions are renewed on every connect (a broker that restarted without
+persistence has forgotten them); the daemon republishes its status birth document on every
+connect through ``on_connect``, and its last will marks the device offline.
+
+Two roles share the wrapper, so reconnect, TLS, credentials and TCP tuning are written once:
+
+- the daemon keeps a persistent session and connects in the background (:meth:`start`): it
+  must come up before its broker does and never give up;
+- an operator client (``RequestClient``, the fleet's sender) usually wants a clean session
+  (``persistent=False``) and to fail fast: :meth:`connect` returns only once the broker has
+  acknowledged the connection and every subscription, or raises :class:`MqttError`.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ import queue
 import random
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +38,18 @@ from agent.config import MqttConfig
 log = structlog.get_logger("edge_agent.mqtt")
 
 
+class MqttError(Exception):
+    """Talking to the broker failed. ``code`` is stable, for CLIs and scripts to match:
+    ``unreachable`` (no connection, or no acknowledgement in time), ``refused`` (the broker
+    turned the connection or a subscription down: credentials, ACLs) and ``no_reply`` (the
+    broker took a request but no answer came in time)."""
+
+    def __init__(self, message: str, code: str = "unreachable") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
 @dataclass(frozen=True)
 class Inbound:
     topic: str
@@ -36,6 +58,7 @@ class Inbound:
     correlation_data: bytes | None = None
     user_properties: dict[str, str] = field(default_factory=dict)
     v5: bool = True
+    retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,22 +85,38 @@ class Backoff:
 
 
 class MqttTransport:
+    """One MQTT connection: QoS 1 publishes, subscriptions renewed on every connect, and
+    every message received put on :attr:`inbox`.
+
+    ``persistent``: the broker keeps the session (subscriptions and QoS 1 messages queued
+    while disconnected) for ``cfg.session_expiry_s`` (MQTT 5) or until a clean connect
+    (3.1.1). The daemon needs that; a one-shot operator command does not.
+    """
+
     def __init__(
         self,
         cfg: MqttConfig,
         client_id: str,
-        subscriptions: list[str],
+        subscriptions: Sequence[str],
         will: Will | None = None,
         on_connect: Callable[[], None] | None = None,
+        *,
+        persistent: bool = True,
     ) -> None:
         self.cfg = cfg
         self.v5 = cfg.protocol == "5"
+        self.persistent = persistent
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # this connection's subscriptions are acknowledged
         self.connects = 0
         self._subscriptions = list(subscriptions)
         self._on_connect_hook = on_connect
         self._backoff = Backoff(cfg.reconnect.min_s, cfg.reconnect.max_s)
+        self._connack = threading.Event()  # the broker answered a CONNECT, accepting or not
+        self._refused: str | None = None
+        self._unacked: set[int] = set()  # SUBSCRIBE packet ids of this connection
+        self._closing = False
         self._client = self._make_client(client_id, will)
 
     # ------------------------------------------------------------ setup
@@ -87,7 +126,10 @@ class MqttTransport:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         else:
             client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=False
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=not self.persistent,
             )
         if will is not None:
             client.will_set(will.topic, will.payload, qos=1, retain=True)
@@ -99,6 +141,7 @@ class MqttTransport:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         client.on_socket_open = self._handle_socket_open
         return client
 
@@ -108,27 +151,67 @@ class MqttTransport:
         paho sleeps on floats although its signature says int."""
         client.reconnect_delay_set(seconds, seconds)  # type: ignore[arg-type]
 
+    def _session_args(self) -> dict[str, Any]:
+        """CONNECT arguments: MQTT 5 asks for the session to outlive the connection only
+        when ``persistent`` (3.1.1 said so in the client's ``clean_session``)."""
+        if not (self.v5 and self.persistent):
+            return {}
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        return {"clean_start": False, "properties": props}
+
+    # ------------------------------------------------------------ lifecycle
+
     def start(self) -> None:
         """Connect in the background; paho's loop thread reconnects on its own."""
-        kwargs: dict[str, Any] = {}
-        if self.v5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = self.cfg.session_expiry_s
-            kwargs = {"clean_start": False, "properties": props}
-        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
+        self._client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **self._session_args())
         self._client.loop_start()
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect now and return once the broker accepted the connection and acknowledged
+        every subscription (a request sent earlier could be answered before its reply topic
+        exists); raise :class:`MqttError` instead of retrying in the background."""
+        try:
+            self._client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **self._session_args())
+        except OSError as exc:  # refused, unresolvable, TLS handshake (ssl.SSLError is an OSError)
+            raise MqttError(f"cannot reach the broker at {self._where()}: {exc}") from None
+        self._client.loop_start()
+        try:
+            self._await_ready(time.monotonic() + timeout_s)
+        except MqttError:
+            self.stop()
+            raise
+
+    def _await_ready(self, deadline: float) -> None:
+        if not self._connack.wait(max(0.0, deadline - time.monotonic())):
+            raise MqttError(f"the broker at {self._where()} did not answer the connection")
+        if self._refused is not None:
+            why = f"the broker at {self._where()} refused the connection: {self._refused}"
+            raise MqttError(why, "refused")
+        if not self.subscribed.wait(max(0.0, deadline - time.monotonic())):
+            raise MqttError(f"the broker at {self._where()} did not acknowledge the subscriptions")
+        if self._refused is not None:
+            raise MqttError(f"the broker refused a subscription: {self._refused}", "refused")
+
+    def _where(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
 
     def stop(self, last: tuple[str, bytes] | None = None, timeout_s: float = 3.0) -> None:
         """Publish ``last`` (retained, e.g. the offline status), then disconnect."""
         if last is not None and self.connected.is_set():
             info = self._client.publish(last[0], last[1], qos=1, retain=True)
             info.wait_for_publish(timeout_s)
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self.connected.wait(timeout_s)
 
     # ------------------------------------------------------------ paho callbacks
 
     def _handle_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        """Small request/reply messages: Nagle plus delayed ACKs would add ~40 ms each way."""
         with contextlib.suppress(OSError):  # not TCP (websockets, unix): nothing to tune
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -137,13 +220,16 @@ class MqttTransport:
     ) -> None:
         if reason.is_failure:
             log.warning("mqtt_connect_refused", reason=str(reason))
+            self._refused = str(reason)
+            self._connack.set()
             return
+        self._refused = None
         self.connects += 1
         self._backoff.reset()
         self._set_delay(client, self.cfg.reconnect.min_s)
-        for topic in self._subscriptions:
-            client.subscribe(topic, qos=1)
+        self._subscribe_all(client)
         self.connected.set()
+        self._connack.set()
         log.info(
             "mqtt_connected",
             host=self.cfg.host,
@@ -154,10 +240,34 @@ class MqttTransport:
         if self._on_connect_hook:
             self._on_connect_hook()
 
+    def _subscribe_all(self, client: mqtt.Client) -> None:
+        """One SUBSCRIBE per topic, as before; :attr:`subscribed` is set when all are acked.
+        The SUBACKs arrive on this same network thread, so none can beat the bookkeeping."""
+        self.subscribed.clear()
+        mids = (client.subscribe(topic, qos=1)[1] for topic in self._subscriptions)
+        self._unacked = {mid for mid in mids if mid is not None}  # None: the connection just dropped
+        if not self._unacked:
+            self.subscribed.set()
+
+    def _handle_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], props: Any
+    ) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            log.warning("mqtt_subscribe_refused", reasons=refused)
+            self._refused = ", ".join(refused)
+        self._unacked.discard(mid)
+        if not self._unacked:
+            self.subscribed.set()
+
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self.connected.clear()
+        self.subscribed.clear()
+        if self._closing:
+            log.info("mqtt_closed", reason=str(reason))
+            return
         delay = self._backoff.next_delay()
         self._set_delay(client, delay)
         log.warning("mqtt_disconnected", reason=str(reason), retry_in_s=round(delay, 2))
@@ -170,19 +280,53 @@ class MqttTransport:
             response = getattr(props, "ResponseTopic", None)
             corr = getattr(props, "CorrelationData", None)
             user = dict(getattr(props, "UserProperty", []) or [])
-        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), response, corr, user, self.v5))
+        inbound = Inbound(msg.topic, bytes(msg.payload), response, corr, user, self.v5, bool(msg.retain))
+        self.inbox.put(inbound)
 
     # ------------------------------------------------------------ publishing
 
     def publish(
-        self, topic: str, payload: bytes, retain: bool = False, correlation_data: bytes | None = None
+        self,
+        topic: str,
+        payload: bytes | str,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        *,
+        response_topic: str | None = None,
+        user_properties: Mapping[str, str] | None = None,
+        wait_s: float | None = None,
     ) -> None:
-        """QoS 1 publish; paho queues it while disconnected and sends it on reconnect."""
-        props = None
-        if self.v5 and correlation_data is not None:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = correlation_data
-        self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        """QoS 1 publish; paho queues it while disconnected and sends it on reconnect.
 
-    def wait_connected(self, timeout_s: float) -> bool:
-        return self.connected.wait(timeout_s)
+        The MQTT 5 properties are dropped under 3.1.1, which has none (3.1.1 requesters put
+        ``reply_to`` and ``client`` in the payload). ``wait_s``: return only once the broker
+        acknowledged it (PUBACK), else raise :class:`MqttError`; ``None`` does not wait, for
+        bursts and for the daemon, whose replies must not block its dispatcher.
+        """
+        props = self._publish_properties(response_topic, correlation_data, user_properties)
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        if wait_s is not None:
+            self._await_puback(info, topic, wait_s)
+
+    def _publish_properties(
+        self, response_topic: str | None, correlation_data: bytes | None, user: Mapping[str, str] | None
+    ) -> Properties | None:
+        if not self.v5 or (response_topic is None and correlation_data is None and not user):
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        if response_topic is not None:
+            props.ResponseTopic = response_topic
+        if correlation_data is not None:
+            props.CorrelationData = correlation_data
+        if user:
+            props.UserProperty = list(user.items())
+        return props
+
+    @staticmethod
+    def _await_puback(info: mqtt.MQTTMessageInfo, topic: str, wait_s: float) -> None:
+        try:
+            info.wait_for_publish(wait_s)
+        except (RuntimeError, ValueError) as exc:  # not connected, or paho's queue is full
+            raise MqttError(f"publish to {topic} failed: {exc}") from None
+        if not info.is_published():
+            raise MqttError(f"the broker did not acknowledge a publish to {topic} within {wait_s:g}s")
