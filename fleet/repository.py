@@ -232,10 +232,9 @@ class FleetRepository:
         version.
         """
         root = self.root()
-        md = self.load("targets")
         if root.consistent_snapshot:
             data = (self.meta_dir / "targets.json").read_bytes()
-            self._store_versioned("targets", md.signed.version, data)
+            self._store_versioned("targets", Metadata.from_bytes(data).signed.version, data)
         return self._snapshot_and_timestamp(root)
 
     def _snapshot_and_timestamp(self, root: Root) -> int:
