@@ -113,7 +113,7 @@ def _pack_install(args: argparse.Namespace) -> int:
     from agent import __version__
     from agent.config import load_config
     from agent.packs.store import PackStore
-    from agent.packs.updater import PackUpdater, UpdateEvent, provision_trust
+    from agent.packs.updater import UpdateEvent, offline_updater, provision_trust
 
     cfg = load_config(args.config)
     state = Path(cfg.state_dir)
@@ -125,13 +125,17 @@ def _pack_install(args: argparse.Namespace) -> int:
         why = f" [{e.reason_code}] {e.reason}" if e.reason_code else ""
         print(f"{e.state}{pct}{why}", file=sys.stderr)
 
-    updater = PackUpdater(
-        PackStore(state),
+    store = PackStore(state)
+    store.converge()
+    updater = offline_updater(
+        store,
         state / "tuf",
         args.source.resolve().as_uri(),
         __version__,
-        cfg.updates.hardware,
-        show,
+        hardware=cfg.updates.hardware,
+        on_event=show,
+        sideload=True,
+        threads=cfg.pack.threads,
     )
     path = updater.install(args.target)
     print(f"active: {args.target} in {path}; restart the agent or send `cmd reload` to serve it")

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import Limits, parse_duration
-from agent.errors import AgentError, BadJson, BadRequest, TooLarge
+from agent.errors import AgentError, BadJson, BadRequest, Forbidden, TooLarge
 from agent.sensors.windows import AGGREGATES
 
 SCHEMA_VERSION = 1
 COMMANDS = ("ping", "status", "cancel", "reload")
-PRIVILEGED = ("reload",)
 _NO_WILDCARDS = re.compile(r"^[^#+\x00]+$")
 
 
@@ -195,6 +194,12 @@ def reply_to(
     if not isinstance(topic, str) or not _NO_WILDCARDS.match(topic) or topic in forbidden:
         return ReplyTo(fallback, correlation), BadRequest(f"reply topic {topic!r} is not allowed")
     return ReplyTo(topic, correlation), None
+
+
+def require_privileged(action: str, client: str, allowed: tuple[str, ...]) -> None:
+    """The one privilege check (updates, reload): the client key must be allow-listed."""
+    if client not in allowed:
+        raise Forbidden(f"{action}: privileged, and client {client!r} is not in privileged_clients")
 
 
 def client_key(user_properties: dict[str, str], data: dict[str, Any] | None, reply: ReplyTo) -> str:

@@ -1,20 +1,25 @@
 """Inbound message -> handler by topic; every failure becomes an error reply.
 
-Reads and commands are answered here, at once (a read never waits behind the model);
-queries are validated and queued for the engine worker. Nothing in a payload, and
-nothing the model writes, chooses a handler other than by the topic it arrived on.
+Reads and commands are answered here, at once (a read never waits behind the model, and
+a reload runs on its own thread); queries are validated and queued for the answering
+worker. Nothing in a payload, and nothing the model writes, chooses a handler other than
+by the topic it arrived on. The router holds no state of its own: it is handed the narrow
+parts it uses.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
-from agent.errors import AgentError, BadRequest, Cancelled, Forbidden
+from agent.config import AgentConfig
+from agent.errors import AgentError, BadRequest, Cancelled
 from agent.messages import (
-    PRIVILEGED,
     CmdRequest,
     ReplyTo,
     client_key,
@@ -26,37 +31,59 @@ from agent.messages import (
     parse_read,
     reply_to,
     request_id,
+    require_privileged,
 )
-from agent.scheduling import Job
+from agent.scheduling import Job, RateLimiter, Scheduler
+from agent.sensors.hub import SensorHub
 from agent.transport import Inbound
 
-if TYPE_CHECKING:
-    from agent.app import Agent
-
 log = structlog.get_logger("edge_agent.router")
+REQUEST_KINDS = ("query", "read", "cmd", "update")
+Reply = Callable[[ReplyTo, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """What the router asks of the rest of the agent, each as one function."""
+
+    reply: Reply  # publish a reply to its topic
+    status: Callable[[], dict[str, Any]]  # the `cmd status` document
+    reload: Callable[[], dict[str, Any]]  # re-read config and pack (slow: runs off this thread)
+    update: Callable[[dict[str, Any]], str]  # start an install from an instruction
+    pack_info: Callable[[], dict[str, str] | None]
 
 
 class Router:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        cfg = agent.cfg
-        self.kinds = {cfg.topic(k): k for k in ("query", "read", "cmd", "update")}
+    def __init__(
+        self,
+        settings: Callable[[], AgentConfig],
+        hub: SensorHub,
+        scheduler: Scheduler,
+        limiter: RateLimiter,
+        handlers: Handlers,
+    ) -> None:
+        cfg = settings()
+        self._settings = settings
+        self.hub, self.scheduler, self.limiter, self.h = hub, scheduler, limiter, handlers
+        self.kinds = {cfg.topic(k): k for k in REQUEST_KINDS}
         self.fallback = cfg.topic("replies")
 
+    def subscriptions(self) -> list[str]:
+        return list(self.kinds) + sorted(self.hub.topics)
+
     def handle(self, msg: Inbound) -> None:
-        if self.agent.hub.ingest(msg.topic, msg.payload):
+        if self.hub.ingest(msg.topic, msg.payload):
             return
         kind = self.kinds.get(msg.topic)
         if kind is None:
             log.warning("unexpected_topic", topic=msg.topic)
             return
         started = time.monotonic()
-        data: dict[str, Any] | None = None
         target = ReplyTo(msg.response_topic or self.fallback, msg.correlation_data)
         rid: str | None = None
         client = target.topic
         try:
-            data = decode_json(msg.payload, self.agent.cfg.limits)
+            data = decode_json(msg.payload, self._settings().limits)
             rid = request_id(data)
             target, refused = reply_to(
                 data, msg.response_topic, msg.correlation_data, self.fallback, tuple(self.kinds)
@@ -65,14 +92,14 @@ class Router:
             if refused is not None:
                 raise refused
             if not (kind == "cmd" and data.get("cmd") == "cancel"):
-                self.agent.limiter.take(client)
+                self.limiter.take(client)
             outcome = self._dispatch(kind, data, target, client, started)
         except AgentError as err:
-            self.agent.reply(target, error_reply(rid, 0, err))
+            self.h.reply(target, error_reply(rid, 0, err))
             outcome = err.code
         except Exception as exc:  # a bug must still answer the request
             log.exception("handler_failed", kind=kind)
-            self.agent.reply(target, error_reply(rid, 0, AgentError(f"internal error: {type(exc).__name__}")))
+            self.h.reply(target, error_reply(rid, 0, AgentError(f"internal error: {type(exc).__name__}")))
             outcome = "internal"
         log.info(
             "request",
@@ -84,62 +111,74 @@ class Router:
         )
 
     def _dispatch(self, kind: str, data: dict[str, Any], target: ReplyTo, client: str, started: float) -> str:
-        limits = self.agent.cfg.limits
+        cfg = self._settings()
         if kind == "query":
-            q = parse_query(data, limits)
-            job = Job(q, client, target, started, started + limits.deadline_s)
-            self.agent.scheduler.submit(job)
+            q = parse_query(data, cfg.limits)
+            self.scheduler.submit(Job(q, client, target, started, started + cfg.limits.deadline_s))
             return "queued"
         if kind == "update":
-            state = self.agent.updates.handle(data, client)
-            self.agent.reply(target, final_reply(str(data.get("id")), 0, result={"update": state}))
+            require_privileged("updates", client, cfg.privileged_clients)
+            state = self.h.update(data)
+            self.h.reply(target, final_reply(str(data.get("id")), 0, result={"update": state}))
             return state
         if kind == "read":
-            r = parse_read(data)
-            fact = self.agent.hub.read(r.sensor, r.agg, r.window_s)
-            shown = "no reading" if fact.value is None else f"{fact.value:.6g}"
-            stale = " (stale)" if fact.stale else ""
-            text = (
-                f"{fact.sensor} {fact.agg} over {fact.to_json()['window']}: {shown} {fact.unit}".rstrip()
-                + stale
-            )
-            self.agent.reply(
-                target,
-                final_reply(
-                    r.id,
-                    0,
-                    text=text,
-                    value=fact.value,
-                    facts=[fact.to_json()],
-                    grounded=True,
-                    ungrounded=[],
-                    pack=self.agent.pack_info(),
-                ),
-            )
-            return "ok"
-        return self._command(parse_cmd(data), target, client)
+            return self._read(data, target)
+        return self._command(parse_cmd(data), target, client, cfg)
 
-    def _command(self, c: CmdRequest, target: ReplyTo, client: str) -> str:
-        if c.cmd in PRIVILEGED and client not in self.agent.cfg.privileged_clients:
-            raise Forbidden(f"{c.cmd} is privileged; client {client!r} is not in privileged_clients")
+    def _read(self, data: dict[str, Any], target: ReplyTo) -> str:
+        r = parse_read(data)
+        fact = self.hub.read(r.sensor, r.agg, r.window_s)
+        shown = "no reading" if fact.value is None else f"{fact.value:.6g}"
+        stale = " (stale)" if fact.stale else ""
+        text = (
+            f"{fact.sensor} {fact.agg} over {fact.to_json()['window']}: {shown} {fact.unit}".rstrip() + stale
+        )
+        body = final_reply(
+            r.id,
+            0,
+            text=text,
+            value=fact.value,
+            facts=[fact.to_json()],
+            grounded=True,
+            ungrounded=[],
+            pack=self.h.pack_info(),
+        )
+        self.h.reply(target, body)
+        return "ok"
+
+    def _command(self, c: CmdRequest, target: ReplyTo, client: str, cfg: AgentConfig) -> str:
+        if c.cmd == "reload":
+            require_privileged("reload", client, cfg.privileged_clients)
+            threading.Thread(target=self._reload, args=(c, target), name="reload", daemon=True).start()
+            return "reloading"
         if c.cmd == "ping":
             result: dict[str, Any] = {"pong": True, "ts": time.time()}
         elif c.cmd == "status":
-            result = self.agent.status_report()
-        elif c.cmd == "cancel":
+            result = self.h.status()
+        else:  # "cancel": parse_cmd admits only COMMANDS
             result = self._cancel(c)
-        else:  # "reload": parse_cmd admits only COMMANDS
-            result = self.agent.reload()
-        self.agent.reply(target, final_reply(c.id, 0, result=result))
+        self.h.reply(target, final_reply(c.id, 0, result=result))
         return "ok"
+
+    def _reload(self, c: CmdRequest, target: ReplyTo) -> None:
+        """Off the dispatcher: reads and pings are answered while a new engine loads."""
+        try:
+            body = final_reply(c.id, 0, result=self.h.reload())
+        except AgentError as err:
+            body = error_reply(c.id, 0, err)
+        except Exception as exc:  # a bug must still answer the request
+            log.exception("reload_failed")
+            body = error_reply(c.id, 0, AgentError(f"internal error: {type(exc).__name__}"))
+        self.h.reply(target, body)
+        log.info("request", id=c.id, kind="cmd", cmd="reload", outcome=body["type"])
 
     def _cancel(self, c: CmdRequest) -> dict[str, Any]:
         assert c.target_id is not None
-        found = self.agent.scheduler.cancel(c.target_id)
+        found = self.scheduler.cancel(c.target_id)
         if found is None:
             raise BadRequest(f"no queued or running request with id {c.target_id!r}")
         state, job = found
         if state == "queued":
             err = Cancelled(f"request {job.id} was cancelled by {c.id} before it started")
-            self.agent.reply(job.reply, error_reply(job.id, 0, err))
+            self.h.reply(job.reply, error_reply(job.id, 0, err))
         return {"cancelled": c.target_id, "state": state}

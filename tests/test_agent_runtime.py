@@ -307,29 +307,21 @@ def test_tls_with_client_certificate_and_password(tiny_pack_path: Path, tmp_path
 
 
 def test_reload_of_a_broken_pack_keeps_the_old_one_serving(
-    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path, start_agent: Any
 ) -> None:
     import shutil
 
     pack = Path(shutil.copytree(tiny_pack_path, tmp_path / "pack"))
     config = _write_config(tmp_path / "agent.yaml", broker, pack, "reload-dev", privileged_clients=["ops"])
-    agent = Agent(load_config(config, env={}), config_path=config)
-    agent.start()
-    ra = RunningAgent.__new__(RunningAgent)
-    ra.cfg, ra.broker, ra.agent = agent.cfg, broker, agent
-    try:
-        assert agent.transport.wait_connected(10)
-        time.sleep(0.1)
-        # a new file, not a rewrite in place: the serving session maps the old one
-        slot = agent.store.active_path()
-        assert slot is not None
-        (slot / "weights.tmp").write_bytes(b"garbage")
-        os.replace(slot / "weights.tmp", slot / "weights.bin")
-        with ra.client(client="ops") as ops:
-            r = ops.request("cmd", {"cmd": "reload"}, 30)
-            assert r["code"] == "model_unavailable" and "still serving tiny 0.0.1" in r["message"]
-            assert "weights.bin" in r["message"]
-            q = ops.request("query", {"question": "still ok?", "max_tokens": 3}, 30)
-            assert q["type"] == "final" and q["pack"]["name"] == "tiny"
-    finally:
-        agent.stop()
+    ra = start_agent(load_config(config, env={}), broker, config)
+    # a new file, not a rewrite in place: the serving session maps the old one
+    slot = ra.agent.store.active_path()
+    assert slot is not None
+    (slot / "weights.tmp").write_bytes(b"garbage")
+    os.replace(slot / "weights.tmp", slot / "weights.bin")
+    with ra.client(client="ops") as ops:
+        r = ops.request("cmd", {"cmd": "reload"}, 30)
+        assert r["code"] == "model_unavailable" and "still serving tiny 0.0.1" in r["message"]
+        assert "weights.bin" in r["message"]
+        q = ops.request("query", {"question": "still ok?", "max_tokens": 3}, 30)
+        assert q["type"] == "final" and q["pack"]["name"] == "tiny"

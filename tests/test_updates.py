@@ -28,7 +28,7 @@ from agent.config import AgentConfig
 from agent.inference import load_pack
 from agent.localbroker import LocalBroker
 from agent.packs.store import PackStore
-from agent.packs.updater import PackUpdater, UpdateEvent, provision_trust
+from agent.packs.updater import PackUpdater, UpdateEvent, offline_updater, provision_trust
 from agent.packs.verify import UpdateRejected
 from fleet.errors import RepositoryError
 from fleet.repository import FleetRepository
@@ -85,7 +85,7 @@ class Fleet:
     events: list[UpdateEvent] = field(default_factory=list)
 
     def updater(self, hook: Any = None) -> PackUpdater:
-        return PackUpdater(
+        return offline_updater(
             self.store, self.device / "tuf", self.url, __version__, on_event=self.events.append, hook=hook
         )
 
@@ -107,6 +107,12 @@ def fleet(tmp_path: Path, tiny_versions: dict[str, Path]) -> Iterator[Fleet]:
     provision_trust(device / "tuf", repo.meta_dir / "1.root.json")
     yield Fleet(repo, f"http://127.0.0.1:{server.server_address[1]}", server, device, store)
     server.shutdown()
+
+
+def _served_tar(repo: FleetRepository, version: str) -> Path:
+    """The file a device downloads for tiny@VERSION (hash-prefixed under consistent snapshots)."""
+    (found,) = (repo.targets_dir / "packs/tiny").glob(f"*{version}.tar")
+    return found
 
 
 def _refused(f: Fleet, target: str, reason: str) -> UpdateRejected:
@@ -131,7 +137,7 @@ def test_install_over_http(fleet: Fleet) -> None:
 
 
 def test_tampered_file(fleet: Fleet) -> None:
-    tar = fleet.repo.targets_dir / "packs/tiny/0.0.2.tar"
+    tar = _served_tar(fleet.repo, "0.0.2")
     data = bytearray(tar.read_bytes())
     data[2000] ^= 0xFF
     tar.write_bytes(bytes(data))
@@ -201,9 +207,7 @@ def test_mix_and_match(fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: P
     other = FleetRepository(tmp_path / "other", tmp_path / "other-keys")
     other.init()
     other.publish(tiny_versions["0.0.3"])
-    shutil.copyfile(
-        other.targets_dir / "packs/tiny/0.0.3.tar", fleet.repo.targets_dir / "packs/tiny/0.0.2.tar"
-    )
+    shutil.copyfile(_served_tar(other, "0.0.3"), _served_tar(fleet.repo, "0.0.2"))
     _refused(fleet, "tiny@0.0.2", "hash_mismatch")
 
 
@@ -285,12 +289,12 @@ import os, signal, sys
 from pathlib import Path
 from agent import __version__
 from agent.packs.store import PackStore
-from agent.packs.updater import PackUpdater
+from agent.packs.updater import offline_updater
 stage, device, url = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 def hook(s):
     if s == stage:
         os.kill(os.getpid(), signal.SIGKILL)
-PackUpdater(PackStore(device), device / "tuf", url, __version__, hook=hook).install("tiny@0.0.2")
+offline_updater(PackStore(device), device / "tuf", url, __version__, hook=hook).install("tiny@0.0.2")
 """
 
 
@@ -305,7 +309,7 @@ def test_sigkill_at_each_stage_leaves_one_complete_pack_and_converges(fleet: Fle
     assert store.active_version() == "0.0.1"  # every kill point is before the switch
     verify_pack(store.active_path())  # type: ignore[arg-type]
     assert not store.staging.exists()
-    PackUpdater(store, fleet.device / "tuf", fleet.url, __version__).install("tiny@0.0.2")
+    offline_updater(store, fleet.device / "tuf", fleet.url, __version__).install("tiny@0.0.2")
     assert store.active_version() == "0.0.2"
 
 
@@ -392,9 +396,7 @@ def test_update_instruction_over_mqtt_reaches_a_running_agent(
         assert sent.returncode == 0, sent.stderr
         assert json.loads(sent.stdout)["reply"]["result"] == {"update": "started"}
         with ra.client(client="fleet") as fl:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (ra.agent.pack_info() or {}).get("version") != "0.0.2":
-                time.sleep(0.05)
+            ra.agent.updates.join(60)  # the install thread has finished
             answer = fl.request("query", {"question": "temperature?", "max_tokens": 3}, 30)
             status = fl.request("cmd", {"cmd": "status"}, 10)["result"]
         states = [e["state"] for e in events]
@@ -491,7 +493,7 @@ def test_disk_full_while_staging_cleans_up_and_reports(
         provision_trust(device / "tuf", fleet.repo.meta_dir / "1.root.json")
         events: list[UpdateEvent] = []
         with pytest.raises(UpdateRejected) as err:
-            PackUpdater(store, device / "tuf", fleet.url, __version__, on_event=events.append).install(
+            offline_updater(store, device / "tuf", fleet.url, __version__, on_event=events.append).install(
                 "tiny@0.0.2"
             )
         assert err.value.reason_code == "disk_full", err.value.message
@@ -504,9 +506,9 @@ def test_disk_full_while_staging_cleans_up_and_reports(
 
 
 def test_memory_budget_relative_to_the_active_pack(fleet: Fleet) -> None:
-    from agent.packs.updater import HealthBudget
+    from agent.packs.health import HealthBudget
 
-    strict = PackUpdater(
+    strict = offline_updater(
         fleet.store,
         fleet.device / "tuf",
         fleet.url,
@@ -537,7 +539,7 @@ def test_clock_before_the_trusted_root_refuses_network_updates(
         provision_trust(tmp_path / "device" / "tuf", future.meta_dir / "1.root.json")
         url = f"http://127.0.0.1:{server.server_address[1]}"
         with pytest.raises(UpdateRejected) as err:
-            PackUpdater(store, tmp_path / "device" / "tuf", url, __version__).install("tiny@0.0.2")
+            offline_updater(store, tmp_path / "device" / "tuf", url, __version__).install("tiny@0.0.2")
         assert err.value.reason_code == "clock_behind" and "set the time" in err.value.message
     finally:
         server.shutdown()
@@ -564,9 +566,7 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
     with ra.client(client="fleet") as fl:
         fl.request("update", {"rollout_id": "r2", "target": "tiny@0.0.2"}, 10)
         replies = [fl.request("query", {"question": "humid?", "max_tokens": 3}, 60) for _ in range(3)]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (ra.agent.pack_info() or {}).get("version") != "0.0.2":
-            time.sleep(0.05)
+        ra.agent.updates.join(60)  # the install thread has finished
         after = fl.request("query", {"question": "humid?", "max_tokens": 3}, 60)
     assert all(r["type"] == "final" for r in replies), replies
     outcome = fleet.store.state().last_outcome
@@ -585,10 +585,14 @@ def test_sideload_ignores_timestamp_expiry_but_nothing_else(fleet: Fleet, tmp_pa
     md.sign(CryptoSigner.generate_ed25519())
     md.to_file(str(forged / "metadata/targets.json"), JSONSerializer())
     with pytest.raises(UpdateRejected) as err:
-        PackUpdater(fleet.store, fleet.device / "tuf", forged.as_uri(), __version__).install("tiny@0.0.2")
+        offline_updater(
+            fleet.store, fleet.device / "tuf", forged.as_uri(), __version__, sideload=True
+        ).install("tiny@0.0.2")
     assert err.value.reason_code == "bad_signature"
     usb = Path(shutil.copytree(fleet.repo.dir, tmp_path / "usb"))
-    PackUpdater(fleet.store, fleet.device / "tuf", usb.as_uri(), __version__).install("tiny@0.0.2")
+    offline_updater(fleet.store, fleet.device / "tuf", usb.as_uri(), __version__, sideload=True).install(
+        "tiny@0.0.2"
+    )
     outcome = fleet.store.state().last_outcome
     assert outcome["state"] == "activated" and outcome["expiry_not_enforced"] == ["timestamp", "snapshot"]
 
@@ -602,7 +606,7 @@ def test_pack_that_fails_to_load_after_activation_is_rolled_back(
     (slot / "model.tmp").write_bytes(b"not onnx")
     (slot / "model.tmp").replace(slot / "model.onnx")  # e.g. a flash error after the switch
     ra = start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
-    assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.1"}
+    assert ra.agent.active.info() == {"name": "tiny", "version": "0.0.1"}
     outcome = fleet.store.state().last_outcome
     assert outcome["state"] == "rolled_back" and "model.onnx" in outcome["reason"]
 
@@ -638,4 +642,4 @@ def test_sigkill_during_the_first_health_probe_converges(
     verify_pack(store.active_path())  # type: ignore[arg-type]
     ra = start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
     st = PackStore(fleet.device).state()
-    assert ra.agent.pack_info() == {"name": "tiny", "version": "0.0.2"} and not st.trial
+    assert ra.agent.active.info() == {"name": "tiny", "version": "0.0.2"} and not st.trial

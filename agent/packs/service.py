@@ -1,5 +1,6 @@
-"""The serving side of pack updates: which slot to serve at boot, the first health probe
-after a switch, automatic rollback, and rollout instructions arriving over MQTT."""
+"""Rollout instructions over MQTT: one install at a time, in the background, reported on
+``update/status``. It decides nothing about the served pack: :class:`ActivePack` gates,
+adopts or rolls back; the :class:`PackUpdater` verifies, fetches and switches."""
 
 from __future__ import annotations
 
@@ -9,47 +10,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from agent import __version__
-from agent.errors import AgentError, BadRequest, Forbidden
-from agent.packs.store import PackStore
-from agent.packs.updater import HealthBudget, PackUpdater, UpdateEvent, provision_trust
-from agent.packs.verify import UpdateRejected, golden_agreement, parse_target
-from model_packs.format import default_pack_path, verify_pack
-
-if TYPE_CHECKING:
-    from agent.app import Agent
-    from agent.inference import Engine
+from agent.config import UpdatesConfig
+from agent.errors import AgentError, BadRequest
+from agent.packs.active import ActivePack
+from agent.packs.decide import parse_target
+from agent.packs.fetch import PackFetcher
+from agent.packs.updater import PackUpdater, UpdateEvent, provision_trust
+from agent.packs.verify import UpdateRejected
 
 log = structlog.get_logger("edge_agent.update")
-CRASH_LOOP_BOOTS = 3
-
-
-def seed_if_empty(store: PackStore, pack_path: str | None) -> None:
-    """An empty state directory is seeded from the configured (or default) pack, verified."""
-    if store.active_path() is not None:
-        return
-    source = Path(pack_path) if pack_path else default_pack_path()
-    manifest = verify_pack(source)
-    store.seed(source, f"{manifest.name}@{manifest.version}")
-    log.info("store_seeded", pack=str(source), version=manifest.version)
-
-
-def probe(engine: Engine) -> str | None:
-    """First health probe of a freshly activated pack: its first golden prompt must
-    reproduce; returns the failure, or None when healthy."""
-    from agent.inference import GenerationRequest
-
-    golden = engine.pack.manifest.golden
-    if not golden:
-        return None
-    g = golden[0]
-    done = engine.generate(GenerationRequest(engine.prompt_ids(g.prompt), len(g.token_ids)))
-    score = golden_agreement(done.token_ids, g.token_ids)
-    return None if score >= g.min_match else f"golden prompt reproduced {score:.2f} < {g.min_match}"
 
 
 @dataclass(frozen=True)
@@ -71,35 +45,45 @@ def parse_instruction(data: dict[str, Any]) -> Instruction:
 
 
 class UpdateService:
-    """Runs one install at a time in the background and reports on ``update/status``."""
+    """``handle`` validates and starts an install thread; events go out through ``publish``
+    (bytes for the ``update/status`` topic)."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        active: ActivePack,
+        updates: Callable[[], UpdatesConfig],
+        tuf_dir: Path,
+        publish: Callable[[bytes], None],
+        fetcher: PackFetcher | None = None,
+    ) -> None:
+        self.active = active
+        self._updates = updates
+        self.tuf_dir = tuf_dir
+        self._publish_bytes = publish
+        self._fetcher = fetcher
         self._busy = threading.Lock()
         self._seq = 0
+        self._thread: threading.Thread | None = None
 
-    def updater(self, repository_url: str, on_event: Callable[[UpdateEvent], None]) -> PackUpdater:
-        cfg = self.agent.cfg
-        tuf_dir = Path(cfg.state_dir) / "tuf"
-        if cfg.updates.trusted_root:
-            provision_trust(tuf_dir, Path(cfg.updates.trusted_root))
+    def updater(self, on_event: Callable[[UpdateEvent], None]) -> PackUpdater:
+        cfg = self._updates()
+        if cfg.trusted_root:
+            provision_trust(self.tuf_dir, Path(cfg.trusted_root))
         return PackUpdater(
-            self.agent.store,
-            tuf_dir,
-            repository_url,
+            self.active.store,
+            self.tuf_dir,
+            cfg.repository_url or "",
             __version__,
-            cfg.updates.hardware,
-            on_event,
-            HealthBudget(latency_factor=cfg.updates.latency_factor),
-            room=self.agent.shadow_room,
+            self.active.gate,
+            hardware=cfg.hardware,
+            on_event=on_event,
+            fetcher=self._fetcher,
         )
 
-    def handle(self, data: dict[str, Any], client: str) -> str:
-        if client not in self.agent.cfg.privileged_clients:
-            raise Forbidden(f"updates are privileged; client {client!r} is not in privileged_clients")
+    def handle(self, data: dict[str, Any]) -> str:
+        """Start the install an instruction names; returns ``started`` or ``busy``."""
         inst = parse_instruction(data)
-        url = self.agent.cfg.updates.repository_url
-        if not url:
+        if not self._updates().repository_url:
             raise BadRequest("this agent has no updates.repository_url configured")
         if not self._busy.acquire(blocking=False):
             self._publish(
@@ -109,8 +93,14 @@ class UpdateService:
                 ),
             )
             return "busy"
-        threading.Thread(target=self._run, args=(inst, url), name="update", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, args=(inst,), name="update", daemon=True)
+        self._thread.start()
         return "started"
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for the install in progress (tests, shutdown)."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def _publish(self, inst: Instruction, e: UpdateEvent) -> None:
         self._seq += 1
@@ -125,13 +115,13 @@ class UpdateService:
             "reason": e.reason,
             "ts": time.time(),
         }
-        self.agent.transport.publish(self.agent.cfg.topic("update/status"), json.dumps(body).encode())
+        self._publish_bytes(json.dumps(body).encode())
 
-    def _run(self, inst: Instruction, url: str) -> None:
+    def _run(self, inst: Instruction) -> None:
         try:
-            self.agent.set_state("updating")
-            self.updater(url, lambda e: self._publish(inst, e)).install(inst.target)
-            failure = self.agent.serve_active_slot()
+            with self.active.updating():
+                slot = self.updater(lambda e: self._publish(inst, e)).install(inst.target)
+                failure = self.active.promote(slot)
             if failure:
                 self._publish(
                     inst, UpdateEvent("rolled_back", inst.target, reason_code="health_probe", reason=failure)
@@ -140,6 +130,10 @@ class UpdateService:
             pass  # already reported as "rejected"
         except (AgentError, OSError) as exc:
             self._publish(inst, UpdateEvent("rejected", inst.target, reason_code="internal", reason=str(exc)))
+        except Exception as exc:  # a bug must still reach the fleet, never kill silently
+            log.exception("update_failed", target=inst.target)
+            self._publish(
+                inst, UpdateEvent("rejected", inst.target, reason_code="internal", reason=repr(exc))
+            )
         finally:
-            self.agent.set_state("online")
             self._busy.release()

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_packs.fileio import atomic_write_bytes, fsync_dir
+
 SLOTS = ("a", "b")
 
 
@@ -35,22 +37,16 @@ class StoreState:
     last_outcome: dict[str, Any] = field(default_factory=dict)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class PackStore:
     def __init__(self, state_dir: Path) -> None:
+        """No IO here: directories are made by :meth:`converge` or the first write."""
         self.root = state_dir / "packs"
-        self.root.mkdir(parents=True, exist_ok=True)
         self.state_file = self.root / "state.json"
         self.staging = self.root / "staging"
         self.downloads = self.root / "downloads"
-        self.downloads.mkdir(exist_ok=True)
+
+    def ensure_dirs(self) -> None:
+        self.downloads.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ state
 
@@ -62,13 +58,8 @@ class PackStore:
         return StoreState(**data)
 
     def _save(self, state: StoreState) -> None:
-        tmp = self.root / ".state.json.tmp"
-        with tmp.open("w") as fh:
-            json.dump(asdict(state), fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_file)
-        fsync_dir(self.root)
+        self.ensure_dirs()
+        atomic_write_bytes(self.state_file, json.dumps(asdict(state), indent=2).encode())
 
     def slot_path(self, slot: str) -> Path:
         return self.root / slot
@@ -84,6 +75,7 @@ class PackStore:
     # ------------------------------------------------------------ acting
 
     def fresh_staging(self) -> Path:
+        self.ensure_dirs()
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir()
         return self.staging
@@ -154,10 +146,12 @@ class PackStore:
 
     def converge(self) -> None:
         """After a restart: drop half-done staging and trash; the state file decides."""
+        self.ensure_dirs()
         shutil.rmtree(self.staging, ignore_errors=True)
         for trash in self.root.glob(".trash-*"):
             shutil.rmtree(trash, ignore_errors=True)
-        (self.root / ".state.json.tmp").unlink(missing_ok=True)
+        for tmp in self.root.glob(".state.json.*.tmp"):  # a write cut short
+            tmp.unlink(missing_ok=True)
         st = self.state()
         if st.active and not self.slot_path(st.active).is_dir() and st.previous:
             self.rollback("active slot missing after restart")

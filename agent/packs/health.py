@@ -1,0 +1,135 @@
+"""Is a loaded pack healthy? Golden prompts, latency and memory, judged in one place.
+
+The same rule serves the health gate before a switch (every golden prompt, within a
+latency and memory budget relative to the active pack measured just before) and the
+first probe after it (the first golden prompt). Nothing here loads or switches packs:
+callers hand in an engine and get numbers or an :class:`UpdateRejected`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.inference import Engine, GenerationRequest
+from agent.packs.verify import UpdateRejected, golden_agreement
+
+
+@dataclass(frozen=True)
+class HealthBudget:
+    latency_factor: float = 3.0  # new pack's ms/token may be at most this x the active one's ...
+    latency_slack_ms: float = 5.0  # ... plus this (tiny packs' timings are mostly noise)
+    memory_factor: float = 2.0  # the new pack's RSS growth at load vs the active pack's ...
+    memory_slack_mb: float = 64.0  # ... plus this
+    golden_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class HealthStats:
+    golden_min_agreement: float
+    ms_per_token: float
+    rss_growth_mb: float  # what loading the pack added to the process
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "golden_min_agreement": self.golden_min_agreement,
+            "ms_per_token": self.ms_per_token,
+            "rss_growth_mb": self.rss_growth_mb,
+        }
+
+
+def rss_mb() -> float:
+    """Resident set size from /proc/self/statm (0 where there is no /proc)."""
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return resident * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_goldens(
+    engine: Engine, budget: HealthBudget, load_rss_mb: float, first_only: bool = False
+) -> HealthStats:
+    """Replay the manifest's golden prompts greedily; raise when one does not reproduce
+    its recorded tokens to ``min_match``."""
+    golden = engine.pack.manifest.golden[:1] if first_only else engine.pack.manifest.golden
+    worst, ms_per_token = 1.0, []
+    for g in golden:
+        n = min(len(g.token_ids), budget.golden_tokens)
+        done = engine.generate(GenerationRequest(engine.prompt_ids(g.prompt), n))
+        score = golden_agreement(done.token_ids, g.token_ids[:n])
+        worst = min(worst, score)
+        if score < g.min_match:
+            raise UpdateRejected(
+                "health_gate",
+                f"golden prompt {g.prompt!r}: {score:.2f} of the recorded tokens reproduced, "
+                f"{g.min_match} needed",
+            )
+        ms_per_token.append(done.usage.total_s * 1000 / max(1, len(done.token_ids)))
+    return HealthStats(worst, sum(ms_per_token) / max(1, len(ms_per_token)), load_rss_mb)
+
+
+def probe(engine: Engine, budget: HealthBudget | None = None) -> str | None:
+    """First health probe of a freshly activated pack: its first golden prompt must
+    reproduce. Returns the failure, or None when healthy."""
+    try:
+        run_goldens(engine, budget or HealthBudget(), 0.0, first_only=True)
+    except UpdateRejected as exc:
+        return exc.message
+    return None
+
+
+def check_budget(new: HealthStats, active: HealthStats | None, budget: HealthBudget) -> None:
+    """The new pack may be slower or bigger than the active one only within the budget;
+    with no active pack to compare against, only the goldens count."""
+    if active is None:
+        return
+    mem_limit = budget.memory_factor * active.rss_growth_mb + budget.memory_slack_mb
+    if new.rss_growth_mb > mem_limit:
+        raise UpdateRejected(
+            "health_gate",
+            f"loading the pack grew RSS by {new.rss_growth_mb:.0f} MB, over the budget of "
+            f"{mem_limit:.0f} MB ({budget.memory_factor}x the active pack's + {budget.memory_slack_mb:g})",
+        )
+    limit = budget.latency_factor * active.ms_per_token + budget.latency_slack_ms
+    if new.ms_per_token > limit:
+        raise UpdateRejected(
+            "health_gate",
+            f"{new.ms_per_token:.1f} ms/token is over {budget.latency_factor}x the active pack's "
+            f"{active.ms_per_token:.1f}",
+        )
+
+
+def offline_gate(
+    open_engine: Callable[[Path, bool], Engine], active: Path | None, budget: HealthBudget
+) -> Callable[[Path, int], dict[str, float]]:
+    """The health gate where no agent serves (``edge-agent pack install``): the active pack
+    is loaded once for the baseline and dropped, then the staged pack is judged."""
+
+    def load(path: Path, hash_files: bool) -> tuple[Engine, float]:
+        before = rss_mb()
+        engine = open_engine(path, hash_files)
+        return engine, max(0.0, rss_mb() - before)
+
+    def baseline() -> HealthStats | None:
+        if active is None:
+            return None
+        try:
+            engine, grew = load(active, False)
+            return run_goldens(engine, budget, grew)
+        except Exception:  # the active pack itself misbehaves: do not hold the new one to it
+            return None
+
+    def gate(staged: Path, need_mb: int) -> dict[str, float]:
+        before = baseline()  # loaded, measured and dropped before the new pack loads
+        try:
+            engine, grew = load(staged, False)
+        except Exception as exc:
+            raise UpdateRejected("health_gate", f"pack does not load: {exc}") from None
+        stats = run_goldens(engine, budget, grew)
+        check_budget(stats, before, budget)
+        return stats.as_dict()
+
+    return gate
