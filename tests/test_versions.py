@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from model_packs.versions import MAX_LENGTH, Version, VersionError, parse_version
@@ -45,15 +47,17 @@ INVALID = [
     "1.2.3+build..1",
     "1.2.3-+build",
     "1.2.3+build+more",
-    "１.2.3",  # a non-ASCII digit
+    "\uff11.2.3",  # a non-ASCII digit (fullwidth one)
     "1.2.3-é",
     "1.2.3-" + "a" * MAX_LENGTH,  # longer than any version we accept from the wire
 ]
 
 # Each list is in strictly ascending precedence (the SemVer 2.0.0 text's own examples first).
 ASCENDING = [
-    ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11"]
-    + ["1.0.0-rc.1", "1.0.0"],
+    [
+        *("1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2"),
+        *("1.0.0-beta.11", "1.0.0-rc.1", "1.0.0"),
+    ],
     ["1.0.0", "2.0.0", "2.1.0", "2.1.1"],
     ["1.9.0", "1.10.0", "1.11.0"],  # numerically, not as text
     ["0.0.9", "0.0.10", "0.1.0", "1.0.0"],
@@ -93,7 +97,7 @@ def test_a_non_string_is_refused() -> None:
 @pytest.mark.parametrize("chain", ASCENDING, ids=lambda c: " < ".join(c))
 def test_precedence(chain: list[str]) -> None:
     versions = [parse_version(v) for v in chain]
-    for low, high in zip(versions, versions[1:], strict=False):
+    for low, high in itertools.pairwise(versions):
         assert low < high and high > low and low != high, f"{low} < {high}"
     assert sorted(reversed(chain), key=parse_version) == chain
     assert max(reversed(chain), key=parse_version) == chain[-1]
