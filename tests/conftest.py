@@ -52,6 +52,15 @@ def tiny_pack_path(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def tiny_versions(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three releases of the tiny pack (same weights, different versions)."""
+    packs = tmp_path_factory.mktemp("versions")
+    return {
+        v: build_pack(tiny_build_options(tiny_source, packs, version=v)) for v in ("0.0.1", "0.0.2", "0.0.3")
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_pack(tiny_pack_path: Path) -> LoadedPack:
     return load_pack(tiny_pack_path, check_ram=False)
 

@@ -6,6 +6,7 @@ Each attack must be refused with a clear reason while the active pack keeps work
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,17 +34,8 @@ from agent.packs.verify import UpdateRejected
 from fleet.errors import RepositoryError
 from fleet.repository import FleetRepository
 from fleet.serve import RangeHandler, make_server, serve_in_thread
-from model_packs.build.builder import build_pack
 from model_packs.format import verify_pack
-from tests.conftest import agent_config, tiny_build_options
-
-
-@pytest.fixture(scope="session")
-def tiny_versions(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    packs = tmp_path_factory.mktemp("versions")
-    return {
-        v: build_pack(tiny_build_options(tiny_source, packs, version=v)) for v in ("0.0.1", "0.0.2", "0.0.3")
-    }
+from tests.conftest import agent_config
 
 
 class FaultHandler(RangeHandler):
@@ -109,10 +101,21 @@ def fleet(tmp_path: Path, tiny_versions: dict[str, Path]) -> Iterator[Fleet]:
     server.shutdown()
 
 
-def _served_tar(repo: FleetRepository, version: str) -> Path:
+def _served_tar(repo_dir: Path, version: str) -> Path:
     """The file a device downloads for tiny@VERSION (hash-prefixed under consistent snapshots)."""
-    (found,) = (repo.targets_dir / "packs/tiny").glob(f"*{version}.tar")
+    name = re.compile(rf"([0-9a-f]{{64}}\.)?{re.escape(version)}\.tar")
+    (found,) = [p for p in (repo_dir / "targets/packs/tiny").iterdir() if name.fullmatch(p.name)]
     return found
+
+
+def _forge_targets(repo_dir: Path) -> None:
+    """Re-sign the targets metadata a reader fetches with a key nobody trusts."""
+    plain = repo_dir / "metadata/targets.json"
+    md = Metadata.from_file(str(plain))
+    md.signatures.clear()
+    md.sign(CryptoSigner.generate_ed25519())
+    for path in (plain, repo_dir / f"metadata/{md.signed.version}.targets.json"):
+        md.to_file(str(path), JSONSerializer())
 
 
 def _refused(f: Fleet, target: str, reason: str) -> UpdateRejected:
@@ -137,7 +140,7 @@ def test_install_over_http(fleet: Fleet) -> None:
 
 
 def test_tampered_file(fleet: Fleet) -> None:
-    tar = _served_tar(fleet.repo, "0.0.2")
+    tar = _served_tar(fleet.repo.dir, "0.0.2")
     data = bytearray(tar.read_bytes())
     data[2000] ^= 0xFF
     tar.write_bytes(bytes(data))
@@ -207,7 +210,7 @@ def test_mix_and_match(fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: P
     other = FleetRepository(tmp_path / "other", tmp_path / "other-keys")
     other.init()
     other.publish(tiny_versions["0.0.3"])
-    shutil.copyfile(_served_tar(other, "0.0.3"), _served_tar(fleet.repo, "0.0.2"))
+    shutil.copyfile(_served_tar(other.dir, "0.0.3"), _served_tar(fleet.repo.dir, "0.0.2"))
     _refused(fleet, "tiny@0.0.2", "hash_mismatch")
 
 
@@ -469,7 +472,7 @@ def test_sideload_from_a_local_copy_of_the_repository(
     done = sideload("tiny@0.0.2")
     assert done.returncode == 0, done.stderr
     assert "activated" in done.stderr and PackStore(fleet.device).active_version() == "0.0.2"
-    tar = usb / "targets/packs/tiny/0.0.3.tar"
+    tar = _served_tar(usb, "0.0.3")
     tar.write_bytes(tar.read_bytes()[:-10] + b"0123456789")  # a tampered stick
     bad = sideload("tiny@0.0.3")
     assert bad.returncode == 2 and "[hash_mismatch]" in bad.stderr
@@ -580,10 +583,7 @@ def test_sideload_ignores_timestamp_expiry_but_nothing_else(fleet: Fleet, tmp_pa
     )
     stale.refresh_timestamp()  # an old USB copy: its timestamp expired two days ago
     forged = Path(shutil.copytree(fleet.repo.dir, tmp_path / "forged"))
-    md = Metadata.from_file(str(forged / "metadata/targets.json"))
-    md.signatures.clear()
-    md.sign(CryptoSigner.generate_ed25519())
-    md.to_file(str(forged / "metadata/targets.json"), JSONSerializer())
+    _forge_targets(forged)
     with pytest.raises(UpdateRejected) as err:
         offline_updater(
             fleet.store, fleet.device / "tuf", forged.as_uri(), __version__, sideload=True

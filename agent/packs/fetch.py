@@ -18,6 +18,8 @@ from pathlib import Path
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
+from model_packs.fileio import fsync_dir
+
 CHUNK = 1 << 16
 
 
@@ -95,5 +97,6 @@ def download(
                 break
         out.flush()
         os.fsync(out.fileno())
+    fsync_dir(part.parent)  # a new part file's entry too: a power cut keeps what was fsynced
     if have < length:
         raise IncompleteDownload(f"{url}: got {have} of {length} bytes; will resume")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agent.packs.verify import UpdateRejected, check_members
 from model_packs.errors import PackError
+from model_packs.fileio import fsync_dir
 from model_packs.format import Manifest, verify_pack
 
 MAX_PACK_BYTES = 4 << 30
@@ -38,6 +39,7 @@ def unpack(part: Path, staging: Path, name: str, version: str) -> Manifest:
         with tarfile.open(part, "r:") as tar:
             for member in check_members(tar.getmembers(), MAX_PACK_BYTES):
                 _extract(tar, member, staging)
+        fsync_dir(staging)  # the new entries are durable before the rename into a slot
         manifest = verify_pack(staging)
     except PackError as exc:
         raise UpdateRejected("bad_pack", exc.message) from None

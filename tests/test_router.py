@@ -1,0 +1,117 @@
+"""The router on its own: no Agent, no broker. Messages in, replies captured."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from agent.config import AgentConfig, config_from_mapping
+from agent.messages import ReplyTo
+from agent.router import Handlers, Router
+from agent.scheduling import RateLimiter, Scheduler
+from agent.sensors.hub import SensorHub
+from agent.transport import Inbound
+
+
+class Parts:
+    """A router built from real parts, with each handler a recording function."""
+
+    def __init__(self, **cfg: Any) -> None:
+        self.cfg: AgentConfig = config_from_mapping(
+            {
+                "device_id": "r1",
+                "sensors": [{"name": "temperature", "unit": "°C"}],
+                "privileged_clients": ["ops"],
+                **cfg,
+            },
+            env={},
+        )
+        self.replies: list[tuple[str, dict[str, Any]]] = []
+        self.replied = threading.Condition()
+        self.reload_gate = threading.Event()
+        self.updates: list[dict[str, Any]] = []
+        self.hub = SensorHub(self.cfg)
+        self.scheduler = Scheduler(self.cfg.limits)
+        handlers = Handlers(
+            reply=self._reply,
+            status=lambda: {"state": "online"},
+            reload=self._reload,
+            update=lambda data: self.updates.append(data) or "started",  # type: ignore[func-returns-value]
+            pack_info=lambda: {"name": "p", "version": "1.0.0"},
+        )
+        limiter = RateLimiter(self.cfg.limits.rate.per_s, self.cfg.limits.rate.burst)
+        self.router = Router(lambda: self.cfg, self.hub, self.scheduler, limiter, handlers)
+
+    def _reply(self, target: ReplyTo, body: dict[str, Any]) -> None:
+        with self.replied:
+            self.replies.append((target.topic, body))
+            self.replied.notify_all()
+
+    def _reload(self) -> dict[str, Any]:
+        assert self.reload_gate.wait(10), "the test never let the reload finish"
+        return {"reloaded": True}
+
+    def send(self, kind: str, body: dict[str, Any], client: str = "operator") -> None:
+        payload = json.dumps({"v": 1, **body}).encode()
+        self.router.handle(Inbound(self.cfg.topic(kind), payload, "ops/replies", b"c", {"client": client}))
+
+    def reply_to(self, rid: str, timeout_s: float = 10) -> dict[str, Any]:
+        with self.replied:
+            assert self.replied.wait_for(lambda: any(b.get("id") == rid for _, b in self.replies), timeout_s)
+            return next(b for _, b in self.replies if b.get("id") == rid)
+
+
+def test_read_is_answered_from_the_window_at_once() -> None:
+    p = Parts()
+    p.router.handle(Inbound(p.cfg.topic("sensors/temperature"), b"21.5"))
+    p.send("read", {"id": "r", "sensor": "temperature"})
+    reply = p.reply_to("r", 0)
+    assert reply["type"] == "final" and reply["value"] == 21.5 and reply["pack"]["version"] == "1.0.0"
+
+
+def test_query_is_validated_and_queued_for_the_worker() -> None:
+    p = Parts()
+    p.send("query", {"id": "q", "question": "warm?", "max_tokens": 4})
+    job = p.scheduler.next(timeout_s=0)
+    assert job is not None and job.id == "q" and job.client == "operator" and job.reply.topic == "ops/replies"
+    assert not p.replies  # the worker replies, not the router
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "code"),
+    [
+        ("query", {"id": "e", "question": ""}, "bad_request"),
+        ("query", {"id": "e", "question": "x", "max_tokens": 10_000}, "too_large"),
+        ("read", {"id": "e", "sensor": "nope"}, "unknown_sensor"),
+        ("cmd", {"id": "e", "cmd": "reload"}, "forbidden"),
+        ("update", {"id": "e", "rollout_id": "r", "target": "p@1.0.1"}, "forbidden"),
+        ("cmd", {"id": "e", "cmd": "cancel", "target_id": "ghost"}, "bad_request"),
+    ],
+)
+def test_bad_requests_get_their_code(kind: str, body: dict[str, Any], code: str) -> None:
+    p = Parts()
+    p.send(kind, body)
+    assert p.reply_to("e", 0)["code"] == code
+    assert not p.updates
+
+
+def test_updates_are_handed_on_only_for_privileged_clients() -> None:
+    p = Parts()
+    p.send("update", {"id": "u", "rollout_id": "r", "target": "p@1.0.1"}, client="ops")
+    assert p.reply_to("u", 0)["result"] == {"update": "started"}
+    assert [u["target"] for u in p.updates] == ["p@1.0.1"]
+
+
+def test_reads_and_pings_are_answered_while_a_reload_runs() -> None:
+    p = Parts()
+    p.router.handle(Inbound(p.cfg.topic("sensors/temperature"), b"20"))
+    p.send("cmd", {"id": "reload", "cmd": "reload"}, client="ops")  # blocks until the gate opens
+    p.send("read", {"id": "read", "sensor": "temperature"})
+    p.send("cmd", {"id": "ping", "cmd": "ping"})
+    assert p.reply_to("read", 0)["value"] == 20.0 and p.reply_to("ping", 0)["result"]["pong"]
+    assert all(b.get("id") != "reload" for _, b in p.replies)  # still loading
+    p.reload_gate.set()
+    assert p.reply_to("reload")["result"] == {"reloaded": True}
