@@ -10,7 +10,9 @@ from agent.errors import AgentError
 from agent.inference import Engine, GenerationRequest, load_pack
 from agent.inference.sampling import SamplingParams
 from agent.logs import configure_logging
-from agent.transport.client import ClientError
+from agent.transport import MqttError
+from agent.transport.options import add_broker_options, request_client
+from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
 from model_packs.format import default_pack_path
 
@@ -49,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         ("cmd", "send a command"),
     ):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+        add_broker_options(c)
         c.add_argument("--device", required=True)
         c.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
         c.add_argument("--client", default="operator", help="client name for fairness and rate limits")
@@ -164,8 +166,6 @@ def _remote(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from agent.transport.client import RequestClient
-
     if args.command == "query":
         body: dict[str, object] = {"question": args.question, "stream": True}
         for key in ("max_tokens", "temperature", "seed"):
@@ -176,7 +176,7 @@ def _remote(args: argparse.Namespace) -> int:
     else:
         body = {"cmd": args.name, **({"target_id": args.target_id} if args.target_id else {})}
     started = time.monotonic()
-    with RequestClient(args.broker, args.device, protocol=args.protocol, client=args.client) as client:
+    with request_client(args, args.device, args.client, args.protocol) as client:
         reply = client.request(
             args.command,
             body,
@@ -216,23 +216,19 @@ def _show(kind: str, reply: dict[str, object], elapsed_ms: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
-    try:
-        if args.command == "run":
-            return _run(args)
-        if args.command in ("query", "read", "cmd"):
-            return _remote(args)
-        if args.command == "pack":
-            return _pack_install(args)
-        return _ask(args)
-    except (AgentError, PackError) as exc:
-        code = getattr(exc, "reason_code", exc.code)
-        print(f"edge-agent: error [{code}]: {exc.message}", file=sys.stderr)
-        return 2
-    except ClientError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
+    return run_command(
+        "edge-agent", lambda: _dispatch(args), errors=(AgentError, PackError), unreachable=(MqttError,)
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    if args.command in ("query", "read", "cmd"):
+        return _remote(args)
+    if args.command == "pack":
+        return _pack_install(args)
+    return _ask(args)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ import sys
 import uuid
 from pathlib import Path
 
+from agent.logs import configure_logging
+from agent.transport import MqttError
+from agent.transport.options import add_broker_options, request_client
 from fleet.errors import FleetError
 from fleet.repository import FleetRepository
+from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
 
 
@@ -59,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8080)
     upd = sub.add_parser("update").add_subparsers(dest="command", required=True)
     send = upd.add_parser("send", help="publish one rollout instruction to a device")
-    send.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    add_broker_options(send)
     send.add_argument("--device", required=True)
     send.add_argument("--target", required=True)
     send.add_argument("--client", default="fleet", help="client key the agent's privileged_clients allows")
@@ -101,10 +105,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _send_update(args: argparse.Namespace) -> int:
     """One rollout instruction, MQTT 5 with the client key as a user property."""
-    from agent.transport.client import RequestClient
-
+    configure_logging("warning")  # stdout carries the JSON result; connection trouble goes to stderr
     body = {"rollout_id": uuid.uuid4().hex[:12], "target": args.target}
-    with RequestClient(args.broker, args.device, client=args.client) as client:
+    with request_client(args, args.device, args.client) as client:
         reply = client.request("update", body, 30)
     print(json.dumps({**body, "reply": reply}))
     return 0 if reply.get("type") == "final" else 1
@@ -112,11 +115,9 @@ def _send_update(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FleetError, PackError) as exc:
-        print(f"edge-fleet: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return 2
+    return run_command(
+        "edge-fleet", lambda: _run(args), errors=(FleetError, PackError), unreachable=(MqttError,)
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from agent.logs import configure_logging
+from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
 from model_packs.format import DEFAULT_PACK_NAME, DEFAULT_PACK_VERSION, packs_dir, read_manifest, verify_pack
 
@@ -82,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
     handlers = {"build": _build, "inspect": _inspect, "verify": _verify}
-    try:
-        return handlers[args.command](args)
-    except PackError as exc:
-        print(f"edge-pack: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return 2
+    return run_command("edge-pack", lambda: handlers[args.command](args), errors=(PackError,))
 
 
 if __name__ == "__main__":
