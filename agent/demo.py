@@ -17,11 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import MqttConfig
 from agent.localbroker import BrokerUnavailable, LocalBroker
+from agent.logs import configure_logging
+from agent.transport import MqttTransport
 from agent.transport.client import ClientError, RequestClient
 
 DEVICE = "greenhouse-demo"
@@ -39,9 +40,8 @@ SENSORS = [
 
 def simulate(broker: LocalBroker, stop: threading.Event) -> None:
     """Greenhouse readings every 0.5 s: warming air, slowly drying soil, some noise."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="greenhouse-sim")
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
+    sensors = MqttTransport(MqttConfig(url=broker.url), "greenhouse-sim", [], persistent=False)
+    sensors.connect()
     rng, t0 = random.Random(7), time.monotonic()
     while not stop.is_set():
         t = time.monotonic() - t0
@@ -51,10 +51,9 @@ def simulate(broker: LocalBroker, stop: threading.Event) -> None:
             "soil_moisture": 19.0 - 0.02 * t + rng.gauss(0, 0.1),
         }
         for name, value in values.items():
-            client.publish(f"edge/{DEVICE}/sensors/{name}", f"{value:.1f}", qos=1)
+            sensors.publish(f"edge/{DEVICE}/sensors/{name}", f"{value:.1f}")
         stop.wait(0.5)
-    client.loop_stop()
-    client.disconnect()
+    sensors.stop()
 
 
 def _cli(*args: str) -> None:
@@ -63,6 +62,7 @@ def _cli(*args: str) -> None:
 
 
 def main() -> int:
+    configure_logging("warning")  # stdout is the demo's transcript
     try:
         broker = LocalBroker().start()
     except BrokerUnavailable as exc:

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from agent.logs import configure_logging
 from agent.transport.client import RequestClient
 from bench.mqtt import DEVICE, agent_daemon
 
@@ -31,13 +32,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--queries", type=int, default=1000)
     args = p.parse_args()
+    configure_logging("warning")  # stdout carries the one JSON line
     with agent_daemon() as (broker, agent):
         loaded = _status_kb(agent.pid)
         failures, samples = 0, {}
         with RequestClient(broker.url, DEVICE, client="bench") as c:
             for i in range(args.queries):
                 if i % 10 == 0:
-                    c._mqtt.publish(f"edge/{DEVICE}/sensors/temperature", str(20 + i % 7), qos=1)
+                    c.publish(f"edge/{DEVICE}/sensors/temperature", str(20 + i % 7), confirm=False)
                 r = c.request("query", {"question": "How warm is it?", "max_tokens": 8, "seed": i}, 60)
                 failures += r["type"] != "final"
                 if i + 1 in (100, args.queries // 2):

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from agent.localbroker import LocalBroker
+from agent.logs import configure_logging
 from agent.transport.client import ClientError, RequestClient
 
 DEVICE = "bench-dev"
@@ -50,7 +51,7 @@ def _wait_ready(broker: LocalBroker) -> None:
 def measure(broker: LocalBroker, queries: int, reads: int) -> dict[str, float]:
     overhead, engine, read_rt = [], [], []
     with RequestClient(broker.url, DEVICE, client="bench") as c:
-        c._mqtt.publish(f"edge/{DEVICE}/sensors/temperature", "21.5", qos=1).wait_for_publish(5)
+        c.publish(f"edge/{DEVICE}/sensors/temperature", "21.5")
         for i in range(queries + 5):
             t0 = time.perf_counter()
             r = c.request("query", {"question": "How warm is it?", "max_tokens": 8, "seed": i}, 60)
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--reads", type=int, default=300)
     args = p.parse_args()
+    configure_logging("warning")  # stdout carries the one JSON line
     with agent_daemon() as (broker, _):
         result = measure(broker, args.queries, args.reads)
     print(json.dumps({"bench": "mqtt", "qos": 1, "transport": "loopback", **result}))

@@ -1,0 +1,155 @@
+"""The MQTT wrapper itself, against a real mosquitto: properties, sessions, fail-fast connects.
+
+The daemon's side of it (reconnect with backoff, last will, TLS) is covered through the
+agent in test_agent_runtime.py; these tests cover what the operator side relies on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import MqttConfig, ReconnectConfig
+from agent.localbroker import LocalBroker, free_port
+from agent.transport import MqttError, MqttTransport
+
+
+def _transport(
+    url: str,
+    *topics: str,
+    protocol: str = "5",
+    persistent: bool = False,
+    client_id: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> MqttTransport:
+    config = MqttConfig(
+        url=url, protocol=protocol, username=username, password=password, reconnect=ReconnectConfig(0.1, 0.5)
+    )
+    return MqttTransport(config, client_id or f"t-{uuid.uuid4().hex[:8]}", topics, persistent=persistent)
+
+
+def _topic() -> str:
+    return f"test/{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def connected(broker: LocalBroker) -> Iterator[list[MqttTransport]]:
+    """Transports a test connects; all are stopped when it ends."""
+    opened: list[MqttTransport] = []
+    yield opened
+    for t in opened:
+        t.stop()
+
+
+def _open(opened: list[MqttTransport], t: MqttTransport) -> MqttTransport:
+    t.connect(10)
+    opened.append(t)
+    return t
+
+
+def test_publish_carries_the_mqtt5_properties(broker: LocalBroker, connected: list[MqttTransport]) -> None:
+    topic = _topic()
+    listener = _open(connected, _transport(broker.url, topic))
+    sender = _open(connected, _transport(broker.url))
+    sender.publish(
+        topic,
+        b"\x00payload",
+        correlation_data=b"\x00\x01corr",
+        response_topic="ops/replies",
+        user_properties={"client": "ops"},
+        wait_s=5,
+    )
+    got = listener.inbox.get(timeout=10)
+    assert (got.topic, got.payload, got.correlation_data) == (topic, b"\x00payload", b"\x00\x01corr")
+    assert got.response_topic == "ops/replies" and got.user_properties == {"client": "ops"}
+    assert got.v5 and not got.retain
+
+
+def test_a_retained_message_reaches_a_later_subscriber_marked_retained(
+    broker: LocalBroker, connected: list[MqttTransport]
+) -> None:
+    topic = _topic()
+    _open(connected, _transport(broker.url)).publish(topic, b"birth", retain=True, wait_s=5)
+    late = _open(connected, _transport(broker.url, topic))
+    got = late.inbox.get(timeout=10)
+    assert got.payload == b"birth" and got.retain
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_only_a_persistent_session_keeps_what_was_sent_while_away(
+    broker: LocalBroker, connected: list[MqttTransport], protocol: str, persistent: bool
+) -> None:
+    topic, cid = _topic(), f"away-{uuid.uuid4().hex[:8]}"
+    first = _transport(broker.url, topic, protocol=protocol, persistent=persistent, client_id=cid)
+    first.connect(10)
+    first.stop()
+    sender = _open(connected, _transport(broker.url))
+    sender.publish(topic, b"while away", wait_s=5)
+    back = _transport(broker.url, topic, protocol=protocol, persistent=persistent, client_id=cid)
+    _open(connected, back)
+    sender.publish(topic, b"after", wait_s=5)  # QoS 1 from one sender keeps its order
+    got = back.inbox.get(timeout=10).payload
+    assert got == (b"while away" if persistent else b"after")
+
+
+def test_connect_raises_when_nothing_listens() -> None:
+    t = _transport(f"mqtt://127.0.0.1:{free_port()}")
+    with pytest.raises(MqttError) as err:
+        t.connect(10)
+    assert err.value.code == "unreachable" and "cannot reach the broker" in err.value.message
+
+
+def test_connect_is_refused_with_a_wrong_password(tmp_path: Path) -> None:
+    pwfile = tmp_path / "passwords"
+    pwfile.touch()
+    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "ops", "right"], check=True)
+    (tmp_path / "broker").mkdir()
+    with LocalBroker(workdir=tmp_path / "broker", listener_conf=f"password_file {pwfile}\n") as broker:
+        wrong = _transport(broker.url, _topic(), username="ops", password="wrong")
+        with pytest.raises(MqttError) as err:
+            wrong.connect(10)
+        assert err.value.code == "refused"
+        right = _transport(broker.url, _topic(), username="ops", password="right")
+        right.connect(10)
+        assert right.subscribed.is_set()
+        right.stop()
+
+
+def test_a_clean_session_subscribes_again_after_a_broker_restart(tmp_path: Path) -> None:
+    """A restarted broker has no clean session left: the subscription must be renewed."""
+    topic, reconnected = _topic(), threading.Event()
+    broker = LocalBroker(workdir=tmp_path).start()
+
+    def on_connect() -> None:  # runs after the SUBSCRIBEs went out, before their SUBACKs
+        if t.connects > 1:
+            reconnected.set()
+
+    config = MqttConfig(url=broker.url, reconnect=ReconnectConfig(0.1, 0.5))
+    t = MqttTransport(config, "resub", [topic], on_connect=on_connect, persistent=False)
+    try:
+        t.connect(10)
+        broker.stop(kill=True)
+        broker.start()
+        assert reconnected.wait(15), "no reconnect after the broker came back"
+        assert t.subscribed.wait(10), "the subscription was not renewed"
+        sender = _transport(broker.url)
+        sender.connect(10)
+        sender.publish(topic, b"still here", wait_s=5)
+        sender.stop()
+        assert t.inbox.get(timeout=10).payload == b"still here"
+    finally:
+        t.stop()
+        broker.stop()
+
+
+def test_waiting_for_the_puback_fails_loudly_when_not_connected() -> None:
+    t = _transport(f"mqtt://127.0.0.1:{free_port()}")  # never connected
+    with pytest.raises(MqttError):
+        t.publish(_topic(), b"lost", wait_s=1)
