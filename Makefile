@@ -41,6 +41,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # A private mosquitto, the agent with the default pack, simulated greenhouse sensors,
 # three questions and two exact reads through the operator CLI.

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -37,6 +38,19 @@ from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
 
 CAPABILITIES = ["query", "read", "cmd", "stream"]
+# Config read once at start (connections, threads, queues, buckets): a reload reports a change.
+RESTART_KEYS: dict[str, Callable[[AgentConfig], object]] = {
+    "mqtt": lambda c: c.mqtt,
+    "sensors": lambda c: c.sensors,
+    "device_id": lambda c: c.device_id,
+    "state_dir": lambda c: c.state_dir,
+    "log_level": lambda c: c.log_level,
+    "limits.queue_size": lambda c: c.limits.queue_size,
+    "limits.per_client_queue": lambda c: c.limits.per_client_queue,
+    "limits.rate": lambda c: c.limits.rate,
+    "updates.latency_factor": lambda c: c.updates.latency_factor,
+    "updates.ram_budget_mb": lambda c: c.updates.ram_budget_mb,
+}
 
 
 def engine_factory(cfg: PackConfig) -> EngineFactory:
@@ -136,13 +150,14 @@ class Agent:
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and the pack; on any failure both stay as they were.
-        Pack, prompt and limits apply at once; MQTT and sensor changes need a restart."""
+        The pack, prompt, per-request limits and privileged_clients apply at once; what
+        was built from the config at start (see ``RESTART_KEYS``) needs a restart, and the
+        reply lists which of those changed."""
         cfg = load_config(self.config_path) if self.config_path else self.cfg
         result = self.active.reload(engine_factory(cfg.pack))
-        restart = [k for k in ("mqtt", "sensors", "device_id") if getattr(cfg, k) != getattr(self.cfg, k)]
-        self.cfg = dataclasses.replace(
-            cfg, mqtt=self.cfg.mqtt, sensors=self.cfg.sensors, device_id=self.cfg.device_id
-        )
+        restart = [key for key, read in RESTART_KEYS.items() if read(cfg) != read(self.cfg)]
+        kept = {k: getattr(self.cfg, k) for k in ("mqtt", "sensors", "device_id", "state_dir")}
+        self.cfg = dataclasses.replace(cfg, **kept)
         return {**result, "restart_needed_for": restart}
 
     # ------------------------------------------------------------ replies and status

@@ -1,4 +1,4 @@
-"""Bytes <-> validated request and reply values (DESIGN §3 wire details).
+"""Bytes <-> validated request and reply values (the wire contract: docs/protocol.md).
 
 Parsing is pure: it never touches the broker, the engine or the clock. Each failure
 raises an :class:`AgentError` whose code goes on the wire. The request ``id`` is read

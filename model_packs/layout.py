@@ -2,7 +2,7 @@
 own field in the signed root. The fleet writes these and the device reads them, so each
 is defined here once.
 
-- A pack is the TUF target ``packs/{name}/{version}.tar`` (DESIGN §4); an update
+- A pack is the TUF target ``packs/{name}/{version}.tar`` (docs/protocol.md, updates); an update
   instruction names it ``NAME@VERSION``.
 - With consistent snapshots (TUF spec 5.7.3) the file is stored and fetched as
   ``packs/{name}/{HASH}.{version}.tar``: the hash goes on the basename, in the same

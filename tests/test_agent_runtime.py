@@ -325,3 +325,22 @@ def test_reload_of_a_broken_pack_keeps_the_old_one_serving(
         assert "weights.bin" in r["message"]
         q = ops.request("query", {"question": "still ok?", "max_tokens": 3}, 30)
         assert q["type"] == "final" and q["pack"]["name"] == "tiny"
+
+
+def test_reload_applies_the_prompt_and_lists_what_needs_a_restart(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path, start_agent: Any
+) -> None:
+    config = _write_config(tmp_path / "agent.yaml", broker, tiny_pack_path, "rl-dev", privileged_clients=["ops"])
+    ra = start_agent(load_config(config, env={}), broker, config)
+    data = yaml.safe_load(config.read_text())
+    data["prompt"]["max_tokens"] = 3
+    data["limits"] = {"rate": {"per_s": 50.0}, "max_tokens": 64}
+    data["sensors"].append({"name": "humidity", "unit": "%"})
+    config.write_text(yaml.safe_dump(data))
+    with ra.client(client="ops") as ops:
+        result = ops.request("cmd", {"cmd": "reload"}, 30)["result"]
+        assert sorted(result["restart_needed_for"]) == ["limits.rate", "sensors"]
+        answer = ops.request("query", {"question": "warm?"}, 30)
+        assert answer["usage"]["completion_tokens"] <= 3  # the new prompt.max_tokens applies at once
+        too_many = ops.request("query", {"question": "warm?", "max_tokens": 100}, 30)
+        assert too_many["code"] == "too_large" and too_many["limit"] == 64  # and the new limits

@@ -12,8 +12,9 @@ import pytest
 from model_packs.build.builder import build_pack
 from model_packs.build.evaluate import EvalResult, GraphRunner, check_gate
 from model_packs.build.graph import GraphOptions, write_graph
+from model_packs.build.load import load_source
 from model_packs.build.quantize import dequantize_blockwise, quantize_blockwise
-from model_packs.build.source import load_source, unpermute_rotary
+from model_packs.build.source import unpermute_rotary
 from model_packs.errors import PackExistsError, QualityGateError, SourceModelError
 from model_packs.format import read_manifest, verify_pack
 from tests.conftest import tiny_build_options

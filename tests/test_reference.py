@@ -13,7 +13,8 @@ import pytest
 
 from model_packs.build.evaluate import GraphRunner, heldout_text
 from model_packs.build.graph import GraphOptions, write_graph
-from model_packs.build.source import SourceModel, default_gguf_path, load_source
+from model_packs.build.load import load_source
+from model_packs.build.source import SourceModel, default_gguf_path
 
 pytestmark = [pytest.mark.reference, pytest.mark.realpack]
 torch = pytest.importorskip("torch", reason="the reference check needs the build extra (torch)")

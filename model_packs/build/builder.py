@@ -32,7 +32,8 @@ from model_packs.build.evaluate import (
     heldout_text,
 )
 from model_packs.build.graph import EMBED_FILE, MODEL_FILE, EmbedLayout, GraphOptions, write_graph
-from model_packs.build.source import SourceModel, default_gguf_path, load_source
+from model_packs.build.load import load_source
+from model_packs.build.source import SourceModel, default_gguf_path
 from model_packs.errors import PackError, PackExistsError, SourceModelError
 from model_packs.fileio import atomic_write_bytes, fsync_dir, sha256_file
 from model_packs.format import (

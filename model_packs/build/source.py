@@ -72,21 +72,6 @@ def default_gguf_path() -> Path:
     raise SourceModelError(f"{DEFAULT_SOURCE_PACKAGE} is installed but has no {DEFAULT_GGUF_NAME}")
 
 
-def load_source(path: Path, progress: Progress | None = None) -> SourceModel:
-    """Read a GGUF file or an HF directory; raises SourceModelError with the reason."""
-    if not path.exists():
-        raise SourceModelError(f"base model {path} does not exist")
-    if path.is_dir():
-        from model_packs.build.source_hf import load_hf_dir
-
-        return load_hf_dir(path, progress)
-    if path.suffix == ".gguf":
-        from model_packs.build.source_gguf import load_gguf
-
-        return load_gguf(path, progress)
-    raise SourceModelError(f"{path}: expected a .gguf file or a Hugging Face model directory")
-
-
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (interleaved pairs -> HF rotary halves)."""
     rows = w.shape[0]
