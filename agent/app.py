@@ -14,19 +14,17 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
 from typing import Any
 
 from agent import __version__
 from agent.answering import Answerer
-from agent.config import AgentConfig, PackConfig, load_config, systemd_env
+from agent.config import AgentConfig, load_config, restart_needed, systemd_env
 from agent.errors import Cancelled
-from agent.inference import Engine, load_pack
 from agent.messages import ReplyTo, encode, error_reply
 from agent.notify import Notifier
-from agent.packs.active import ActivePack, EngineFactory
+from agent.packs.active import ActivePack, engine_factory
 from agent.packs.fetch import PackFetcher
 from agent.packs.health import HealthBudget
 from agent.packs.service import UpdateService
@@ -38,30 +36,6 @@ from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
 
 CAPABILITIES = ["query", "read", "cmd", "stream"]
-# Config read once at start (connections, threads, queues, buckets): a reload reports a change.
-RESTART_KEYS: dict[str, Callable[[AgentConfig], object]] = {
-    "mqtt": lambda c: c.mqtt,
-    "sensors": lambda c: c.sensors,
-    "device_id": lambda c: c.device_id,
-    "state_dir": lambda c: c.state_dir,
-    "log_level": lambda c: c.log_level,
-    "limits.queue_size": lambda c: c.limits.queue_size,
-    "limits.per_client_queue": lambda c: c.limits.per_client_queue,
-    "limits.rate": lambda c: c.limits.rate,
-    "updates.latency_factor": lambda c: c.updates.latency_factor,
-    "updates.ram_budget_mb": lambda c: c.updates.ram_budget_mb,
-}
-
-
-def engine_factory(cfg: PackConfig) -> EngineFactory:
-    """How a pack directory becomes a serving engine under this config."""
-
-    def open_engine(path: Path, hash_files: bool) -> Engine:
-        return Engine(
-            load_pack(path, hash_files=hash_files), threads=cfg.threads, context_length=cfg.context_length
-        )
-
-    return open_engine
 
 
 class Agent:
@@ -106,7 +80,6 @@ class Agent:
             cfg.mqtt,
             cfg.device_id,
             self.router.subscriptions(),
-            Will(cfg.topic("status"), self._status_doc("offline")),
             on_connect=self._publish_status,
         )
         self._threads = [
@@ -123,6 +96,7 @@ class Agent:
         self.store.converge()
         self.active.boot()
         self.hub.start()
+        self.transport.set_will(self._will())
         self.transport.start()
         for t in self._threads:
             t.start()
@@ -151,11 +125,11 @@ class Agent:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and the pack; on any failure both stay as they were.
         The pack, prompt, per-request limits and privileged_clients apply at once; what
-        was built from the config at start (see ``RESTART_KEYS``) needs a restart, and the
+        was built from the config at start needs a restart (``config.restart_needed``), and the
         reply lists which of those changed."""
         cfg = load_config(self.config_path) if self.config_path else self.cfg
         result = self.active.reload(engine_factory(cfg.pack))
-        restart = [key for key, read in RESTART_KEYS.items() if read(cfg) != read(self.cfg)]
+        restart = restart_needed(self.cfg, cfg)
         kept = {k: getattr(self.cfg, k) for k in ("mqtt", "sensors", "device_id", "state_dir")}
         self.cfg = dataclasses.replace(cfg, **kept)
         return {**result, "restart_needed_for": restart}
@@ -177,11 +151,16 @@ class Agent:
         }
         return json.dumps(doc).encode()
 
+    def _will(self) -> Will:
+        return Will(self.cfg.topic("status"), self._status_doc("offline"))
+
     def _publish_status(self) -> None:
-        """The retained birth document, again on every connect and every state change."""
+        """The retained birth document, again on every connect and every state change; the
+        will follows the pack (the broker takes a new will at the next connect)."""
         transport = getattr(self, "transport", None)
         if transport is not None and transport.connected.is_set():
             transport.publish(self.cfg.topic("status"), self._status_doc(self.active.state), retain=True)
+            transport.set_will(self._will())
 
     def status_report(self) -> dict[str, Any]:
         return {

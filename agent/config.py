@@ -15,7 +15,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,6 +305,26 @@ def systemd_env(env: Mapping[str, str] | None = None) -> SystemdEnv:
     env = os.environ if env is None else env
     usec = env.get("WATCHDOG_USEC", "")
     return SystemdEnv(env.get("NOTIFY_SOCKET") or None, int(usec) if usec.isdigit() else None)
+
+
+# Read once at start (connections, threads, queues, buckets, budgets): a reload reports them.
+_RESTART_KEYS: dict[str, Callable[[AgentConfig], object]] = {
+    "mqtt": lambda c: c.mqtt,
+    "sensors": lambda c: c.sensors,
+    "device_id": lambda c: c.device_id,
+    "state_dir": lambda c: c.state_dir,
+    "log_level": lambda c: c.log_level,
+    "limits.queue_size": lambda c: c.limits.queue_size,
+    "limits.per_client_queue": lambda c: c.limits.per_client_queue,
+    "limits.rate": lambda c: c.limits.rate,
+    "updates.latency_factor": lambda c: c.updates.latency_factor,
+    "updates.ram_budget_mb": lambda c: c.updates.ram_budget_mb,
+}
+
+
+def restart_needed(running: AgentConfig, new: AgentConfig) -> list[str]:
+    """The keys that differ in ``new`` but apply only when the agent starts again."""
+    return [key for key, read in _RESTART_KEYS.items() if read(new) != read(running)]
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> AgentConfig:

@@ -1,11 +1,12 @@
-"""Resident memory of the agent daemon after loading and after 1,000 queries.
+"""Resident memory of the agent daemon after loading, after 1,000 queries and over reloads.
 
 Prints one JSON line. A private mosquitto and ``edge-agent run`` (default pack) run as
 their own processes; this process sends the queries (short answers, a few sensor
-readings in between) and reads the agent's VmRSS/VmHWM from /proc. A leak shows as
-growth between the two readings.
+readings in between), then ``cmd reload`` 10 times (each builds a new engine and must
+release the old one), and reads the agent's VmRSS/VmHWM from /proc. A leak shows as
+growth between the readings.
 
-    python bench/memory.py [--queries 1000]
+    python bench/memory.py [--queries 1000] [--reloads 10]
 """
 
 from __future__ import annotations
@@ -28,9 +29,28 @@ def _status_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def _reloads(c: RequestClient, pid: int, n: int) -> dict[str, object]:
+    """RSS after the first reload and after ``n``: flat when old engines are released."""
+    rss: list[float] = []
+    for _ in range(n):
+        r = c.request("cmd", {"cmd": "reload"}, 120)
+        if r["type"] != "final":
+            raise SystemExit(f"reload failed: {r}")
+        rss.append(round(_status_kb(pid)["VmRSS"] / 1024, 1))
+    if not rss:
+        return {}
+    return {
+        "reloads": n,
+        "rss_after_1_reload_mb": rss[0],
+        f"rss_after_{n}_reloads_mb": rss[-1],
+        "reload_rss_ratio": round(rss[-1] / rss[0], 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--reloads", type=int, default=10)
     args = p.parse_args()
     configure_logging("warning")  # stdout carries the one JSON line
     with agent_daemon() as (broker, agent):
@@ -44,7 +64,8 @@ def main() -> None:
                 failures += r["type"] != "final"
                 if i + 1 in (100, args.queries // 2):
                     samples[i + 1] = round(_status_kb(agent.pid)["VmRSS"] / 1024, 1)
-        after = _status_kb(agent.pid)
+            after = _status_kb(agent.pid)
+            reloads = _reloads(c, agent.pid, args.reloads)
     print(
         json.dumps(
             {
@@ -56,6 +77,7 @@ def main() -> None:
                 "growth_mb": round((after["VmRSS"] - loaded["VmRSS"]) / 1024, 1),
                 "rss_mb_at": samples,  # growth that stops early is warm-up (arenas), steady growth a leak
                 "peak_rss_mb": round(after["VmHWM"] / 1024, 1),
+                **reloads,
             }
         )
     )

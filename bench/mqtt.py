@@ -91,6 +91,7 @@ def agent_daemon() -> Iterator[tuple[LocalBroker, subprocess.Popen[bytes]]]:
                         "sensors": [{"name": "temperature", "unit": "°C"}],
                         "log_level": "warning",
                         "limits": {"rate": {"per_s": 10000.0, "burst": 10000}},
+                        "privileged_clients": ["bench"],  # bench/memory.py reloads the pack
                     }
                 )
             )

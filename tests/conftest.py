@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.app import Agent
 from agent.config import AgentConfig, config_from_mapping
@@ -166,3 +170,34 @@ def start_agent() -> Iterator[Any]:
     yield start
     for ra in started:
         ra.stop()
+
+
+class StatusWatcher:
+    """Subscribes to a device's retained status topic and keeps every document seen."""
+
+    def __init__(self, broker: LocalBroker, topic: str) -> None:
+        self.docs: list[dict[str, Any]] = []
+        self._seen = threading.Condition()
+        self._c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._c.on_message = lambda c, u, m: self._add(json.loads(m.payload))
+        self._c.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
+        self._c.connect("127.0.0.1", broker.port)
+        self._c.loop_start()
+
+    def _add(self, doc: dict[str, Any]) -> None:
+        with self._seen:
+            self.docs.append(doc)
+            self._seen.notify_all()
+
+    def wait_state(self, state: str, timeout_s: float = 15) -> dict[str, Any]:
+        def reached() -> bool:
+            return bool(self.docs) and self.docs[-1]["state"] == state
+
+        with self._seen:
+            if not self._seen.wait_for(reached, timeout_s):
+                raise AssertionError(f"status never became {state}: {self.docs[-3:]}")
+            return self.docs[-1]
+
+    def close(self) -> None:
+        self._c.loop_stop()
+        self._c.disconnect()

@@ -13,41 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.app import Agent
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.localbroker import LocalBroker
 from agent.notify import Notifier
-from tests.conftest import RunningAgent, agent_config
-
-
-class StatusWatcher:
-    """Subscribes to a device's retained status topic and keeps every document seen."""
-
-    def __init__(self, broker: LocalBroker, topic: str) -> None:
-        self.docs: list[dict[str, Any]] = []
-        self._c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self._c.on_message = lambda c, u, m: self.docs.append(json.loads(m.payload))
-        self._c.on_connect = lambda c, u, f, r, p: c.subscribe(topic, qos=1)
-        self._c.connect("127.0.0.1", broker.port)
-        self._c.loop_start()
-
-    def wait_state(self, state: str, timeout_s: float = 15) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.docs and self.docs[-1]["state"] == state:
-                return self.docs[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"status never became {state}: {self.docs[-3:]}")
-
-    def close(self) -> None:
-        self._c.loop_stop()
-        self._c.disconnect()
+from tests.conftest import RunningAgent, StatusWatcher, agent_config
 
 
 def test_broker_restart_agent_reconnects_and_answers_everything(tiny_pack_path: Path, tmp_path: Path) -> None:
@@ -111,7 +85,8 @@ def test_last_will_on_kill_and_offline_on_clean_stop(
         watcher.wait_state("online", 30)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert watcher.wait_state("offline")["device_id"] == "will-dev"  # the broker sent the will
+        will = watcher.wait_state("offline")  # the broker sent the will
+        assert will["device_id"] == "will-dev" and will["pack"]["name"] == "tiny"
         proc = _spawn(config)
         watcher.wait_state("online", 30)
         proc.send_signal(signal.SIGTERM)
@@ -330,7 +305,9 @@ def test_reload_of_a_broken_pack_keeps_the_old_one_serving(
 def test_reload_applies_the_prompt_and_lists_what_needs_a_restart(
     broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path, start_agent: Any
 ) -> None:
-    config = _write_config(tmp_path / "agent.yaml", broker, tiny_pack_path, "rl-dev", privileged_clients=["ops"])
+    config = _write_config(
+        tmp_path / "agent.yaml", broker, tiny_pack_path, "rl-dev", privileged_clients=["ops"]
+    )
     ra = start_agent(load_config(config, env={}), broker, config)
     data = yaml.safe_load(config.read_text())
     data["prompt"]["max_tokens"] = 3

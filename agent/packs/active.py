@@ -28,8 +28,9 @@ from typing import Any
 
 import structlog
 
+from agent.config import PackConfig
 from agent.errors import AgentError, ModelUnavailable, Timeout
-from agent.inference import Engine
+from agent.inference import Engine, load_pack
 from agent.inference.pack import available_ram_mb
 from agent.packs.health import HealthBudget, HealthStats, check_budget, probe, rss_mb, run_goldens
 from agent.packs.store import PackStore
@@ -42,6 +43,16 @@ CRASH_LOOP_BOOTS = 3
 
 # (pack directory, hash its files?) -> a serving engine; raises PackError or AgentError
 EngineFactory = Callable[[Path, bool], Engine]
+
+
+def engine_factory(cfg: PackConfig) -> EngineFactory:
+    """How a pack directory becomes a serving engine under this config."""
+
+    def open_engine(path: Path, hash_files: bool) -> Engine:
+        pack = load_pack(path, hash_files=hash_files)
+        return Engine(pack, threads=cfg.threads, context_length=cfg.context_length)
+
+    return open_engine
 
 
 def release_memory() -> None:

@@ -145,6 +145,11 @@ class MqttTransport:
         client.on_socket_open = self._handle_socket_open
         return client
 
+    def set_will(self, will: Will) -> None:
+        """Replace the last will; the broker takes it at the next CONNECT (MQTT cannot change
+        the will of a live connection), so set it before :meth:`start` for the first one."""
+        self._client.will_set(will.topic, will.payload, qos=1, retain=True)
+
     @staticmethod
     def _set_delay(client: mqtt.Client, seconds: float) -> None:
         """Fix paho's next reconnect wait to ``seconds`` (our backoff decides, with jitter);
