@@ -6,7 +6,6 @@ import json
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,7 +137,7 @@ class RunningAgent:
         self.agent = Agent(cfg, config_path=config_path)
         self.agent.start()
         assert self.agent.transport.wait_connected(10), "agent did not connect"
-        time.sleep(0.1)  # let its SUBSCRIBEs land before tests publish
+        assert self.agent.transport.subscribed.wait(10), "its SUBSCRIBEs were not acknowledged"
 
     def client(self, **kwargs: Any) -> RequestClient:
         return RequestClient(self.broker.url, self.cfg.device_id, **kwargs)

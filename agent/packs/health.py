@@ -4,6 +4,15 @@ The same rule serves the health gate before a switch (every golden prompt, withi
 latency and memory budget relative to the active pack measured just before) and the
 first probe after it (the first golden prompt). Nothing here loads or switches packs:
 callers hand in an engine and get numbers or an :class:`UpdateRejected`.
+
+Goldens are judged teacher-forced, never by replaying one greedy string: the prompt and
+the token ids the build recorded are fed in one pass, and at each position the recorded
+token must stay among the device's ``golden_top_k`` most likely tokens. Exact greedy
+output depends on CPU features and onnxruntime version (a Pi 4 without dot-product
+instructions computes 8-bit MatMulNBits in fp32 and flipped the first token of a golden
+whose margin was 0.21 on x86), while a broken pack (wrong weights, wrong tokenizer,
+truncated file) drops the recorded tokens far down the ranking. ``bench/golden_drift.py``
+measures both sides of that line.
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from agent.inference import Engine, GenerationRequest
-from agent.packs.verify import UpdateRejected, golden_agreement
+from agent.packs.verify import UpdateRejected
+from model_packs.format import Golden
 
 
 @dataclass(frozen=True)
@@ -23,7 +35,14 @@ class HealthBudget:
     latency_slack_ms: float = 5.0  # ... plus this (tiny packs' timings are mostly noise)
     memory_factor: float = 2.0  # the new pack's RSS growth at load vs the active pack's ...
     memory_slack_mb: float = 64.0  # ... plus this
-    golden_tokens: int = 16
+    golden_tokens: int = 16  # greedy tokens timed per golden prompt (latency only)
+    # Teacher-forced, a recorded golden token must stay among the device's top_k at a share of
+    # positions of at least golden_min_share (or the golden's own min_match, if higher).
+    # bench/golden_drift.py on the default pack: as built and with fp32 compute (a core
+    # without dot-product) every token is within the top 2; scrambled weights put none in
+    # the top 5. The tokenizer is checked exactly (_check_tokenizer).
+    golden_top_k: int = 5
+    golden_min_share: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -49,24 +68,51 @@ def rss_mb() -> float:
     return resident * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def golden_agreement(engine: Engine, golden: Golden, top_k: int) -> float:
+    """Teacher-forced: the share of the recorded tokens that stay among the device's
+    ``top_k`` most likely next tokens, each position seeing the recorded ones before it."""
+    if not golden.token_ids:
+        return 1.0
+    prompt = engine.prompt_ids(golden.prompt)
+    logits = engine.logits_for(prompt + list(golden.token_ids))
+    rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(golden.token_ids)]
+    want = np.asarray(golden.token_ids)
+    above = (rows > rows[np.arange(len(want)), want][:, None]).sum(axis=1)  # tokens ranked higher
+    finite = np.isfinite(rows).all(axis=1)  # NaN compares false: a corrupt pack must not pass
+    return float(((above < top_k) & finite).mean())
+
+
+def _check_tokenizer(engine: Engine, golden: Golden) -> None:
+    """Teacher forcing feeds token ids, so a wrong tokenizer would slip past it: the
+    recorded ids must decode to the recorded text (exact, no floating point involved)."""
+    if engine.tokenizer.decode(list(golden.token_ids)) != golden.text:
+        raise UpdateRejected(
+            "health_gate",
+            f"golden prompt {golden.prompt!r}: the tokenizer does not decode the recorded tokens "
+            "to the recorded text",
+        )
+
+
 def run_goldens(
     engine: Engine, budget: HealthBudget, load_rss_mb: float, first_only: bool = False
 ) -> HealthStats:
-    """Replay the manifest's golden prompts greedily; raise when one does not reproduce
-    its recorded tokens to ``min_match``."""
+    """Judge every golden prompt teacher-forced (raise when one agrees below its
+    ``min_match``) and time a short greedy decode of each for the latency budget."""
     golden = engine.pack.manifest.golden[:1] if first_only else engine.pack.manifest.golden
     worst, ms_per_token = 1.0, []
     for g in golden:
-        n = min(len(g.token_ids), budget.golden_tokens)
-        done = engine.generate(GenerationRequest(engine.prompt_ids(g.prompt), n))
-        score = golden_agreement(done.token_ids, g.token_ids[:n])
+        _check_tokenizer(engine, g)
+        score = golden_agreement(engine, g, budget.golden_top_k)
         worst = min(worst, score)
-        if score < g.min_match:
+        need = max(g.min_match, budget.golden_min_share)
+        if score < need:
             raise UpdateRejected(
                 "health_gate",
-                f"golden prompt {g.prompt!r}: {score:.2f} of the recorded tokens reproduced, "
-                f"{g.min_match} needed",
+                f"golden prompt {g.prompt!r}: {score:.2f} of the recorded tokens are among this "
+                f"device's top {budget.golden_top_k}, {need} needed",
             )
+        n = min(len(g.token_ids), budget.golden_tokens)
+        done = engine.generate(GenerationRequest(engine.prompt_ids(g.prompt), max(1, n)))
         ms_per_token.append(done.usage.total_s * 1000 / max(1, len(done.token_ids)))
     return HealthStats(worst, sum(ms_per_token) / max(1, len(ms_per_token)), load_rss_mb)
 

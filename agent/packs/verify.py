@@ -1,4 +1,4 @@
-"""Pure checks on what an update delivers: tar members, golden outputs. No IO here."""
+"""Pure checks on what an update delivers (tar members). No IO here."""
 
 from __future__ import annotations
 
@@ -31,13 +31,3 @@ def check_members(members: Iterable[tarfile.TarInfo], max_bytes: int) -> list[ta
     if not any(m.name == "manifest.json" for m in out):
         raise UpdateRejected("bad_pack", "pack has no manifest.json at its root")
     return out
-
-
-def golden_agreement(got: list[int], want: tuple[int, ...]) -> float:
-    """Share of the recorded greedy tokens reproduced before the first difference."""
-    lead = 0
-    for a, b in zip(got, want, strict=False):
-        if a != b:
-            break
-        lead += 1
-    return lead / len(want) if want else 1.0
