@@ -25,7 +25,7 @@ import json, resource, sys, time
 from pathlib import Path
 from agent import __version__
 from agent.packs.store import PackStore
-from agent.packs.updater import PackUpdater, provision_trust
+from agent.packs.updater import offline_updater, provision_trust
 device, url, root, stop_at = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 class Stop(Exception):
     pass
@@ -39,7 +39,7 @@ t0 = time.perf_counter()
 def on_event(e):
     marks.setdefault(e.state, time.perf_counter() - t0)
 try:
-    PackUpdater(PackStore(device), device / "tuf", url, __version__, on_event=on_event, hook=hook).install(
+    offline_updater(PackStore(device), device / "tuf", url, __version__, on_event=on_event, hook=hook).install(
         sys.argv[5])
 except Stop:
     pass

@@ -21,12 +21,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from agent.inference import Engine, GenerationRequest
 from agent.packs.verify import UpdateRejected
-from model_packs.format import Golden
+
+if TYPE_CHECKING:
+    from agent.inference import Engine
+    from model_packs.format import Golden
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ def rss_mb() -> float:
 def golden_agreement(engine: Engine, golden: Golden, top_k: int) -> float:
     """Teacher-forced: the share of the recorded tokens that stay among the device's
     ``top_k`` most likely next tokens, each position seeing the recorded ones before it."""
+    import numpy as np  # here, not at import: the download path of an update stays light
+
     if not golden.token_ids:
         return 1.0
     prompt = engine.prompt_ids(golden.prompt)
@@ -98,6 +101,8 @@ def run_goldens(
 ) -> HealthStats:
     """Judge every golden prompt teacher-forced (raise when one agrees below its
     ``min_match``) and time a short greedy decode of each for the latency budget."""
+    from agent.inference import GenerationRequest  # onnxruntime: only once a pack is judged
+
     golden = engine.pack.manifest.golden[:1] if first_only else engine.pack.manifest.golden
     worst, ms_per_token = 1.0, []
     for g in golden:

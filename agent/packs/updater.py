@@ -15,13 +15,12 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 
-from agent.inference import Engine, load_pack
 from agent.packs import metadata
 from agent.packs.decide import Plan, decide, parse_target
 from agent.packs.fetch import IncompleteDownload, PackFetcher, UrlFetcher, download
@@ -29,6 +28,9 @@ from agent.packs.health import HealthBudget, offline_gate
 from agent.packs.stage import unpack
 from agent.packs.store import PackStore
 from agent.packs.verify import UpdateRejected
+
+if TYPE_CHECKING:
+    from agent.inference import Engine
 
 log = structlog.get_logger("edge_agent.update")
 
@@ -175,6 +177,8 @@ def offline_updater(
     loads the active pack for its baseline, then the staged one, each in its own engine."""
 
     def open_engine(path: Path, hash_files: bool) -> Engine:
+        from agent.inference import Engine, load_pack  # onnxruntime: only once a pack is judged
+
         return Engine(load_pack(path, hash_files=hash_files), threads=threads)
 
     gate = offline_gate(open_engine, store.active_path(), budget or HealthBudget())
