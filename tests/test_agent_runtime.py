@@ -37,12 +37,9 @@ def test_broker_restart_agent_reconnects_and_answers_everything(tiny_pack_path: 
             broker.start()
             replies = [c.wait(rid, 30) for rid in ids]
             assert all(r["type"] in ("final", "error") for r in replies)
-            deadline = time.monotonic() + 15
-            while ra.agent.transport.connects < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert ra.agent.transport.connects >= 2
             after = c.request("query", {"question": "still there?", "max_tokens": 4}, 30)
             assert after["type"] == "final"
+            assert ra.agent.transport.connects >= 2  # answered after the restart: it reconnected
         watcher.close()
         watcher = StatusWatcher(broker, ra.cfg.topic("status"))  # a new subscriber sees the retained doc
         assert watcher.wait_state("online")["device_id"] == ra.cfg.device_id

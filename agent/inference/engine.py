@@ -111,33 +111,36 @@ class Engine:
         """Dequantize the embedding rows of ``ids`` from the int8 table: [len(ids), hidden]."""
         return self.pack.embedding.rows(ids)
 
-    def _forward(self, ids: list[int], start: int, all_logits: bool) -> np.ndarray:
-        """Run ``ids`` at positions start.. against the cache; return logits [n, vocab]."""
+    def _forward(self, ids: list[int], start: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Run ``ids`` at positions start.. against the cache; return logits [len(rows), vocab]
+        for the chosen rows of ``ids`` (default: the last one, what decoding needs)."""
         total = start + len(ids)
         b = self._binding
         b.bind_cpu_input("inputs_embeds", self.embed(ids)[None])
-        positions = np.arange(len(ids), dtype=np.int64) if all_logits else np.array([len(ids) - 1], np.int64)
+        positions = np.array([len(ids) - 1], np.int64) if rows is None else rows.astype(np.int64)
         b.bind_cpu_input("logits_index", positions)
         b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        if all_logits:
-            out = np.empty((1, len(ids), self.arch.vocab_size), dtype=np.float32)
-            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
-        else:
+        if rows is None:
             out = self._logits_one
             b.bind_ortvalue_output("logits", self._logits_one_ort)
+        else:
+            out = np.empty((1, len(positions), self.arch.vocab_size), dtype=np.float32)
+            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
         self._session.run_with_iobinding(b)
         return np.asarray(out[0])
 
-    def logits_for(self, ids: list[int]) -> np.ndarray:
-        """Teacher-forced logits for every position of ``ids`` (evaluation, tests)."""
+    def logits_for(self, ids: list[int], rows: list[int] | None = None) -> np.ndarray:
+        """Teacher-forced logits at ``rows`` of ``ids`` (default: every position): the LM
+        head runs only for the rows asked, so a health check pays for the answer only."""
         if not 0 < len(ids) <= self.context_length:
             raise TooLarge(
                 f"{len(ids)} tokens do not fit the context of {self.context_length}",
                 limit=self.context_length,
             )
+        wanted = np.arange(len(ids)) if rows is None else np.asarray(rows)
         with self._lock:
-            return self._forward(ids, 0, all_logits=True).copy()
+            return self._forward(ids, 0, wanted).copy()
 
     # ------------------------------------------------------------ generation
 
@@ -214,7 +217,7 @@ class _Run:
         return None
 
     def _forward(self, ids: list[int], start: int) -> np.ndarray:
-        logits = self.engine._forward(ids, start, all_logits=False)
+        logits = self.engine._forward(ids, start)
         if self.req.observe_logits is not None:
             self.req.observe_logits(logits[-1])
         return logits

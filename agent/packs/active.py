@@ -14,11 +14,7 @@ loaded again only when it had to be unloaded for room and the new one failed.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +28,16 @@ from agent.config import PackConfig
 from agent.errors import AgentError, ModelUnavailable, Timeout
 from agent.inference import Engine, load_pack
 from agent.inference.pack import available_ram_mb
-from agent.packs.health import HealthBudget, HealthStats, check_budget, probe, rss_mb, run_goldens
+from agent.packs.health import (
+    HealthBudget,
+    HealthStats,
+    baseline,
+    check_budget,
+    probe,
+    release_memory,
+    rss_mb,
+    run_goldens,
+)
 from agent.packs.store import PackStore
 from agent.packs.verify import UpdateRejected
 from model_packs.errors import PackError
@@ -53,17 +58,6 @@ def engine_factory(cfg: PackConfig) -> EngineFactory:
         return Engine(pack, threads=cfg.threads, context_length=cfg.context_length)
 
     return open_engine
-
-
-def release_memory() -> None:
-    """Collect the dropped engine now and hand freed heap back to the OS: without
-    ``malloc_trim`` glibc keeps onnxruntime's freed arenas, and repeated reloads grew RSS
-    from about 300 MB to over 700 MB."""
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-            ctypes.CDLL(name).malloc_trim(0)
 
 
 @dataclasses.dataclass
@@ -314,7 +308,7 @@ class ActivePack:
         and the RSS its load added; None when nothing serves."""
         try:
             with self.serving() as engine:
-                return run_goldens(engine, self.budget, self._load_rss_mb)
+                return baseline(engine, self.budget, self._load_rss_mb)
         except (ModelUnavailable, UpdateRejected):
             return None  # the active pack itself misbehaves: do not hold the new one to it
 

@@ -29,8 +29,19 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
     fd = os.open(dest / member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with src, os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(src, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
+
+
+def _make_durable(staging: Path) -> None:
+    """fsync every unpacked file, then the directory: a power cut after the switch must
+    find the slot's bytes, not a file of zeros. Done after all writes, so the kernel writes
+    back one file while the next one is still being unpacked."""
+    for path in staging.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(staging)
 
 
 def unpack(part: Path, staging: Path, name: str, version: str) -> Manifest:
@@ -39,7 +50,7 @@ def unpack(part: Path, staging: Path, name: str, version: str) -> Manifest:
         with tarfile.open(part, "r:") as tar:
             for member in check_members(tar.getmembers(), MAX_PACK_BYTES):
                 _extract(tar, member, staging)
-        fsync_dir(staging)  # the new entries are durable before the rename into a slot
+        _make_durable(staging)
         manifest = verify_pack(staging)
     except PackError as exc:
         raise UpdateRejected("bad_pack", exc.message) from None
