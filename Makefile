@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-installed
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
-.PHONY: install pack test test-fast lint demo bench bench-mqtt mosquitto clean-cache
+.PHONY: install pack test test-fast test-arm64 lint demo bench bench-mqtt mosquitto clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,20 @@ mosquitto:
 
 test: pack mosquitto
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The device side on emulated arm64 boards (Pi 4: Cortex-A72, Pi 5: Cortex-A76) under qemu-user:
+# a Debian bookworm root with its own python3, the device install from aarch64 wheels, `edge-agent
+# ask` and signed sideloads through the health gate. Needs root; cached in $(EDGE_SLM_CACHE)/arm64.
+# Options through ARM64_ARGS, e.g. ARM64_ARGS="--cpu cortex-a76 --case good" (see --help).
+ARM64_ARGS ?=
+test-arm64: pack
+	@command -v qemu-aarch64-static >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 \
+	  && [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      qemu-user-static debootstrap debian-archive-keyring) >/dev/null; \
+	  else echo "test-arm64 needs root and: sudo apt-get install -y qemu-user-static debootstrap"; exit 1; fi; }
+	$(BIN)/python tests/arm64/harness.py $(ARM64_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not realpack" $(PYTEST_ARGS)
