@@ -39,8 +39,8 @@ t0 = time.perf_counter()
 def on_event(e):
     marks.setdefault(e.state, time.perf_counter() - t0)
 try:
-    offline_updater(PackStore(device), device / "tuf", url, __version__, on_event=on_event, hook=hook).install(
-        sys.argv[5])
+    up = offline_updater(PackStore(device), device / "tuf", url, __version__, on_event=on_event, hook=hook)
+    up.install(sys.argv[5])
 except Stop:
     pass
 total = time.perf_counter() - t0
