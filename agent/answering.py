@@ -46,8 +46,12 @@ class Answerer:
         """Serve until ``stopping`` is set."""
         while not stopping.is_set():
             job = self.scheduler.next(timeout_s=0.5)
-            if job is not None:
+            if job is None:
+                continue
+            try:
                 self.serve(job)
+            except Exception:  # serve() already answered; nothing may stop the worker
+                log.exception("worker_failed", id=job.id)
 
     def serve(self, job: Job) -> None:
         """Answer one job; never leaves it without a reply."""

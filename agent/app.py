@@ -18,6 +18,8 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+import structlog
+
 from agent import __version__
 from agent.answering import Answerer
 from agent.config import AgentConfig, load_config, restart_needed, systemd_env
@@ -35,6 +37,7 @@ from agent.sensors.hub import SensorHub
 from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
 
+log = structlog.get_logger("edge_agent")
 CAPABILITIES = ["query", "read", "cmd", "stream"]
 
 
@@ -50,6 +53,7 @@ class Agent:
         env = systemd_env()
         self.notifier = notifier or Notifier(env.notify_socket, env.watchdog_usec)
         self.started = time.monotonic()
+        self.handler_failures = self.reply_failures = 0  # counted, reported by `cmd status`
         self.stopping = threading.Event()
         self.hub = SensorHub(cfg)
         self.scheduler = Scheduler(cfg.limits)
@@ -137,7 +141,13 @@ class Agent:
     # ------------------------------------------------------------ replies and status
 
     def reply(self, target: ReplyTo, body: dict[str, Any]) -> None:
-        self.transport.publish(target.topic, encode(body), correlation_data=target.correlation_data)
+        """Publish a reply; a publish that fails (a topic paho refuses) is logged and
+        counted, never raised into the dispatcher or the worker."""
+        try:
+            self.transport.publish(target.topic, encode(body), correlation_data=target.correlation_data)
+        except Exception as exc:
+            self.reply_failures += 1
+            log.warning("reply_failed", topic=repr(target.topic)[:200], reason=repr(exc)[:200])
 
     def _status_doc(self, state: str) -> bytes:
         doc = {
@@ -174,6 +184,7 @@ class Agent:
             "sensors": self.hub.summary(),
             "packs": self.active.store_report(),
             "mqtt_connects": self.transport.connects,
+            "failures": {"handler": self.handler_failures, "reply": self.reply_failures},
         }
 
     # ------------------------------------------------------------ dispatcher
@@ -182,12 +193,20 @@ class Agent:
         next_tick = 0.0
         while not self.stopping.is_set():
             with contextlib.suppress(Empty):
-                self.router.handle(self.transport.inbox.get(timeout=0.5))
+                msg = self.transport.inbox.get(timeout=0.5)
+                try:
+                    self.router.handle(msg)
+                except Exception:  # no message may stop the dispatcher
+                    self.handler_failures += 1
+                    log.exception("dispatch_failed", topic=msg.topic[:200])
             now = time.monotonic()
             if now >= next_tick and self._worker_healthy(now):
                 self.notifier.watchdog()
                 next_tick = now + (self.notifier.watchdog_interval_s or 5.0)
 
     def _worker_healthy(self, now: float) -> bool:
-        """A query running far past its deadline means a hung engine: stop feeding the watchdog."""
+        """A dead worker, or a query running far past its deadline (a hung engine): stop
+        feeding the watchdog, so systemd restarts the agent."""
+        if not self._threads[1].is_alive():
+            return False
         return all(now < job.deadline + 30.0 for job in list(self.scheduler.running.values()))

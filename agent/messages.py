@@ -68,8 +68,10 @@ def decode_json(payload: bytes, limits: Limits) -> dict[str, Any]:
         )
     try:
         data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, int over 4300 digits
         raise BadJson(f"payload is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise BadJson("payload nests too deeply") from None
     if not isinstance(data, dict):
         raise BadJson("payload must be a JSON object")
     return data
@@ -137,13 +139,20 @@ def parse_query(data: dict[str, Any], limits: Limits) -> QueryRequest:
         id=rid,
         question=question,
         max_tokens=max_tokens,
-        temperature=None if temperature is None else float(temperature),
-        top_p=None if top_p is None else float(top_p),
+        temperature=_float("temperature", temperature),
+        top_p=_float("top_p", top_p),
         top_k=_opt(data, "top_k", int),
         seed=_opt(data, "seed", int),
         stop=tuple(stop),
         stream=stream,
     )
+
+
+def _float(key: str, value: int | float | None) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        raise BadRequest(f"{key} is out of range") from None
 
 
 def parse_read(data: dict[str, Any]) -> ReadRequest:
@@ -191,7 +200,7 @@ def reply_to(
     topic = response_topic or (data.get("reply_to") if data else None)
     if topic is None:
         return ReplyTo(fallback, correlation), None
-    if not isinstance(topic, str) or not _NO_WILDCARDS.match(topic) or topic in forbidden:
+    if not isinstance(topic, str) or not _NO_WILDCARDS.match(topic) or topic in forbidden or not _utf8(topic):
         return ReplyTo(fallback, correlation), BadRequest(f"reply topic {topic!r} is not allowed")
     return ReplyTo(topic, correlation), None
 
@@ -200,6 +209,15 @@ def require_privileged(action: str, client: str, allowed: tuple[str, ...]) -> No
     """The one privilege check (updates, reload): the client key must be allow-listed."""
     if client not in allowed:
         raise Forbidden(f"{action}: privileged, and client {client!r} is not in privileged_clients")
+
+
+def _utf8(text: str) -> bool:
+    """MQTT topics are UTF-8: a lone surrogate (valid in JSON, not in UTF-8) is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def client_key(user_properties: dict[str, str], data: dict[str, Any] | None, reply: ReplyTo) -> str:

@@ -314,3 +314,26 @@ def test_model_output_only_ever_reaches_the_reply_topic(running_agent: RunningAg
     finally:
         probe.stop()
     assert first.payload == b"probe" and not first.retain, "a retained message sits on the reply topic"
+
+
+POISON = [
+    ("sensors/temperature", b"1" * 400),  # an integer no float holds
+    ("sensors/temperature", b"[" * 2000),  # nesting past the recursion limit
+    ("sensors/temperature", b"9" * 5000),  # past Python's 4,300-digit int limit
+    ("query", b'{"v":1,"id":"s1","question":"x","reply_to":"a\\ud800"}'),  # a lone surrogate topic
+    ("read", b'{"v":1,"id":"s2","sensor":"temperature","reply_to":"\\udfff"}'),
+    ("query", b'{"v":1,"id":"s3","question":"x","temperature":1' + b"0" * 400 + b"}"),
+    ("cmd", b"[" * 5000),
+]
+
+
+@pytest.mark.parametrize(
+    ("leaf", "payload"), POISON, ids=[f"{leaf}-{i}" for i, (leaf, _) in enumerate(POISON)]
+)
+def test_no_single_message_stops_the_agent(running_agent: RunningAgent, leaf: str, payload: bytes) -> None:
+    running_agent.publish(leaf, payload)
+    with running_agent.client() as c:
+        assert c.request("cmd", {"cmd": "ping"}, 10)["type"] == "final"  # the dispatcher lives
+        answer = c.request("query", {"question": "still there?", "max_tokens": 3}, 30)
+        assert answer["type"] == "final", answer  # and so does the worker
+        assert c.request("read", {"sensor": "temperature"}, 10)["type"] == "final"

@@ -28,13 +28,16 @@ def parse_payload(payload: bytes) -> float:
     """A bare number or ``{"value": n, "unit"?, "ts"?}``; anything else is a BadReading."""
     try:
         data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSON, int over 4300 digits
         raise BadReading(f"not a number or JSON object: {payload[:40]!r}") from None
     if isinstance(data, dict):
         data = data.get("value")
     if isinstance(data, bool) or not isinstance(data, int | float):
         raise BadReading(f"reading has no numeric value: {payload[:40]!r}")
-    return _finite(float(data))
+    try:
+        return _finite(float(data))
+    except OverflowError:  # an integer too large for a float
+        raise BadReading(f"reading is out of range: {payload[:40]!r}") from None
 
 
 def _finite(value: float) -> float:
