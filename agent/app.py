@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 import structlog
 
-from agent import __version__
 from agent.answering import Answerer
 from agent.config import AgentConfig, load_config, restart_needed, systemd_env
 from agent.errors import Cancelled
@@ -34,11 +32,11 @@ from agent.packs.store import PackStore
 from agent.router import Handlers, Router
 from agent.scheduling import RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
+from agent.status import status_document
 from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
 
 log = structlog.get_logger("edge_agent")
-CAPABILITIES = ["query", "read", "cmd", "stream"]
 
 
 class Agent:
@@ -150,16 +148,7 @@ class Agent:
             log.warning("reply_failed", topic=repr(target.topic)[:200], reason=repr(exc)[:200])
 
     def _status_doc(self, state: str) -> bytes:
-        doc = {
-            "v": 1,
-            "state": state,
-            "device_id": self.cfg.device_id,
-            "pack": self.active.info(),
-            "capabilities": CAPABILITIES,
-            "agent_version": __version__,
-            "ts": time.time(),
-        }
-        return json.dumps(doc).encode()
+        return status_document(self.cfg.device_id, state, self.active.info())
 
     def _will(self) -> Will:
         return Will(self.cfg.topic("status"), self._status_doc("offline"))
