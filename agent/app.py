@@ -74,7 +74,7 @@ class Agent:
             fetcher,
         )
         handlers = Handlers(
-            self.reply, self.status_report, self.reload, self.updates.handle, self.active.info
+            self.reply, self.status_report, self.reload, self.updates.handle, self.active.info, self._refused
         )
         self.router = Router(lambda: self.cfg, self.hub, self.scheduler, self.limiter, handlers)
         self.answerer = Answerer(self.active, self.scheduler, self.hub, lambda: self.cfg, self.reply)
@@ -149,6 +149,10 @@ class Agent:
 
     def _status_doc(self, state: str) -> bytes:
         return status_document(self.cfg.device_id, state, self.active.info())
+
+    def _refused(self, topic: str, why: str) -> None:
+        self.reply_failures += 1
+        log.warning("reply_topic_refused", topic=repr(topic)[:200], reason=why)
 
     def _will(self) -> Will:
         return Will(self.cfg.topic("status"), self._status_doc("offline"))

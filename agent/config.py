@@ -140,6 +140,13 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class RepliesConfig:
+    # MQTT filters a requester's reply topic must match. Never a device's tree, a `$` topic or
+    # a wildcard, whatever is listed: the agent must not publish where the requester may not.
+    allowed_topics: tuple[str, ...] = ("edge-ops/#",)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -148,6 +155,7 @@ class AgentConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sensors: tuple[SensorConfig, ...] = ()
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
+    replies: RepliesConfig = field(default_factory=RepliesConfig)
     privileged_clients: tuple[str, ...] = ()
     state_dir: str = "/var/lib/edge-agent"
     log_level: str = "info"
@@ -241,10 +249,22 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"pack.path: {cfg.pack.path} is not a directory")
     if cfg.updates.trusted_root is not None and not Path(cfg.updates.trusted_root).is_file():
         raise ConfigError(f"updates.trusted_root: file {cfg.updates.trusted_root} does not exist")
+    for i, pattern in enumerate(cfg.replies.allowed_topics):
+        if not _valid_filter(pattern) or pattern.startswith("$"):
+            raise ConfigError(f"replies.allowed_topics[{i}]: {pattern!r} is not an MQTT topic filter")
     for name in ("queue_size", "per_client_queue", "max_payload_bytes", "max_tokens"):
         if getattr(cfg.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be >= 1")
     _check_sensors(cfg.sensors)
+
+
+def _valid_filter(pattern: str) -> bool:
+    """An MQTT topic filter: '+' fills a whole level, '#' only as the whole last level."""
+    levels = pattern.split("/")
+    for i, level in enumerate(levels):
+        if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
+            return False
+    return bool(pattern) and "\x00" not in pattern
 
 
 def _check_sensors(sensors: tuple[SensorConfig, ...]) -> None:

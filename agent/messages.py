@@ -184,24 +184,54 @@ def parse_cmd(data: dict[str, Any]) -> CmdRequest:
     return CmdRequest(rid, cmd, target if isinstance(target, str) else None)
 
 
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter matching: ``+`` is one level, a final ``#`` any number (also none)."""
+    pat, top = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(pat):
+        if level == "#":
+            return True
+        if i >= len(top) or (level != "+" and level != top[i]):
+            return False
+    return len(pat) == len(top)
+
+
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """Where a requester may have its replies published: a topic matching ``allowed``,
+    outside every device's tree (``device_trees``), never ``$``, wildcards or non-UTF-8."""
+
+    allowed: tuple[str, ...]
+    device_trees: tuple[str, ...]  # e.g. "edge/+/#" from the topic root template
+
+    def refusal(self, topic: object) -> str | None:
+        """Why ``topic`` may not be used, or None when it may."""
+        if not isinstance(topic, str) or not topic or len(topic) > 256:
+            return "not a topic of 1-256 characters"
+        if not _utf8(topic) or not _NO_WILDCARDS.match(topic) or topic.startswith("$"):
+            return "wildcards, '$' topics and non-UTF-8 names are never reply topics"
+        if any(topic_matches(t, topic) for t in self.device_trees):
+            return "inside a device's topic tree"
+        if not any(topic_matches(a, topic) for a in self.allowed):
+            return f"not under replies.allowed_topics {list(self.allowed)}"
+        return None
+
+
 def reply_to(
     data: dict[str, Any] | None,
     response_topic: str | None,
     correlation: bytes | None,
     fallback: str,
-    forbidden: tuple[str, ...],
-) -> tuple[ReplyTo, AgentError | None]:
-    """MQTT 5 response topic, else payload ``reply_to``, else the device's fallback topic.
-
-    A reply topic with wildcards or naming one of the agent's own request topics is refused
-    (it would loop or publish where operators send commands); the error then goes to the
-    fallback topic.
-    """
+    policy: ReplyPolicy,
+) -> tuple[ReplyTo | None, str | None]:
+    """MQTT 5 response topic, else payload ``reply_to``, else the device's own fallback topic.
+    A requester's topic that the policy refuses gives ``(None, reason)``: nothing may be
+    published for that request, not even an error (there is nowhere safe to send it)."""
     topic = response_topic or (data.get("reply_to") if data else None)
     if topic is None:
         return ReplyTo(fallback, correlation), None
-    if not isinstance(topic, str) or not _NO_WILDCARDS.match(topic) or topic in forbidden or not _utf8(topic):
-        return ReplyTo(fallback, correlation), BadRequest(f"reply topic {topic!r} is not allowed")
+    why = policy.refusal(topic)
+    if why is not None:
+        return None, why
     return ReplyTo(topic, correlation), None
 
 

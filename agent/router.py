@@ -21,6 +21,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, BadRequest, Cancelled
 from agent.messages import (
     CmdRequest,
+    ReplyPolicy,
     ReplyTo,
     client_key,
     decode_json,
@@ -51,6 +52,13 @@ class Handlers:
     reload: Callable[[], dict[str, Any]]  # re-read config and pack (slow: runs off this thread)
     update: Callable[[dict[str, Any]], str]  # start an install from an instruction
     pack_info: Callable[[], dict[str, str] | None]
+    refused: Callable[[str, str], None]  # a reply topic the policy refused: logged, counted
+
+
+def reply_policy(cfg: AgentConfig) -> ReplyPolicy:
+    """Replies only under ``replies.allowed_topics`` and never into any device's tree."""
+    root = cfg.mqtt.topic_root.replace("{device_id}", "+")
+    return ReplyPolicy(cfg.replies.allowed_topics, (f"{root}/#",))
 
 
 class Router:
@@ -76,21 +84,25 @@ class Router:
             return
         kind = self.kinds.get(msg.topic)
         if kind is None:
-            log.warning("unexpected_topic", topic=msg.topic)
+            log.warning("unexpected_topic", topic=msg.topic[:200])
             return
-        started = time.monotonic()
+        started, cfg = time.monotonic(), self._settings()
+        policy = reply_policy(cfg)
+        if msg.response_topic is not None and (why := policy.refusal(msg.response_topic)):
+            self.h.refused(msg.response_topic, why)  # checked first: even a bad_json goes nowhere else
+            return
         target = ReplyTo(msg.response_topic or self.fallback, msg.correlation_data)
         rid: str | None = None
         client = target.topic
         try:
-            data = decode_json(msg.payload, self._settings().limits)
+            data = decode_json(msg.payload, cfg.limits)
             rid = request_id(data)
-            target, refused = reply_to(
-                data, msg.response_topic, msg.correlation_data, self.fallback, tuple(self.kinds)
-            )
+            resolved, why = reply_to(data, msg.response_topic, msg.correlation_data, self.fallback, policy)
+            if resolved is None:
+                self.h.refused(str(data.get("reply_to"))[:200], why or "refused")
+                return
+            target = resolved
             client = client_key(msg.user_properties, data, target)
-            if refused is not None:
-                raise refused
             if not (kind == "cmd" and data.get("cmd") == "cancel"):
                 self.limiter.take(client)
             outcome = self._dispatch(kind, data, target, client, started)

@@ -337,3 +337,30 @@ def test_no_single_message_stops_the_agent(running_agent: RunningAgent, leaf: st
         answer = c.request("query", {"question": "still there?", "max_tokens": 3}, 30)
         assert answer["type"] == "final", answer  # and so does the worker
         assert c.request("read", {"sensor": "temperature"}, 10)["type"] == "final"
+
+
+def test_a_reply_aimed_at_another_device_sensor_is_never_published(
+    running_agent: RunningAgent, broker: LocalBroker
+) -> None:
+    """A read reply carries "value": sent to a sensor topic it would spoof that reading."""
+    victim = "edge/victim-device/sensors/temperature"
+    spy = _listen(broker, "edge/victim-device/#", "edge-ops/spy/#")
+    read = running_agent.cfg.topic("read")
+    try:
+        with running_agent.client() as c:
+            c.publish(read, b'{"v":1,"id":"r","sensor":"temperature"}', response_topic=victim)
+            c.publish(
+                read, json.dumps({"v": 1, "id": "r2", "sensor": "temperature", "reply_to": victim}).encode()
+            )
+            c.publish(
+                running_agent.cfg.topic("cmd"),
+                b'{"v":1,"id":"m","cmd":"ping"}',
+                response_topic="edge-ops/spy/m",
+            )
+            # the agent's publishes reach the spy in order: anything aimed at the victim comes first
+            got = _until(spy, lambda m: m.topic == "edge-ops/spy/m")
+            status = c.request("cmd", {"cmd": "status"}, 10)["result"]
+        assert [m.topic for m in got] == ["edge-ops/spy/m"]
+        assert status["failures"]["reply"] == 2
+    finally:
+        spy.stop()

@@ -33,6 +33,7 @@ class Parts:
         self.replied = threading.Condition()
         self.reload_gate = threading.Event()
         self.updates: list[dict[str, Any]] = []
+        self.refused: list[tuple[str, str]] = []
         self.hub = SensorHub(self.cfg)
         self.scheduler = Scheduler(self.cfg.limits)
         handlers = Handlers(
@@ -41,6 +42,7 @@ class Parts:
             reload=self._reload,
             update=lambda data: self.updates.append(data) or "started",  # type: ignore[func-returns-value]
             pack_info=lambda: {"name": "p", "version": "1.0.0"},
+            refused=lambda topic, why: self.refused.append((topic, why)),
         )
         limiter = RateLimiter(self.cfg.limits.rate.per_s, self.cfg.limits.rate.burst)
         self.router = Router(lambda: self.cfg, self.hub, self.scheduler, limiter, handlers)
@@ -54,9 +56,11 @@ class Parts:
         assert self.reload_gate.wait(10), "the test never let the reload finish"
         return {"reloaded": True}
 
-    def send(self, kind: str, body: dict[str, Any], client: str = "operator") -> None:
+    def send(
+        self, kind: str, body: dict[str, Any], client: str = "operator", reply: str = "edge-ops/op/r1"
+    ) -> None:
         payload = json.dumps({"v": 1, **body}).encode()
-        self.router.handle(Inbound(self.cfg.topic(kind), payload, "ops/replies", b"c", {"client": client}))
+        self.router.handle(Inbound(self.cfg.topic(kind), payload, reply, b"c", {"client": client}))
 
     def reply_to(self, rid: str, timeout_s: float = 10) -> dict[str, Any]:
         with self.replied:
@@ -76,7 +80,9 @@ def test_query_is_validated_and_queued_for_the_worker() -> None:
     p = Parts()
     p.send("query", {"id": "q", "question": "warm?", "max_tokens": 4})
     job = p.scheduler.next(timeout_s=0)
-    assert job is not None and job.id == "q" and job.client == "operator" and job.reply.topic == "ops/replies"
+    assert (
+        job is not None and job.id == "q" and job.client == "operator" and job.reply.topic == "edge-ops/op/r1"
+    )
     assert not p.replies  # the worker replies, not the router
 
 
@@ -115,3 +121,30 @@ def test_reads_and_pings_are_answered_while_a_reload_runs() -> None:
     assert all(b.get("id") != "reload" for _, b in p.replies)  # still loading
     p.reload_gate.set()
     assert p.reply_to("reload")["result"] == {"reloaded": True}
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "edge/other-device/sensors/temperature",  # a reply there would spoof that sensor
+        "edge/r1/cmd",  # this device's own tree
+        "$SYS/broker/x",
+        "edge-ops/#",
+        "elsewhere/replies",  # outside replies.allowed_topics
+        "edge-ops/\ud800",  # not UTF-8
+    ],
+)
+def test_a_refused_reply_topic_gets_no_publish_at_all(topic: str) -> None:
+    p = Parts()
+    p.send("read", {"id": "x", "sensor": "temperature"}, reply=topic)  # MQTT 5 response topic
+    payload = json.dumps({"v": 1, "id": "y", "sensor": "temperature", "reply_to": topic}).encode()
+    p.router.handle(Inbound(p.cfg.topic("read"), payload))  # MQTT 3.1.1 reply_to
+    p.router.handle(Inbound(p.cfg.topic("read"), b"not json", topic))  # even a bad_json goes nowhere
+    assert p.replies == [] and len(p.refused) == 3
+
+
+def test_allowed_topics_are_configurable() -> None:
+    p = Parts(replies={"allowed_topics": ["site/+/replies/#"]})
+    p.send("read", {"id": "ok", "sensor": "temperature"}, reply="site/a/replies/1")
+    p.send("read", {"id": "no", "sensor": "temperature"}, reply="edge-ops/op/r1")
+    assert [t for t, _ in p.replies] == ["site/a/replies/1"] and len(p.refused) == 1
