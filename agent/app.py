@@ -83,6 +83,8 @@ class Agent:
             cfg.device_id,
             self.router.subscriptions(),
             on_connect=self._publish_status,
+            max_packet_bytes=cfg.limits.max_packet_bytes,
+            inbox_size=cfg.limits.inbox_size,
         )
         self._threads = [
             threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True),
@@ -177,7 +179,11 @@ class Agent:
             "sensors": self.hub.summary(),
             "packs": self.active.store_report(),
             "mqtt_connects": self.transport.connects,
-            "failures": {"handler": self.handler_failures, "reply": self.reply_failures},
+            "failures": {
+                "handler": self.handler_failures,
+                "reply": self.reply_failures,
+                "inbox_dropped": self.transport.dropped,
+            },
         }
 
     # ------------------------------------------------------------ dispatcher

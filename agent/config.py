@@ -95,6 +95,14 @@ class Limits:
     max_tokens: int = 256
     deadline_s: float = 120.0
     rate: RateLimit = field(default_factory=RateLimit)
+    max_sensor_payload_bytes: int = 512  # a reading is a number or a tiny JSON object
+    inbox_size: int = 1000  # messages waiting for the dispatcher; a flood beyond is dropped, counted
+
+    @property
+    def max_packet_bytes(self) -> int:
+        """MQTT 5 Maximum Packet Size asked of the broker: room for the largest request that
+        still gets a `too_large` reply (4x the payload cap) plus topic and properties."""
+        return 4 * max(self.max_payload_bytes, self.max_sensor_payload_bytes) + 4096
 
 
 @dataclass(frozen=True)
@@ -252,7 +260,14 @@ def _check(cfg: AgentConfig) -> None:
     for i, pattern in enumerate(cfg.replies.allowed_topics):
         if not _valid_filter(pattern) or pattern.startswith("$"):
             raise ConfigError(f"replies.allowed_topics[{i}]: {pattern!r} is not an MQTT topic filter")
-    for name in ("queue_size", "per_client_queue", "max_payload_bytes", "max_tokens"):
+    for name in (
+        "queue_size",
+        "per_client_queue",
+        "max_payload_bytes",
+        "max_tokens",
+        "max_sensor_payload_bytes",
+        "inbox_size",
+    ):
         if getattr(cfg.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be >= 1")
     _check_sensors(cfg.sensors)
@@ -337,6 +352,8 @@ _RESTART_KEYS: dict[str, Callable[[AgentConfig], object]] = {
     "limits.queue_size": lambda c: c.limits.queue_size,
     "limits.per_client_queue": lambda c: c.limits.per_client_queue,
     "limits.rate": lambda c: c.limits.rate,
+    "limits.max_sensor_payload_bytes": lambda c: c.limits.max_sensor_payload_bytes,
+    "limits.inbox_size": lambda c: c.limits.inbox_size,
     "updates.latency_factor": lambda c: c.updates.latency_factor,
     "updates.ram_budget_mb": lambda c: c.updates.ram_budget_mb,
 }

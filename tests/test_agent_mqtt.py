@@ -364,3 +364,14 @@ def test_a_reply_aimed_at_another_device_sensor_is_never_published(
         assert status["failures"]["reply"] == 2
     finally:
         spy.stop()
+
+
+def test_oversize_sensor_payloads_are_rejected_and_counted(running_agent: RunningAgent) -> None:
+    running_agent.publish("sensors/humidity", "55")
+    running_agent.publish("sensors/humidity", b"1" + b" " * 2000)  # a valid number, far over the cap
+    running_agent.publish("sensors/humidity", b"7" * 200_000)  # over the packet size asked at connect
+    with running_agent.client() as c:
+        status = c.request("cmd", {"cmd": "status"}, 10)["result"]
+        humidity = next(s for s in status["sensors"] if s["sensor"] == "humidity")
+        assert humidity["accepted"] == 1 and humidity["rejected"] == 1  # the broker dropped the last
+        assert c.request("read", {"sensor": "humidity"}, 10)["value"] == 55.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +154,23 @@ def test_waiting_for_the_puback_fails_loudly_when_not_connected() -> None:
     t = _transport(f"mqtt://127.0.0.1:{free_port()}")  # never connected
     with pytest.raises(MqttError):
         t.publish(_topic(), b"lost", wait_s=1)
+
+
+def test_a_bounded_inbox_drops_and_counts_a_flood(
+    broker: LocalBroker, connected: list[MqttTransport]
+) -> None:
+    topic = _topic()
+    listener = MqttTransport(
+        MqttConfig(url=broker.url), f"t-{uuid.uuid4().hex[:8]}", [topic], persistent=False, inbox_size=5
+    )
+    _open(connected, listener)
+    sender = _open(connected, _transport(broker.url))
+    for i in range(40):
+        sender.publish(topic, str(i).encode(), wait_s=5)
+    marker = _open(connected, _transport(broker.url, f"{topic}/done"))
+    sender.publish(f"{topic}/done", b"x", wait_s=5)  # the listener's messages were sent before this
+    marker.inbox.get(timeout=10)
+    deadline = time.monotonic() + 10
+    while listener.dropped + listener.inbox.qsize() < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert listener.inbox.qsize() == 5 and listener.dropped == 35

@@ -22,6 +22,7 @@ class SensorHub:
             for s in cfg.sensors
             if s.source.type == "mqtt"
         }
+        self.max_payload = cfg.limits.max_sensor_payload_bytes
         self._stop = threading.Event()
         self._pollers = [
             Poller(self.windows[s.name], read_file if s.source.type == "file" else run_command, self._stop)
@@ -43,6 +44,8 @@ class SensorHub:
             return False
         window = self.windows[name]
         try:
+            if len(payload) > self.max_payload:
+                raise BadReading(f"payload of {len(payload)} bytes is over {self.max_payload}")
             window.add(parse_payload(payload))
         except BadReading as exc:
             window.rejected += 1

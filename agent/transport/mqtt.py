@@ -102,11 +102,17 @@ class MqttTransport:
         on_connect: Callable[[], None] | None = None,
         *,
         persistent: bool = True,
+        max_packet_bytes: int | None = None,
+        inbox_size: int = 0,
     ) -> None:
         self.cfg = cfg
         self.v5 = cfg.protocol == "5"
         self.persistent = persistent
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        # MQTT 5 asks the broker to send nothing larger (it drops such messages for us);
+        # the inbox bound caps what a flood can queue. Both 0/None: unbounded (operator side).
+        self.max_packet_bytes = max_packet_bytes
+        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=inbox_size)
+        self.dropped = 0
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # this connection's subscriptions are acknowledged
         self.connects = 0
@@ -159,9 +165,13 @@ class MqttTransport:
     def _session_args(self) -> dict[str, Any]:
         """CONNECT arguments: MQTT 5 asks for the session to outlive the connection only
         when ``persistent`` (3.1.1 said so in the client's ``clean_session``)."""
-        if not (self.v5 and self.persistent):
+        if not self.v5 or not (self.persistent or self.max_packet_bytes):
             return {}
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if self.max_packet_bytes:
+            props.MaximumPacketSize = self.max_packet_bytes
+        if not self.persistent:
+            return {"properties": props}
         props.SessionExpiryInterval = self.cfg.session_expiry_s
         return {"clean_start": False, "properties": props}
 
@@ -285,8 +295,14 @@ class MqttTransport:
             response = getattr(props, "ResponseTopic", None)
             corr = getattr(props, "CorrelationData", None)
             user = dict(getattr(props, "UserProperty", []) or [])
-        inbound = Inbound(msg.topic, bytes(msg.payload), response, corr, user, self.v5, bool(msg.retain))
-        self.inbox.put(inbound)
+        try:
+            inbound = Inbound(msg.topic, bytes(msg.payload), response, corr, user, self.v5, bool(msg.retain))
+            self.inbox.put_nowait(inbound)
+        except queue.Full:  # bounded: a flood costs dropped messages (counted), never memory
+            self.dropped += 1
+        except Exception:  # e.g. a topic that is not UTF-8: never let paho's thread die
+            self.dropped += 1
+            log.warning("mqtt_message_unreadable", dropped=self.dropped)
 
     # ------------------------------------------------------------ publishing
 
