@@ -55,7 +55,7 @@ class Agent:
         self.stopping = threading.Event()
         self.hub = SensorHub(cfg)
         self.scheduler = Scheduler(cfg.limits)
-        self.limiter = RateLimiter(cfg.limits.rate.per_s, cfg.limits.rate.burst)
+        self.limiter = RateLimiter(cfg.limits.rate.per_s, cfg.limits.rate.burst, cfg.limits.max_client_keys)
         self.store = PackStore(Path(cfg.state_dir))
         self.active = ActivePack(
             self.store,
@@ -167,7 +167,8 @@ class Agent:
             transport.publish(self.cfg.topic("status"), self._status_doc(self.active.state), retain=True)
             transport.set_will(self._will())
 
-    def status_report(self) -> dict[str, Any]:
+    def status_report(self, client: str) -> dict[str, Any]:
+        """Everything a client may see; request ids only of its own requests."""
         return {
             "state": self.active.state,
             "device_id": self.cfg.device_id,
@@ -175,7 +176,7 @@ class Agent:
             "pack_error": self.active.error,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "queue_depth": self.scheduler.depth,
-            "running": sorted(self.scheduler.running),
+            "running": sorted(j.id for j in list(self.scheduler.running.values()) if j.owner == client),
             "sensors": self.hub.summary(),
             "packs": self.active.store_report(),
             "mqtt_connects": self.transport.connects,

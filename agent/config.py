@@ -97,6 +97,7 @@ class Limits:
     rate: RateLimit = field(default_factory=RateLimit)
     max_sensor_payload_bytes: int = 512  # a reading is a number or a tiny JSON object
     inbox_size: int = 1000  # messages waiting for the dispatcher; a flood beyond is dropped, counted
+    max_client_keys: int = 16  # distinct client keys with own buckets/queues; more share one
 
     @property
     def max_packet_bytes(self) -> int:
@@ -267,6 +268,7 @@ def _check(cfg: AgentConfig) -> None:
         "max_tokens",
         "max_sensor_payload_bytes",
         "inbox_size",
+        "max_client_keys",
     ):
         if getattr(cfg.limits, name) < 1:
             raise ConfigError(f"limits.{name}: must be >= 1")
@@ -354,6 +356,7 @@ _RESTART_KEYS: dict[str, Callable[[AgentConfig], object]] = {
     "limits.rate": lambda c: c.limits.rate,
     "limits.max_sensor_payload_bytes": lambda c: c.limits.max_sensor_payload_bytes,
     "limits.inbox_size": lambda c: c.limits.inbox_size,
+    "limits.max_client_keys": lambda c: c.limits.max_client_keys,
     "updates.latency_factor": lambda c: c.updates.latency_factor,
     "updates.ram_budget_mb": lambda c: c.updates.ram_budget_mb,
 }

@@ -48,7 +48,7 @@ class Handlers:
     """What the router asks of the rest of the agent, each as one function."""
 
     reply: Reply  # publish a reply to its topic
-    status: Callable[[], dict[str, Any]]  # the `cmd status` document
+    status: Callable[[str], dict[str, Any]]  # the `cmd status` document, as this client key sees it
     reload: Callable[[], dict[str, Any]]  # re-read config and pack (slow: runs off this thread)
     update: Callable[[dict[str, Any]], str]  # start an install from an instruction
     pack_info: Callable[[], dict[str, str] | None]
@@ -103,8 +103,7 @@ class Router:
                 return
             target = resolved
             client = client_key(msg.user_properties, data, target)
-            if not (kind == "cmd" and data.get("cmd") == "cancel"):
-                self.limiter.take(client)
+            self.limiter.take(f"{'query' if kind == 'query' else 'other'}:{client}")  # own bucket per kind
             outcome = self._dispatch(kind, data, target, client, started)
         except AgentError as err:
             self.h.reply(target, error_reply(rid, 0, err))
@@ -166,9 +165,9 @@ class Router:
         if c.cmd == "ping":
             result: dict[str, Any] = {"pong": True, "ts": time.time()}
         elif c.cmd == "status":
-            result = self.h.status()
+            result = self.h.status(client)
         else:  # "cancel": parse_cmd admits only COMMANDS
-            result = self._cancel(c)
+            result = self._cancel(c, client)
         self.h.reply(target, final_reply(c.id, 0, result=result))
         return "ok"
 
@@ -184,11 +183,11 @@ class Router:
         self.h.reply(target, body)
         log.info("request", id=c.id, kind="cmd", cmd="reload", outcome=body["type"])
 
-    def _cancel(self, c: CmdRequest) -> dict[str, Any]:
+    def _cancel(self, c: CmdRequest, client: str) -> dict[str, Any]:
         assert c.target_id is not None
-        found = self.scheduler.cancel(c.target_id)
+        found = self.scheduler.cancel(c.target_id, client)
         if found is None:
-            raise BadRequest(f"no queued or running request with id {c.target_id!r}")
+            raise BadRequest(f"no queued or running request {c.target_id!r} of client {client!r}")
         state, job = found
         if state == "queued":
             err = Cancelled(f"request {job.id} was cancelled by {c.id} before it started")

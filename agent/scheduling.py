@@ -26,34 +26,58 @@ class Job:
     received: float
     deadline: float
     cancel: threading.Event = field(default_factory=threading.Event)
+    owner: str = ""  # the client key as sent (``client`` may become the shared overflow key)
+
+    def __post_init__(self) -> None:
+        self.owner = self.owner or self.client
 
     @property
     def id(self) -> str:
         return self.query.id
 
 
-class RateLimiter:
-    """Token bucket per client: ``per_s`` refill, ``burst`` capacity."""
+OVERFLOW = "*"  # the one bucket and queue that client keys beyond the cap share
 
-    def __init__(self, per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_s, self.burst, self._clock = per_s, burst, clock
+
+class RateLimiter:
+    """Token bucket per client key: ``per_s`` refill, ``burst`` capacity.
+
+    A key is a label anyone can claim, so inventing a fresh key per request must not buy a
+    fresh bucket: once ``max_keys`` keys hold partly used buckets, every new key shares one
+    overflow bucket. A bucket that has refilled (an idle key) is forgotten first.
+    """
+
+    def __init__(
+        self, per_s: float, burst: int, max_keys: int = 16, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_s, self.burst, self.max_keys, self._clock = per_s, burst, max_keys, clock
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
+
+    def _level(self, key: str, now: float) -> float:
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - last) * self.per_s)
+
+    def _key(self, client: str, now: float) -> str:
+        if client in self._buckets or len(self._buckets) < self.max_keys:
+            return client
+        for key in [k for k in self._buckets if self._level(k, now) >= self.burst]:
+            del self._buckets[key]  # refilled: nothing to remember
+        return client if len(self._buckets) < self.max_keys else OVERFLOW
 
     def take(self, client: str) -> None:
         now = self._clock()
         with self._lock:
-            tokens, last = self._buckets.get(client, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - last) * self.per_s)
+            key = self._key(client, now)
+            tokens = self._level(key, now)
             if tokens < 1.0:
-                self._buckets[client] = (tokens, now)
+                self._buckets[key] = (tokens, now)
+                shared = " (new client keys share one bucket past the cap)" if key == OVERFLOW else ""
                 raise RateLimited(
-                    f"client {client!r} is over {self.per_s:g} requests/s (burst {self.burst})",
+                    f"client {client!r} is over {self.per_s:g} requests/s (burst {self.burst}){shared}",
                     limit=self.burst,
                 )
-            self._buckets[client] = (tokens - 1.0, now)
-            if len(self._buckets) > 10_000:  # forget idle clients, bounded memory
-                self._buckets.pop(next(iter(self._buckets)))
+            self._buckets[key] = (tokens - 1.0, now)
 
 
 class Scheduler:
@@ -76,6 +100,8 @@ class Scheduler:
                     f"the queue holds {self.limits.queue_size} requests and is full",
                     limit=self.limits.queue_size,
                 )
+            if job.client not in self._queues and len(self._queues) >= self.limits.max_client_keys:
+                job.client = OVERFLOW  # fresh keys past the cap share one queue share
             q = self._queues.setdefault(job.client, deque())
             if len(q) >= self.limits.per_client_queue:
                 raise QueueFull(
@@ -104,16 +130,17 @@ class Scheduler:
         with self._cond:
             self.running.pop(job.id, None)
 
-    def cancel(self, target_id: str) -> tuple[str, Job] | None:
-        """Remove a queued job (returned so its owner gets a reply) or flag a running one."""
+    def cancel(self, target_id: str, owner: str) -> tuple[str, Job] | None:
+        """Remove a queued job (returned so its owner gets a reply) or flag a running one;
+        only the client key that sent it may (with its id, which others never see)."""
         with self._cond:
-            if target_id in self.running:
-                job = self.running[target_id]
+            job = self.running.get(target_id)
+            if job is not None and job.owner == owner:
                 job.cancel.set()
                 return "running", job
             for client, q in self._queues.items():
                 for job in q:
-                    if job.id == target_id:
+                    if job.id == target_id and job.owner == owner:
                         q.remove(job)
                         self._size -= 1
                         if not q:

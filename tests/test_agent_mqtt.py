@@ -194,9 +194,13 @@ def _cancel_running_and_queued(running_agent: RunningAgent) -> None:
         t = threading.Thread(target=wait_running)
         t.start()
         assert first_chunk.wait(10)
-        with running_agent.client(client="ops") as ops:
-            r1 = ops.request("cmd", {"cmd": "cancel", "target_id": queued}, 10)
-            r2 = ops.request("cmd", {"cmd": "cancel", "target_id": running}, 10)
+        with running_agent.client(client="intruder") as other:  # another key may not cancel it
+            denied = other.request("cmd", {"cmd": "cancel", "target_id": queued}, 10)
+            seen = other.request("cmd", {"cmd": "status"}, 10)["result"]["running"]
+        assert denied["code"] == "bad_request" and seen == []  # nor even see its id
+        with running_agent.client() as owner:  # the same client key as the requester
+            r1 = owner.request("cmd", {"cmd": "cancel", "target_id": queued}, 10)
+            r2 = owner.request("cmd", {"cmd": "cancel", "target_id": running}, 10)
         t.join(30)
         queued_reply = c.wait(queued, 10)
     assert r1["result"]["state"] == "queued" and queued_reply["code"] == "cancelled"

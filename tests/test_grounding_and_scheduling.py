@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -107,11 +108,32 @@ def test_scheduler_limits_and_cancel() -> None:
     s.submit(_job("b0", "b"))
     with pytest.raises(QueueFull, match="holds 3"):
         s.submit(_job("c0", "c"))
-    state, job = s.cancel("a1")  # type: ignore[misc]
+    assert s.cancel("a1", "b") is None  # only the key that sent it may cancel it
+    state, job = s.cancel("a1", "a")  # type: ignore[misc]
     assert state == "queued" and job.id == "a1" and s.depth == 2
     running = s.next(0.1)
-    assert running is not None and s.cancel(running.id)[0] == "running" and running.cancel.is_set()  # type: ignore[index]
-    assert s.cancel("nope") is None
+    assert running is not None and s.cancel(running.id, "a")[0] == "running" and running.cancel.is_set()  # type: ignore[index]
+    assert s.cancel("nope", "a") is None
+
+
+def test_fresh_client_keys_past_the_cap_share_one_queue_and_one_bucket() -> None:
+    """Claiming a new key per request buys neither a new queue share nor a new bucket."""
+    s = Scheduler(Limits(queue_size=64, per_client_queue=4, max_client_keys=4))
+    s.submit(_job("mine", "operator"))
+    for i in range(40):
+        with contextlib.suppress(QueueFull):
+            s.submit(_job(f"f{i}", f"flood-{i}"))
+    assert s.depth == 1 + 3 + 4  # three own keys, then four in the shared overflow share
+    s.submit(_job("mine2", "operator"))  # the legitimate client still has its own share
+    clock = FakeClock()
+    rl = RateLimiter(per_s=0.001, burst=1, max_keys=4, clock=clock)
+    for i in range(4):
+        rl.take(f"k{i}")  # four keys, each with a bucket in use: the cap is reached
+    rl.take("fresh-1")  # the first key past the cap takes the one shared token ...
+    with pytest.raises(RateLimited, match="share one bucket"):
+        rl.take("fresh-2")  # ... and every other fresh key finds it empty
+    clock.t += 2000.0  # the old keys' buckets refill: they are forgotten, new keys get their own
+    rl.take("fresh-3")
 
 
 def test_rate_limiter_refills() -> None:

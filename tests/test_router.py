@@ -38,7 +38,7 @@ class Parts:
         self.scheduler = Scheduler(self.cfg.limits)
         handlers = Handlers(
             reply=self._reply,
-            status=lambda: {"state": "online"},
+            status=lambda client: {"state": "online", "asked_by": client},
             reload=self._reload,
             update=lambda data: self.updates.append(data) or "started",  # type: ignore[func-returns-value]
             pack_info=lambda: {"name": "p", "version": "1.0.0"},
