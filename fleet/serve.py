@@ -19,8 +19,14 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
+    timeout = 30  # seconds a silent client may hold a connection (slowloris)
+
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the fleet logs elsewhere
         pass
+
+    def list_directory(self, path: Any) -> None:
+        """No listings: a repository is read by names its signed metadata gives."""
+        self.send_error(HTTPStatus.NOT_FOUND)
 
     def send_head(self) -> Any:
         rng = self.headers.get("Range")
@@ -31,7 +37,7 @@ class RangeHandler(SimpleHTTPRequestHandler):
         size = path.stat().st_size
         start = int(m.group(1))
         end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
-        if start >= size:
+        if start >= size or end < start:  # e.g. bytes=10-5: never a negative length
             self.send_error(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
             return None
         fh = path.open("rb")

@@ -47,3 +47,12 @@ def test_compose_balena_and_dockerfile() -> None:
             src = line.split()[1]
             assert (ROOT / src).exists(), src
     assert "[build]" not in (ROOT / "Dockerfile").read_text()  # the device image has no torch
+
+
+def test_the_unit_runs_as_the_user_that_alone_may_read_the_config() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "systemd" / "edge-agent.service")
+    assert unit["Service"]["User"] == unit["Service"]["Group"] == "edge-agent"
+    readme = (ROOT / "README.md").read_text()
+    assert "install -D -m 0640 -g edge-agent systemd/agent.yaml" in readme and "useradd --system" in readme

@@ -365,3 +365,36 @@ def test_parse_target_refuses(text: str) -> None:
 )
 def test_pack_of_path_ignores_other_targets(path: str) -> None:
     assert pack_of_path(path) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/metadata/blob.bin", {"Range": "bytes=10-5"}, 416),  # never 206 with a negative length
+        ("/metadata/blob.bin", {"Range": "bytes=100-"}, 416),  # starts past the end
+        ("/metadata/blob.bin", {"Range": "bytes=2-4"}, 206),
+        ("/metadata/", {}, 404),  # no directory listings
+    ],
+)
+def test_serve_answers_ranges_and_directories_strictly(
+    tmp_path: Path, path: str, headers: dict[str, str], status: int
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "blob.bin").write_bytes(b"0123456789" * 5)
+    server = make_server(tmp_path, port=0)
+    serve_in_thread(server)
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                got, body = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            got, body = exc.code, b""
+        assert got == status
+        if status == 206:
+            assert body == b"234"
+    finally:
+        server.shutdown()
