@@ -146,7 +146,7 @@ class Engine:
 
     def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
         system = self.pack.manifest.generation.system_prompt if system_prompt is None else system_prompt
-        return self.tokenizer.encode(self.template.render(chat_messages(question, system)))
+        return self.tokenizer.encode_parts(self.template.render_parts(chat_messages(question, system)))
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Limits are errors, never silent clamps: name the limit that was hit."""

@@ -31,6 +31,20 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         self._template = env.from_string(source)
 
+    def render_parts(self, messages: list[Message]) -> list[tuple[str, bool]]:
+        """The rendered prompt as (text, is_content) pieces, so content can be tokenized
+        without special-token parsing: each content goes in as a private-use sentinel that
+        no template alters, and comes back out at the split."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = self.render([Message(m.role, mark) for m, mark in zip(messages, marks, strict=True)])
+        parts: list[tuple[str, bool]] = []
+        for i, m in enumerate(messages):
+            before, found, rendered = rendered.partition(marks[i])
+            if not found:  # a template that rewrites content: fall back to plain text, content marked
+                return [(self.render(messages), False)]
+            parts += [(before, False), (m.content, True)]
+        return [*parts, (rendered, False)]
+
     def render(self, messages: list[Message], **extra: Any) -> str:
         try:
             return str(

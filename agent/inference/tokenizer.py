@@ -14,6 +14,10 @@ from tokenizers import Tokenizer
 class TextTokenizer:
     def __init__(self, tokenizer_json: str) -> None:
         self._tok = Tokenizer.from_str(tokenizer_json)
+        # a second instance that reads "<|im_start|>" in text as plain characters: message
+        # content is data, never a role marker (kept apart: no shared flag to flip per call)
+        self._literal = Tokenizer.from_str(tokenizer_json)
+        self._literal.encode_special_tokens = True
 
     @property
     def vocab_size(self) -> int:
@@ -22,6 +26,16 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """Encode rendered chat text; special tokens written in it are recognised."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_parts(self, parts: list[tuple[str, bool]]) -> list[int]:
+        """Encode rendered chat text piece by piece: the template's own text with special
+        tokens recognised, message content (``True``) with none."""
+        ids: list[int] = []
+        for text, is_content in parts:
+            if text:
+                tok = self._literal if is_content else self._tok
+                ids.extend(tok.encode(text, add_special_tokens=False).ids)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=True))
