@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-installed
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
-.PHONY: install pack test test-fast test-arm64 lint demo bench bench-mqtt mosquitto clean-cache
+.PHONY: install pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt mosquitto clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test-arm64: pack
 	      qemu-user-static debootstrap debian-archive-keyring) >/dev/null; \
 	  else echo "test-arm64 needs root and: sudo apt-get install -y qemu-user-static debootstrap"; exit 1; fi; }
 	$(BIN)/python tests/arm64/harness.py $(ARM64_ARGS)
+
+# The router fuzz test with far more generated messages than `make test` runs (10,000).
+fuzz: install
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-200000} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not realpack" $(PYTEST_ARGS)

@@ -154,7 +154,7 @@ class Agent:
 
     def _refused(self, topic: str, why: str) -> None:
         self.reply_failures += 1
-        log.warning("reply_topic_refused", topic=repr(topic)[:200], reason=why)
+        log.warning("request_dropped", topic=repr(topic)[:200], reason=why)
 
     def _will(self) -> Will:
         return Will(self.cfg.topic("status"), self._status_doc("offline"))

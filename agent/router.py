@@ -86,6 +86,9 @@ class Router:
         if kind is None:
             log.warning("unexpected_topic", topic=msg.topic[:200])
             return
+        if msg.retain:  # a retained request would run again on every reconnect: never act on one
+            self.h.refused(msg.topic, "a request must not be retained")
+            return
         started, cfg = time.monotonic(), self._settings()
         policy = reply_policy(cfg)
         if msg.response_topic is not None and (why := policy.refusal(msg.response_topic)):

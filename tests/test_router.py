@@ -148,3 +148,11 @@ def test_allowed_topics_are_configurable() -> None:
     p.send("read", {"id": "ok", "sensor": "temperature"}, reply="site/a/replies/1")
     p.send("read", {"id": "no", "sensor": "temperature"}, reply="edge-ops/op/r1")
     assert [t for t, _ in p.replies] == ["site/a/replies/1"] and len(p.refused) == 1
+
+
+def test_a_retained_request_is_never_acted_on() -> None:
+    """Sent retained, a request would run again on every reconnect (and every restart)."""
+    p = Parts()
+    payload = json.dumps({"v": 1, "id": "old", "cmd": "ping"}).encode()
+    p.router.handle(Inbound(p.cfg.topic("cmd"), payload, "edge-ops/op/r1", None, {}, True, True))
+    assert p.replies == [] and p.refused == [(p.cfg.topic("cmd"), "a request must not be retained")]
