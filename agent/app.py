@@ -9,19 +9,19 @@ threads. Nothing here does IO before :meth:`Agent.start`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import structlog
 
 from agent.answering import Answerer
 from agent.config import AgentConfig, load_config, restart_needed, systemd_env
-from agent.errors import Cancelled
+from agent.dispatch import Dispatcher
+from agent.errors import Cancelled, Interrupted
+from agent.journal import Pending, RequestJournal
 from agent.messages import ReplyTo, encode, error_reply
 from agent.notify import Notifier
 from agent.packs.active import ActivePack, engine_factory
@@ -51,10 +51,12 @@ class Agent:
         env = systemd_env()
         self.notifier = notifier or Notifier(env.notify_socket, env.watchdog_usec)
         self.started = time.monotonic()
-        self.handler_failures = self.reply_failures = 0  # counted, reported by `cmd status`
+        self.reply_failures = 0  # counted, reported by `cmd status`
         self.stopping = threading.Event()
         self.hub = SensorHub(cfg)
-        self.scheduler = Scheduler(cfg.limits)
+        self.journal = RequestJournal(Path(cfg.state_dir) / "requests.journal")
+        self.scheduler = Scheduler(cfg.limits, journal=self.journal)
+        self._interrupted: list[Pending] = []
         self.limiter = RateLimiter(cfg.limits.rate.per_s, cfg.limits.rate.burst, cfg.limits.max_client_keys)
         self.store = PackStore(Path(cfg.state_dir))
         self.active = ActivePack(
@@ -82,22 +84,25 @@ class Agent:
             cfg.mqtt,
             cfg.device_id,
             self.router.subscriptions(),
-            on_connect=self._publish_status,
+            on_connect=self._on_connect,
             max_packet_bytes=cfg.limits.max_packet_bytes,
             inbox_size=cfg.limits.inbox_size,
         )
-        self._threads = [
-            threading.Thread(target=self._dispatch_loop, name="dispatcher", daemon=True),
-            threading.Thread(
-                target=self.answerer.run, args=(self.stopping,), name="engine-worker", daemon=True
-            ),
-        ]
+        worker = threading.Thread(target=self.answerer.run, args=(self.stopping,), name="engine-worker")
+        self.dispatcher = Dispatcher(
+            self.transport.inbox, self.router.handle, self.notifier, self.scheduler, worker
+        )
+        dispatch = threading.Thread(target=self.dispatcher.run, args=(self.stopping,), name="dispatcher")
+        self._threads = [dispatch, worker]
+        for t in self._threads:
+            t.daemon = True
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         """Tidy the store, load the active pack, then connect and serve."""
         self.store.converge()
+        self._interrupted = self.journal.recover()  # answered as soon as the broker is there
         self.active.boot()
         self.hub.start()
         self.transport.set_will(self._will())
@@ -125,6 +130,7 @@ class Agent:
             if t.is_alive():
                 t.join(timeout=5)
         self.transport.stop(last=(self.cfg.topic("status"), self._status_doc("offline")))
+        self.journal.close()
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and the pack; on any failure both stay as they were.
@@ -151,6 +157,12 @@ class Agent:
 
     def _status_doc(self, state: str) -> bytes:
         return status_document(self.cfg.device_id, state, self.active.info())
+
+    def _on_connect(self) -> None:
+        self._publish_status()
+        pending, self._interrupted = self._interrupted, []
+        for p in pending:  # queries accepted by a run that crashed before answering them
+            self.reply(p.reply, error_reply(p.id, 0, Interrupted("the agent restarted before answering")))
 
     def _refused(self, topic: str, why: str) -> None:
         self.reply_failures += 1
@@ -181,32 +193,8 @@ class Agent:
             "packs": self.active.store_report(),
             "mqtt_connects": self.transport.connects,
             "failures": {
-                "handler": self.handler_failures,
+                "handler": self.dispatcher.failures,
                 "reply": self.reply_failures,
                 "inbox_dropped": self.transport.dropped,
             },
         }
-
-    # ------------------------------------------------------------ dispatcher
-
-    def _dispatch_loop(self) -> None:
-        next_tick = 0.0
-        while not self.stopping.is_set():
-            with contextlib.suppress(Empty):
-                msg = self.transport.inbox.get(timeout=0.5)
-                try:
-                    self.router.handle(msg)
-                except Exception:  # no message may stop the dispatcher
-                    self.handler_failures += 1
-                    log.exception("dispatch_failed", topic=msg.topic[:200])
-            now = time.monotonic()
-            if now >= next_tick and self._worker_healthy(now):
-                self.notifier.watchdog()
-                next_tick = now + (self.notifier.watchdog_interval_s or 5.0)
-
-    def _worker_healthy(self, now: float) -> bool:
-        """A dead worker, or a query running far past its deadline (a hung engine): stop
-        feeding the watchdog, so systemd restarts the agent."""
-        if not self._threads[1].is_alive():
-            return False
-        return all(now < job.deadline + 30.0 for job in list(self.scheduler.running.values()))

@@ -11,6 +11,7 @@
     +-- RateLimited            rate_limited       the client sends faster than its rate limit
     +-- Timeout                timeout            the request's deadline passed
     +-- Forbidden              forbidden          a privileged command from a client not allowed
+    +-- Interrupted            interrupted        the agent stopped (crash, power cut) mid-request
     +-- ConfigError            bad_config         the configuration is invalid (start-up only)
 
 Pack loading raises :mod:`model_packs.errors` (manifest, files, runtime); the engine
@@ -67,6 +68,10 @@ class Timeout(AgentError):
 
 class Forbidden(AgentError):
     code = "forbidden"
+
+
+class Interrupted(AgentError):
+    code = "interrupted"
 
 
 class ConfigError(AgentError):

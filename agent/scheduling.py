@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from agent.config import Limits
 from agent.errors import QueueFull, RateLimited
+from agent.journal import RequestJournal
 from agent.messages import QueryRequest, ReplyTo
 
 
@@ -27,6 +28,7 @@ class Job:
     deadline: float
     cancel: threading.Event = field(default_factory=threading.Event)
     owner: str = ""  # the client key as sent (``client`` may become the shared overflow key)
+    journal_no: int = 0  # its entry in the request journal, marked done with the last reply
 
     def __post_init__(self) -> None:
         self.owner = self.owner or self.client
@@ -81,8 +83,14 @@ class RateLimiter:
 
 
 class Scheduler:
-    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
+        journal: RequestJournal | None = None,
+    ) -> None:
         self.limits = limits
+        self.journal = journal  # accepted queries survive a crash as `interrupted` replies
         self.clock = clock
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()
         self._cond = threading.Condition()
@@ -108,6 +116,8 @@ class Scheduler:
                     f"client {job.client!r} already has {len(q)} queued requests",
                     limit=self.limits.per_client_queue,
                 )
+            if self.journal is not None:
+                job.journal_no = self.journal.accepted(job.id, job.reply)
             q.append(job)
             self._size += 1
             self._cond.notify()
@@ -127,8 +137,14 @@ class Scheduler:
             return job
 
     def done(self, job: Job) -> None:
+        """The job's last reply was handed to the transport."""
         with self._cond:
             self.running.pop(job.id, None)
+            self._journal_done(job)
+
+    def _journal_done(self, job: Job) -> None:
+        if self.journal is not None and job.journal_no:
+            self.journal.done(job.journal_no)
 
     def cancel(self, target_id: str, owner: str) -> tuple[str, Job] | None:
         """Remove a queued job (returned so its owner gets a reply) or flag a running one;
@@ -145,6 +161,7 @@ class Scheduler:
                         self._size -= 1
                         if not q:
                             del self._queues[client]
+                        self._journal_done(job)  # its `cancelled` reply follows at once
                         return "queued", job
         return None
 
@@ -154,4 +171,6 @@ class Scheduler:
             jobs = [j for q in self._queues.values() for j in q]
             self._queues.clear()
             self._size = 0
+            for job in jobs:  # each gets its `cancelled` reply at once
+                self._journal_done(job)
             return jobs

@@ -318,3 +318,43 @@ def test_reload_applies_the_prompt_and_lists_what_needs_a_restart(
         assert answer["usage"]["completion_tokens"] <= 3  # the new prompt.max_tokens applies at once
         too_many = ops.request("query", {"question": "warm?", "max_tokens": 100}, 30)
         assert too_many["code"] == "too_large" and too_many["limit"] == 64  # and the new limits
+
+
+@pytest.mark.realpack
+def test_sigkill_mid_query_leaves_no_request_without_a_reply(
+    broker: LocalBroker, real_pack_path: Path, tmp_path: Path
+) -> None:
+    """Accepted queries are journalled: after a kill the next start answers `interrupted`."""
+    config = _write_config(tmp_path / "agent.yaml", broker, real_pack_path, "journal-dev")
+    data = yaml.safe_load(config.read_text())
+    data["prompt"]["max_tokens"] = 200
+    config.write_text(yaml.safe_dump(data))
+    watcher = StatusWatcher(broker, "edge/journal-dev/status")
+    proc = _spawn(config)
+    try:
+        watcher.wait_state("online", 60)
+        from agent.transport.client import RequestClient
+
+        with RequestClient(broker.url, "journal-dev") as c:
+            started = threading.Event()
+            long_q = {"question": "Write a long story about a greenhouse.", "temperature": 1.0, "seed": 3}
+            running = c.send("query", long_q)
+            queued = c.send("query", {"question": "and then?", "max_tokens": 4})
+            chunks: list[dict[str, Any]] = []
+
+            def first_chunk(ch: dict[str, Any]) -> None:
+                chunks.append(ch)
+                started.set()
+                if len(chunks) == 1:
+                    proc.send_signal(signal.SIGKILL)  # mid-generation, the second one still queued
+
+            with pytest.raises(Exception, match="no reply"):
+                c.wait(running, 5, first_chunk)  # the agent died: nothing more comes ...
+            assert started.is_set() and proc.wait(10) == -signal.SIGKILL
+            proc = _spawn(config)  # ... until it starts again
+            replies = [c.wait(rid, 60) for rid in (running, queued)]
+        assert [r["code"] for r in replies] == ["interrupted", "interrupted"], replies
+    finally:
+        proc.kill()
+        proc.wait(10)
+        watcher.close()
