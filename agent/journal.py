@@ -4,7 +4,10 @@ Every query the scheduler accepts is appended (``a``) before it is queued and ma
 (``d``) once its final or error reply was handed to the transport. After a SIGKILL or a
 power cut, the next start finds the accepted-but-not-done entries and answers each with an
 ``interrupted`` error on the reply topic it named: the requester learns at once, instead of
-waiting out its timeout. Lines are fsynced (``fdatasync``); a torn last line is ignored.
+waiting out its timeout. A line is written at once (a killed process loses nothing: it is
+in the page cache) and made durable by a background ``fdatasync`` within ``SYNC_EVERY_S``
+(a power cut may lose that last fraction of a second; syncing on the request path cost
+0.4-0.9 ms per query in bench/mqtt.py). A torn last line is ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import structlog
 from agent.messages import ReplyTo
 
 log = structlog.get_logger("edge_agent.journal")
+SYNC_EVERY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class RequestJournal:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._next = 0
+        self._dirty = threading.Event()
+        self._closed = threading.Event()
 
     def recover(self) -> list[Pending]:
         """Read what a previous run left unanswered, then start a fresh journal."""
@@ -56,9 +62,19 @@ class RequestJournal:
                 continue  # a line cut short by the crash
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True).start()
         if pending:
             log.warning("requests_interrupted", count=len(pending))
         return list(pending.values())
+
+    def _sync_loop(self) -> None:
+        while not self._closed.is_set():
+            if self._dirty.wait(1.0):
+                self._closed.wait(SYNC_EVERY_S)  # gather a few lines per sync
+                self._dirty.clear()
+                with self._lock:
+                    if self._fd is not None:
+                        os.fdatasync(self._fd)
 
     def accepted(self, rid: str, reply: ReplyTo) -> int:
         """Record an accepted query; returns its journal number for :meth:`done`."""
@@ -76,10 +92,12 @@ class RequestJournal:
         if self._fd is None:
             return  # not recovered yet (tests that build parts without a state dir)
         os.write(self._fd, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
-        os.fdatasync(self._fd)
+        self._dirty.set()
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             if self._fd is not None:
+                os.fdatasync(self._fd)
                 os.close(self._fd)
                 self._fd = None
