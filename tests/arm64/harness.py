@@ -213,12 +213,21 @@ def ensure_rootfs(cache: Path) -> Path:
     return root
 
 
+def prune(base: Path, keep: set[Path], venvs: Path, venv: Path) -> None:
+    """One root filesystem, one wheel set and one venv are kept: the ones this run uses."""
+    stale = [p for p in [*base.glob("rootfs-*"), *base.glob("wheels-*")] if p not in keep]
+    stale += [p for p in venvs.glob("venv-*") if p.name != venv.name]
+    for p in stale:
+        log(f"removing the stale {p}")
+        shutil.rmtree(p)
+
+
 # ---------------------------------------------------------------- the device install
 
 
-def device_requirements(onnxruntime: str | None) -> tuple[list[str], list[str]]:
+def device_requirements(src: Path, onnxruntime: str | None) -> tuple[list[str], list[str]]:
     """The device install's dependencies (no extras) and the build backend, from pyproject."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = tomllib.loads((src / "pyproject.toml").read_text())
     deps = list(project["project"]["dependencies"])
     if onnxruntime:
         deps = [d for d in deps if not re.match(r"onnxruntime\b", d)] + [f"onnxruntime=={onnxruntime}"]
@@ -293,10 +302,8 @@ def copy_project(src: Path, rev: str | None) -> None:
         shutil.copy2(REPO / name, src / name)
 
 
-def install_project(root: Root, venv: Path, wheels: Path, rev: str | None) -> str:
-    """``pip install .`` of a fresh copy of the project."""
-    src = root.work / "src"
-    copy_project(src, rev)
+def install_project(root: Root, venv: Path, wheels: Path, src: Path) -> str:
+    """``pip install .`` of the project's fresh copy."""
     cpu = CPU_MODELS["cortex-a76"]
     pip = [f"{venv}/bin/pip", "install", "-q", "--no-index", "--find-links", str(wheels)]
     root.check([*pip, "--no-deps", "--force-reinstall", str(src)], cpu)
@@ -434,6 +441,13 @@ def hwcap_check(root: Root, cpu: CpuModel) -> Outcome:
     return Outcome("hwcap", has == cpu.dotprod, f"asimddp={'yes' if has else 'no'}")
 
 
+def last_error(output: str) -> str:
+    """The line that says what went wrong: a traceback's exception or the CLI's error line."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    said = [ln for ln in lines if re.match(r"([\w.]*(Error|Exception)\b|edge-agent: error)", ln)]
+    return said[-1] if said else " | ".join(lines[-6:])
+
+
 def ask(root: Root, cpu: CpuModel, venv: Path, env: dict[str, str]) -> Outcome:
     argv = [f"{venv}/bin/edge-agent", "ask", ASK_QUESTION, "--max-tokens", "12", "--threads", "2"]
     started = time.monotonic()
@@ -442,8 +456,7 @@ def ask(root: Root, cpu: CpuModel, venv: Path, env: dict[str, str]) -> Outcome:
     answer = " ".join(done.stdout.split())
     stats = re.search(r"completion (\d+) tokens.*decode ([0-9.]+) tokens/s", done.stderr)
     if done.returncode != 0 or not answer or not stats:
-        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-6:])
-        return Outcome("ask", False, f"exit {done.returncode}: {tail}")
+        return Outcome("ask", False, f"exit {done.returncode}: {last_error(done.stdout + done.stderr)}")
     return Outcome("ask", True, f"{answer!r} ({stats.group(1)} tokens, {stats.group(2)} tok/s, {took:.0f} s)")
 
 
@@ -480,10 +493,10 @@ def sideload(root: Root, cpu: CpuModel, venv: Path, repo: Path, default_pack: Pa
     else:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
         reason = next((ln for ln in reversed(lines) if re.search(r"\[[a-z_]+\]", ln)), None)
-        said = f"refused: {reason}" if reason else f"exit {done.returncode}: {' | '.join(lines[-6:])}"
-    ok = active == case.expect_active
-    if not ok and not active and re.search(r"Traceback", done.stderr):
-        said += " (traceback: " + " | ".join(done.stderr.strip().splitlines()[-3:]) + ")"
+        said = f"refused: {reason}" if reason else f"exit {done.returncode}: {last_error(done.stderr)}"
+        if "Traceback" in done.stderr:  # an escaped exception is a failure even where a refusal is due
+            said = f"crashed: {last_error(done.stderr)}"
+    ok = active == case.expect_active and "Traceback" not in done.stderr
     return Outcome(label, ok, f"{said} ({took:.0f} s)")
 
 
@@ -514,12 +527,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_binfmt()
     root = Root(ensure_rootfs(base), work)
-    deps, build = device_requirements(args.onnxruntime)
+    src = work / "src"
+    copy_project(src, args.rev)
+    deps, build = device_requirements(src, args.onnxruntime)
     wheels, key = ensure_wheels(base, deps, build)
     root.binds = [(wheels, True), (cache / "packs", True)]
     venv = ensure_venv(root, wheels, key)
+    prune(base, {root.path, wheels}, root.path / "opt/edge-slm", venv)
     setup = time.monotonic() - started
-    installed = install_project(root, venv, wheels, args.rev)
+    installed = install_project(root, venv, wheels, src)
     log(f"device install: {installed}")
     env = {"EDGE_SLM_CACHE": str(cache)}
     cases = [c for c in CASES if not args.case or c.label in args.case]
