@@ -25,6 +25,7 @@ from agent.messages import ReplyTo
 
 log = structlog.get_logger("edge_agent.journal")
 SYNC_EVERY_S = 0.05
+MAX_BYTES = 1 << 20  # truncated when it grows past this with no query open
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class RequestJournal:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._next = 0
+        self._open: set[int] = set()  # accepted, not yet done
+        self._bytes = 0
         self._dirty = threading.Event()
         self._closed = threading.Event()
 
@@ -82,16 +85,21 @@ class RequestJournal:
             self._next += 1
             corr = base64.b64encode(reply.correlation_data).decode() if reply.correlation_data else None
             self._write({"op": "a", "n": self._next, "id": rid, "topic": reply.topic, "corr": corr})
+            self._open.add(self._next)
             return self._next
 
     def done(self, number: int) -> None:
         with self._lock:
             self._write({"op": "d", "n": number})
+            self._open.discard(number)
+            if not self._open and self._bytes > MAX_BYTES and self._fd is not None:
+                os.ftruncate(self._fd, 0)  # nothing open: the history is not needed (O_APPEND)
+                self._bytes = 0
 
     def _write(self, entry: dict[str, object]) -> None:
         if self._fd is None:
             return  # not recovered yet (tests that build parts without a state dir)
-        os.write(self._fd, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        self._bytes += os.write(self._fd, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
         self._dirty.set()
 
     def close(self) -> None:
