@@ -36,7 +36,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from fleet.errors import RepositoryError
 from model_packs.fileio import atomic_write_bytes, atomic_writer, fsync_dir, sha256_file
-from model_packs.format import verify_pack
+from model_packs.format import MANIFEST_NAME, read_manifest, verify_pack
 from model_packs.layout import CREATED_FIELD, consistent_path, pack_of_path, target_path
 from model_packs.versions import Version, VersionError, parse_version
 
@@ -59,9 +59,14 @@ def semver_key(version: str) -> Version:
 
 def write_pack_tarball(pack_dir: Path, out: BinaryIO) -> None:
     """A deterministic tar of the pack (sorted names, no owners, mtime 0) streamed to
-    ``out``: the same pack gives the same bytes, so the same hash and target name."""
+    ``out``: the same pack gives the same bytes, so the same hash and target name. Exactly
+    the manifest and the files it lists go in; a symlink is refused, never followed (one
+    to the signing keys would otherwise end up inside a signed, served tar)."""
+    names = sorted({MANIFEST_NAME, *read_manifest(pack_dir).files})
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(p for p in pack_dir.iterdir() if p.is_file()):
+        for path in (pack_dir / n for n in names):
+            if path.is_symlink() or not path.is_file():
+                raise RepositoryError(f"{path} is not a regular file: packs are published from real files")
             info = tarfile.TarInfo(path.name)
             info.size = path.stat().st_size
             info.mode = 0o644

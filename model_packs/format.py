@@ -330,9 +330,13 @@ def find_mismatches(pack_dir: Path, manifest: Manifest) -> list[str]:
 def verify_pack(pack_dir: Path) -> Manifest:
     """Parse the manifest and check every file; raise naming each file that differs."""
     manifest = read_manifest(pack_dir)
-    for needed in (manifest.model_file, manifest.embedding.file, manifest.tokenizer.file):
-        if needed not in manifest.files:
+    t = manifest.tokenizer
+    for needed in (manifest.model_file, manifest.embedding.file, t.file, t.chat_template_file):
+        if needed not in manifest.files:  # listed, so hashed and confined to the pack
             raise ManifestError(f"manifest does not list {needed!r} in files")
+    unlisted = sorted({p.name for p in pack_dir.iterdir()} - set(manifest.files) - {MANIFEST_NAME})
+    if unlisted:
+        raise ManifestError(f"pack {pack_dir} holds files its manifest does not list: {unlisted[:5]}")
     problems = find_mismatches(pack_dir, manifest)
     if problems:
         raise PackFileError(f"pack {pack_dir} does not match its manifest: " + "; ".join(problems))

@@ -163,3 +163,45 @@ def test_edge_agent_ask_errors_have_codes(tiny_pack_path: Path, tmp_path: Path) 
     assert missing.returncode == 2 and "[bad_manifest]" in missing.stderr
     too_long = _cli("agent.cli", "ask", "--pack", str(tiny_pack_path), "--max-tokens", "5000", "hi")
     assert too_long.returncode == 2 and "[too_large]" in too_long.stderr and "128" in too_long.stderr
+
+
+def test_every_file_the_pack_uses_is_listed_and_nothing_else_is_there(pack_copy: Path) -> None:
+    """The chat template too: unlisted, it was neither hashed nor confined (`../x` read any file)."""
+    _edit_manifest(pack_copy, {"tokenizer/chat_template_file": "../../etc/passwd"})
+    with pytest.raises(ManifestError, match=r"does not list '\.\./\.\./etc/passwd'"):
+        verify_pack(pack_copy)
+
+
+def test_an_unlisted_file_in_the_pack_is_refused(pack_copy: Path) -> None:
+    (pack_copy / "extra.bin").write_bytes(b"smuggled")
+    with pytest.raises(ManifestError, match=r"does not list: \['extra.bin'\]"):
+        verify_pack(pack_copy)
+
+
+def test_tar_members_must_be_unique_and_few() -> None:
+    import tarfile
+
+    from agent.packs.verify import MAX_MEMBERS, UpdateRejected, check_members
+
+    def member(name: str) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        return info
+
+    with pytest.raises(UpdateRejected, match="appears twice"):
+        check_members([member("manifest.json"), member("a"), member("a")], 1 << 20)
+    with pytest.raises(UpdateRejected, match=f"more than {MAX_MEMBERS}"):
+        check_members([member(f"f{i}") for i in range(MAX_MEMBERS + 1)], 1 << 20)
+
+
+def test_publish_packs_only_real_listed_files(pack_copy: Path, tmp_path: Path) -> None:
+    from fleet.errors import RepositoryError
+    from fleet.repository import FleetRepository
+
+    repo = FleetRepository(tmp_path / "repo", tmp_path / "keys")
+    repo.init()
+    (tmp_path / "elsewhere.json").write_bytes((pack_copy / "tokenizer.json").read_bytes())
+    (pack_copy / "tokenizer.json").unlink()
+    (pack_copy / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")  # same bytes: hashes pass
+    with pytest.raises(RepositoryError, match="not a regular file"):
+        repo.publish(pack_copy)

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 from agent.errors import AgentError
 
+MAX_MEMBERS = 64  # a pack is a manifest and a handful of files
+
 
 class UpdateRejected(AgentError):
     """An update that must not be installed; ``reason_code`` goes into update/status."""
@@ -20,8 +22,13 @@ class UpdateRejected(AgentError):
 
 def check_members(members: Iterable[tarfile.TarInfo], max_bytes: int) -> list[tarfile.TarInfo]:
     """Only regular files at the top level, nothing escaping, a bounded total size."""
-    out, total = [], 0
+    out, total, names = [], 0, set()
     for m in members:
+        if m.name in names:
+            raise UpdateRejected("bad_pack", f"tar member {m.name!r} appears twice")
+        names.add(m.name)
+        if len(names) > MAX_MEMBERS:
+            raise UpdateRejected("bad_pack", f"pack has more than {MAX_MEMBERS} members")
         if not m.isfile() or "/" in m.name or m.name in ("", ".", ".."):
             raise UpdateRejected("bad_pack", f"tar member {m.name!r} is not a plain top-level file")
         total += m.size
