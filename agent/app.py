@@ -196,5 +196,6 @@ class Agent:
                 "handler": self.dispatcher.failures,
                 "reply": self.reply_failures,
                 "inbox_dropped": self.transport.dropped,
+                "publish_refused": self.transport.publish_refused,
             },
         }

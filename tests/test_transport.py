@@ -174,3 +174,25 @@ def test_a_bounded_inbox_drops_and_counts_a_flood(
     while listener.dropped + listener.inbox.qsize() < 40 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert listener.inbox.qsize() == 5 and listener.dropped == 35
+
+
+def test_a_publish_the_broker_refuses_is_counted_not_taken_for_delivered(tmp_path: Path) -> None:
+    """MQTT 5 PUBACK with "not authorized" (an ACL denial): seen, counted, logged."""
+    pwfile, acl = tmp_path / "passwd", tmp_path / "acl"
+    pwfile.touch()
+    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "dev", "pw"], check=True)
+    acl.write_text("user dev\ntopic readwrite allowed/#\n")
+    (tmp_path / "broker").mkdir()
+    broker = LocalBroker(
+        workdir=tmp_path / "broker", listener_conf=f"password_file {pwfile}\nacl_file {acl}\n"
+    )
+    broker.start()
+    t = _transport(broker.url, username="dev", password="pw")
+    try:
+        t.connect(10)
+        t.publish("allowed/x", b"ok", wait_s=5)
+        t.publish("forbidden/x", b"no", wait_s=5)  # acknowledged, with a failure reason
+        assert t.publish_refused == 1
+    finally:
+        t.stop()
+        broker.stop()

@@ -113,6 +113,9 @@ class MqttTransport:
         self.max_packet_bytes = max_packet_bytes
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=inbox_size)
         self.dropped = 0
+        self.publish_refused = 0  # PUBACKs with a failure reason (an ACL denial, a `$` topic)
+        self._in_flight: dict[int, str] = {}
+        self._pub_lock = threading.Lock()
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # this connection's subscriptions are acknowledged
         self.connects = 0
@@ -148,6 +151,7 @@ class MqttTransport:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
+        client.on_publish = self._handle_publish
         client.on_socket_open = self._handle_socket_open
         return client
 
@@ -287,6 +291,15 @@ class MqttTransport:
         self._set_delay(client, delay)
         log.warning("mqtt_disconnected", reason=str(reason), retry_in_s=round(delay, 2))
 
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        """MQTT 5 tells a refused publish apart (PUBACK reason >= 0x80): seen and counted,
+        never taken for delivered. (3.1.1 brokers drop such publishes silently.)"""
+        with self._pub_lock:
+            topic = self._in_flight.pop(mid, None)
+        if getattr(reason, "is_failure", False):
+            self.publish_refused += 1
+            log.warning("mqtt_publish_refused", topic=repr(topic)[:200], reason=str(reason))
+
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         user = {}
@@ -326,6 +339,10 @@ class MqttTransport:
         """
         props = self._publish_properties(response_topic, correlation_data, user_properties)
         info = self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        with self._pub_lock:
+            self._in_flight[info.mid] = topic
+            while len(self._in_flight) > 10_000:  # unacknowledged forever: forget the oldest
+                self._in_flight.pop(next(iter(self._in_flight)))
         if wait_s is not None:
             self._await_puback(info, topic, wait_s)
 
