@@ -53,7 +53,7 @@ class Agent:
         self.started = time.monotonic()
         self.reply_failures = 0  # counted, reported by `cmd status`
         self.stopping = threading.Event()
-        self.hub = SensorHub(cfg)
+        self.hub = SensorHub(cfg, Path(cfg.state_dir) / "sensors.json")
         self.journal = RequestJournal(Path(cfg.state_dir) / "requests.journal")
         self.scheduler = Scheduler(cfg.limits, journal=self.journal)
         self._interrupted: list[Pending] = []

@@ -358,3 +358,21 @@ def test_sigkill_mid_query_leaves_no_request_without_a_reply(
         proc.kill()
         proc.wait(10)
         watcher.close()
+
+
+def test_sensor_windows_survive_a_restart(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path, start_agent: Any
+) -> None:
+    """A read right after a restart is not "no reading" for sensors that reported before."""
+    cfg = agent_config(broker.url, tiny_pack_path, state_dir=str(tmp_path / "state"))
+    first = start_agent(cfg, broker)
+    for v in ("20.5", "21.5"):
+        first.publish("sensors/temperature", v)
+    with first.client() as c:  # the readings are in (handled before this request)
+        assert c.request("read", {"sensor": "temperature", "agg": "count"}, 10)["value"] == 2.0
+    first.stop()
+    assert (tmp_path / "state" / "sensors.json").exists()
+    second = start_agent(cfg, broker)
+    with second.client() as c:
+        r = c.request("read", {"sensor": "temperature", "agg": "mean"}, 10)
+    assert r["value"] == 21.0 and r["facts"][0]["stale"] is False

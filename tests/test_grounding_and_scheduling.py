@@ -156,3 +156,21 @@ def test_backoff_grows_with_jitter_and_resets() -> None:
     assert len({round(d, 6) for d in delays}) == len(delays)  # jittered, not a fixed ladder
     b.reset()
     assert b.next_delay() <= 0.5
+
+
+def test_saved_readings_come_back_aged_by_the_wall_clock() -> None:
+    cfg = SensorConfig(name="t", unit="°C", max_age_s=60, window_s=3600)
+    mono, wall = FakeClock(), FakeClock()
+    wall.t = 1_000_000.0
+    before = SensorWindow(cfg, clock=mono, wall=wall)
+    before.add(20.0)
+    wall.t += 30
+    before.add(21.0)
+    saved = before.snapshot()
+    after_mono, after_wall = FakeClock(), FakeClock()  # a new boot: the monotonic clock restarted
+    after_mono.t, after_wall.t = 5.0, wall.t + 100  # restarted 100 s after the last reading
+    after = SensorWindow(cfg, clock=after_mono, wall=after_wall)
+    after.restore([*saved, (after_wall.t + 50, 99.0), (after_wall.t - 7200, 1.0)])  # future, too old: dropped
+    fact = after.aggregate("last")
+    assert fact.value == 21.0 and fact.stale  # 100 s old, over max_age_s: honest, not fresh
+    assert after.aggregate("count").value == 2.0

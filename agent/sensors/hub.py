@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import structlog
 
@@ -10,12 +12,17 @@ from agent.config import AgentConfig
 from agent.errors import BadRequest, UnknownSensor
 from agent.sensors.sources import BadReading, Poller, parse_payload, read_file, run_command
 from agent.sensors.windows import AGGREGATES, Fact, SensorWindow
+from model_packs.fileio import atomic_write_bytes
 
 log = structlog.get_logger("edge_agent.sensors")
 
 
+SAVE_EVERY_S = 10.0  # a kill or power cut loses at most this much of the windows
+
+
 class SensorHub:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, save_to: Path | None = None) -> None:
+        self.save_to = save_to  # where windows survive a restart (None: memory only)
         self.windows = {s.name: SensorWindow(s) for s in cfg.sensors}
         self.topics = {
             (s.source.topic or cfg.topic(f"sensors/{s.name}")): s.name
@@ -31,11 +38,30 @@ class SensorHub:
         ]
 
     def start(self) -> None:
+        if self.save_to is not None:
+            self.load(self.save_to)
+            threading.Thread(target=self._save_loop, name="sensor-save", daemon=True).start()
         for p in self._pollers:
             p.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self.save_to is not None:
+            self.save(self.save_to)
+
+    def _save_loop(self) -> None:
+        assert self.save_to is not None
+        saved = self._accepted()
+        while not self._stop.wait(SAVE_EVERY_S):
+            if self._accepted() != saved:
+                saved = self._accepted()
+                try:
+                    self.save(self.save_to)
+                except OSError as exc:  # a full disk must not stop the agent
+                    log.warning("sensor_windows_not_saved", reason=str(exc))
+
+    def _accepted(self) -> int:
+        return sum(w.accepted for w in self.windows.values())
 
     def ingest(self, topic: str, payload: bytes) -> bool:
         """Feed an MQTT reading; returns False if the topic is not a sensor topic."""
@@ -59,6 +85,23 @@ class SensorHub:
         if agg not in AGGREGATES:
             raise BadRequest(f"agg must be one of {', '.join(AGGREGATES)}, got {agg!r}")
         return self.windows[sensor].aggregate(agg, window_s)
+
+    def save(self, path: Path) -> None:
+        """Write every window's readings (atomically): the next start serves them at once."""
+        data = {name: w.snapshot() for name, w in self.windows.items()}
+        atomic_write_bytes(path, json.dumps({"v": 1, "windows": data}).encode())
+
+    def load(self, path: Path) -> None:
+        """Readings an earlier run saved; a missing or damaged file just means none."""
+        try:
+            data = json.loads(path.read_bytes())["windows"]
+            for name, points in data.items():
+                if name in self.windows:
+                    self.windows[name].restore([(float(w), float(v)) for w, v in points])
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("sensor_windows_unreadable", path=str(path), reason=str(exc)[:200])
 
     def summary(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []

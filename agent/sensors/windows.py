@@ -80,6 +80,24 @@ class SensorWindow:
             self.accepted += 1
             self._trim(self._clock())
 
+    def snapshot(self) -> list[tuple[float, float]]:
+        """(wall time, value) of every reading in the window, oldest first, to save."""
+        with self._lock:
+            self._trim(self._clock())
+            return [(p.wall, p.value) for p in self._points]
+
+    def restore(self, points: list[tuple[float, float]]) -> None:
+        """Readings saved by an earlier run. Their ages come from the wall clock (the
+        monotonic clock restarts with the machine); a reading from the wall clock's future
+        (the clock was set back) cannot be aged and is dropped, never taken as fresh."""
+        now_mono, now_wall = self._clock(), self._wall()
+        with self._lock:
+            for wall, value in points:
+                age = now_wall - wall
+                if 0 <= age <= self.cfg.window_s:
+                    self._points.append(Reading(now_mono - age, wall, value))
+            self._trim(now_mono)
+
     def _trim(self, now: float) -> None:
         while self._points and now - self._points[0].mono > self.cfg.window_s:
             self._points.popleft()
