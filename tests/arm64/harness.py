@@ -503,6 +503,42 @@ def sideload(root: Root, cpu: CpuModel, venv: Path, repo: Path, default_pack: Pa
 # ---------------------------------------------------------------- driver
 
 
+@dataclass(frozen=True)
+class Device:
+    """The prepared emulated board: root, venv with the project installed, what was installed."""
+
+    root: Root
+    venv: Path
+    cache: Path
+    installed: str
+    setup_s: float  # time spent on the cached parts (root, wheels, venv)
+
+
+def prepare(rev: str | None = None, onnxruntime: str | None = None) -> Device:
+    """Everything up to a device install of a fresh copy of the project."""
+    if os.geteuid() != 0:
+        raise SystemExit("arm64: needs root (binfmt_misc, chroot, mounts)")
+    started = time.monotonic()
+    cache = Path(os.environ.get("EDGE_SLM_CACHE", Path.home() / ".cache/edge-slm")).resolve()
+    base = cache / "arm64"
+    work = base / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ensure_binfmt()
+    root = Root(ensure_rootfs(base), work)
+    src = work / "src"
+    copy_project(src, rev)
+    deps, build = device_requirements(src, onnxruntime)
+    wheels, key = ensure_wheels(base, deps, build)
+    root.binds = [(wheels, True), (cache / "packs", True)]
+    venv = ensure_venv(root, wheels, key)
+    prune(base, {root.path, wheels}, root.path / "opt/edge-slm", venv)
+    setup = time.monotonic() - started
+    installed = install_project(root, venv, wheels, src)
+    log(f"device install: {installed}")
+    return Device(root, venv, cache, installed, setup)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="append", choices=sorted(CPU_MODELS), help="CPU model (default: all)")
@@ -513,33 +549,16 @@ def main(argv: list[str] | None = None) -> int:
         "--case", action="append", choices=[c.label for c in CASES], help="sideload these releases only"
     )
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("arm64: needs root (binfmt_misc, chroot, mounts)")
     started = time.monotonic()
     cache = Path(os.environ.get("EDGE_SLM_CACHE", Path.home() / ".cache/edge-slm")).resolve()
     default_pack = cache / "packs/smollm2-135m-instruct-1.0.0"
     if not (default_pack / "manifest.json").exists():
         raise SystemExit(f"arm64: no default pack at {default_pack}: run `make pack`")
-    base = cache / "arm64"
-    work = base / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-
-    ensure_binfmt()
-    root = Root(ensure_rootfs(base), work)
-    src = work / "src"
-    copy_project(src, args.rev)
-    deps, build = device_requirements(src, args.onnxruntime)
-    wheels, key = ensure_wheels(base, deps, build)
-    root.binds = [(wheels, True), (cache / "packs", True)]
-    venv = ensure_venv(root, wheels, key)
-    prune(base, {root.path, wheels}, root.path / "opt/edge-slm", venv)
-    setup = time.monotonic() - started
-    installed = install_project(root, venv, wheels, src)
-    log(f"device install: {installed}")
+    dev = prepare(args.rev, args.onnxruntime)
+    root, venv = dev.root, dev.venv
     env = {"EDGE_SLM_CACHE": str(cache)}
     cases = [c for c in CASES if not args.case or c.label in args.case]
-    repo = build_fleet(work, default_pack) if args.only != "ask" else None
+    repo = build_fleet(root.work, default_pack) if args.only != "ask" else None
 
     failed = False
     for cpu in (CPU_MODELS[c] for c in (args.cpu or sorted(CPU_MODELS))):
@@ -559,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         for o in outcomes:
             print(f"    {'ok  ' if o.ok else 'FAIL'} {o.name}: {o.detail}")
     print(
-        f"arm64: {installed}; setup {setup:.0f} s, total {time.monotonic() - started:.0f} s",
+        f"arm64: {dev.installed}; setup {dev.setup_s:.0f} s, total {time.monotonic() - started:.0f} s",
         flush=True,
     )
     return 1 if failed else 0
