@@ -25,6 +25,7 @@ every process the guest starts is emulated with the same model).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -514,6 +515,17 @@ class Device:
     setup_s: float  # time spent on the cached parts (root, wheels, venv)
 
 
+def hold_lock(base: Path) -> None:
+    """One run at a time per cache: a second one waits (it would wipe the first one's work)."""
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base / ".lock", os.O_CREAT | os.O_RDWR)  # held until this process exits
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another arm64 run holds {base / '.lock'}; waiting for it to end")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 def prepare(rev: str | None = None, onnxruntime: str | None = None) -> Device:
     """Everything up to a device install of a fresh copy of the project."""
     if os.geteuid() != 0:
@@ -521,6 +533,7 @@ def prepare(rev: str | None = None, onnxruntime: str | None = None) -> Device:
     started = time.monotonic()
     cache = Path(os.environ.get("EDGE_SLM_CACHE", Path.home() / ".cache/edge-slm")).resolve()
     base = cache / "arm64"
+    hold_lock(base)
     work = base / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
