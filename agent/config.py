@@ -246,6 +246,9 @@ def _build(cls: type[Any], data: Mapping[str, Any], path: str) -> Any:
 def _check(cfg: AgentConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.device_id):
         raise ConfigError("device_id: 1-64 characters of letters, digits, '.', '_' or '-'")
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: {cfg.log_level!r} must be debug, info, warning or error")
+    _check_prompt(cfg.prompt)
     if urlparse(cfg.mqtt.url).scheme not in ("mqtt", "mqtts"):
         raise ConfigError(f"mqtt.url: {cfg.mqtt.url!r} must start with mqtt:// or mqtts://")
     if cfg.mqtt.protocol not in ("5", "3.1.1"):
@@ -282,6 +285,16 @@ def _valid_filter(pattern: str) -> bool:
         if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
             return False
     return bool(pattern) and "\x00" not in pattern
+
+
+def _check_prompt(p: PromptConfig) -> None:
+    """The ranges queries are held to: a default out of range would fail every query."""
+    if not 0.0 <= p.temperature <= 5.0:
+        raise ConfigError(f"prompt.temperature: {p.temperature} must be within 0..5")
+    if not 0.0 < p.repetition_penalty <= 10.0:
+        raise ConfigError(f"prompt.repetition_penalty: {p.repetition_penalty} must be within (0, 10]")
+    if p.max_tokens < 1:
+        raise ConfigError("prompt.max_tokens: must be >= 1")
 
 
 def _check_sensors(sensors: tuple[SensorConfig, ...]) -> None:

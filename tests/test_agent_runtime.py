@@ -163,6 +163,10 @@ def test_reload_keeps_serving_and_is_privileged(running_agent: RunningAgent) -> 
         ("device_id: a\nsensors: [{name: t, max_age_s: soon}]\n", "sensors[0].max_age_s"),
         ("device_id: a\nsensors: [{name: t}, {name: t}]\n", "defined twice"),
         ("device_id: [\n", "not valid YAML"),
+        ("device_id: a\nlog_level: loud\n", "log_level: 'loud' must be"),
+        ("device_id: a\nprompt: {temperature: 9}\n", "prompt.temperature: 9.0 must be within 0..5"),
+        ("device_id: a\nreplies: {allowed_topics: ['a/#/b']}\n", "replies.allowed_topics[0]"),
+        ("device_id: a\nlimits: {max_client_keys: 0}\n", "limits.max_client_keys: must be >= 1"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

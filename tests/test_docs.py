@@ -236,7 +236,7 @@ def test_environment_overrides_are_documented_and_work(tmp_path: Path) -> None:
     assert set(documented) == in_code, (
         f"documented {sorted(documented)}, agent/config.py reads {sorted(in_code)}"
     )
-    samples = {"mqtt.url": "mqtt://env-broker:1884", "pack.path": str(tmp_path)}
+    samples = {"mqtt.url": "mqtt://env-broker:1884", "pack.path": str(tmp_path), "log_level": "debug"}
     for var, key in documented.items():
         value = samples.get(key, "env-value")
         node: Any = config_from_mapping({"device_id": "from-file"}, env={var: value})
