@@ -442,6 +442,12 @@ def hwcap_check(root: Root, cpu: CpuModel) -> Outcome:
     return Outcome("hwcap", has == cpu.dotprod, f"asimddp={'yes' if has else 'no'}")
 
 
+def keep_log(path: Path, argv: list[str], done: subprocess.CompletedProcess[str]) -> None:
+    """Each device command's full output stays in the work directory until the next run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"$ {shlex.join(argv)}\nexit {done.returncode}\n{done.stdout}{done.stderr}")
+
+
 def last_error(output: str) -> str:
     """The line that says what went wrong: a traceback's exception or the CLI's error line."""
     lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
@@ -454,6 +460,7 @@ def ask(root: Root, cpu: CpuModel, venv: Path, env: dict[str, str]) -> Outcome:
     started = time.monotonic()
     done = root.run(argv, cpu, env=env)
     took = time.monotonic() - started
+    keep_log(root.work / cpu.qemu / "ask.log", argv, done)
     answer = " ".join(done.stdout.split())
     stats = re.search(r"completion (\d+) tokens.*decode ([0-9.]+) tokens/s", done.stderr)
     if done.returncode != 0 or not answer or not stats:
@@ -487,6 +494,7 @@ def sideload(root: Root, cpu: CpuModel, venv: Path, repo: Path, default_pack: Pa
     started = time.monotonic()
     done = root.run([*argv, "--target", target], cpu)
     took = time.monotonic() - started
+    keep_log(device / f"{case.label}.log", [*argv, "--target", target], done)
     active = done.returncode == 0 and done.stdout.startswith("active:")
     label = f"{case.label} {case.version}"
     if active:
@@ -587,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [o for o in outcomes if not o.ok]
         failed |= bool(bad)
         verdict = "PASS" if not bad else "FAIL (" + ", ".join(o.name for o in bad) + ")"
-        print(f"arm64 {cpu.qemu} ({cpu.board}): {verdict}")
+        print(f"arm64 {cpu.qemu} ({cpu.board}): {verdict}; logs in {root.work / cpu.qemu}")
         for o in outcomes:
             print(f"    {'ok  ' if o.ok else 'FAIL'} {o.name}: {o.detail}")
     print(
