@@ -142,3 +142,24 @@ def test_repeated_reloads_release_every_old_engine_and_keep_rss_flat(
     assert dev.loads == {"0.0.1": 12}
     assert sum(ref() is not None for ref in dev.engines) == 1  # only the serving engine is alive
     assert rss_mb() <= after_one * 1.10, (after_one, rss_mb())
+
+
+def test_a_pack_that_loads_but_fails_to_run_is_refused_not_raised(tiny_versions: dict[str, Path]) -> None:
+    """onnxruntime 1.22 on aarch64 starts the session, then fails at the first run: that is
+    a refusal with a reason (and a `rejected` event), never a traceback out of the install."""
+    from agent.packs.health import HealthBudget, offline_gate
+    from agent.packs.verify import UpdateRejected
+
+    def failing_kernel(path: Path, hash_files: bool) -> Engine:
+        engine = Engine(load_pack(path, hash_files=hash_files, check_ram=False), threads=1)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("Only 4b quantization is supported for unpacked compute")
+
+        engine.logits_for = run  # type: ignore[method-assign]  # the injected fault: the runtime's kernel
+        return engine
+
+    gate = offline_gate(failing_kernel, None, HealthBudget())
+    with pytest.raises(UpdateRejected, match="pack does not run: Only 4b") as err:
+        gate(tiny_versions["0.0.2"], 0)
+    assert err.value.reason_code == "health_gate"

@@ -33,10 +33,10 @@ from agent.packs.health import (
     HealthStats,
     baseline,
     check_budget,
+    judged,
     probe,
     release_memory,
     rss_mb,
-    run_goldens,
 )
 from agent.packs.store import PackStore
 from agent.packs.verify import UpdateRejected
@@ -210,7 +210,7 @@ class ActivePack:
             self._pause_and_unload(need_mb)
         try:
             engine, grew = self._load_shadow(staged)
-            stats = run_goldens(engine, self.budget, grew)
+            stats = judged(engine, self.budget, grew)
             check_budget(stats, baseline, self.budget)
         except UpdateRejected:
             if paused:

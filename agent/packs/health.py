@@ -148,6 +148,18 @@ def run_goldens(engine: Engine, budget: HealthBudget, load_rss_mb: float) -> Hea
     return HealthStats(worst, ms_per_token(engine, budget), load_rss_mb)
 
 
+def judged(engine: Engine, budget: HealthBudget, load_rss_mb: float) -> HealthStats:
+    """:func:`run_goldens`, where a pack that loads but fails to run (onnxruntime 1.22 on
+    aarch64: "Only 4b quantization is supported for unpacked compute") is a refusal with a
+    reason, never an exception escaping the install."""
+    try:
+        return run_goldens(engine, budget, load_rss_mb)
+    except UpdateRejected:
+        raise
+    except Exception as exc:
+        raise UpdateRejected("health_gate", f"pack does not run: {exc}") from None
+
+
 def baseline(engine: Engine, budget: HealthBudget, load_rss_mb: float) -> HealthStats:
     """The active pack's figures for the budget: timed, not judged (it already serves)."""
     return HealthStats(1.0, ms_per_token(engine, budget), load_rss_mb)
@@ -211,7 +223,7 @@ def offline_gate(
             engine, grew = load(staged, False)
         except Exception as exc:
             raise UpdateRejected("health_gate", f"pack does not load: {exc}") from None
-        stats = run_goldens(engine, budget, grew)
+        stats = judged(engine, budget, grew)
         check_budget(stats, before, budget)
         return stats.as_dict()
 
