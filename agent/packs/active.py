@@ -277,13 +277,15 @@ class ActivePack:
         error, engine, grew = self._try_load_active()
         if engine is not None and self.store.state().trial:
             error = probe(engine, self.budget)
-            engine = None if error else engine
-            if engine is None and self.store.rollback(error or "failed after activation"):
-                log.warning("pack_rolled_back", reason=error, to=self.store.active_version())
-                _, engine, grew = self._try_load_active()
-            elif engine is not None:
+            if error is None:
                 self.store.confirm()
-        elif engine is None and self.store.state().trial and self.store.rollback(error or "load failed"):
+            else:
+                engine = None
+        if (
+            engine is None
+            and self.store.state().trial
+            and self.store.rollback(error or "failed after activation")
+        ):
             log.warning("pack_rolled_back", reason=error, to=self.store.active_version())
             _, engine, grew = self._try_load_active()
         if engine is None:
