@@ -62,7 +62,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"base model  {m.base_model.get('name')}  license {m.license}")
     print(f"quantized   {m.quantization.method} bits={m.quantization.bits} block={m.quantization.block_size}")
     print(f"size        {sum(f.length for f in m.files.values()) / 1e6:.1f} MB in {len(m.files)} files")
-    print(f"runtime     onnxruntime {m.runtime.onnxruntime}, min RAM {m.runtime.min_ram_mb} MB")
+    floors = "".join(f", {arch} {v}" for arch, v in sorted(m.runtime.onnxruntime_by_machine.items()))
+    print(f"runtime     onnxruntime {m.runtime.onnxruntime}{floors}, min RAM {m.runtime.min_ram_mb} MB")
     print(
         f"evaluation  top-1 agreement {ev.top1_agreement:.4f} (gate >= {ev.min_top1}), perplexity "
         f"{ev.perplexity_quant:.3f} vs float {ev.perplexity_float:.3f} = {ev.ppl_ratio:.4f}x "

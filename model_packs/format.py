@@ -74,8 +74,10 @@ class TokenizerInfo:
 @dataclass(frozen=True)
 class Runtime:
     min_ram_mb: int
-    onnxruntime: str
+    onnxruntime: str  # the floor for any machine (and for agents that read nothing else)
     execution_providers: tuple[str, ...]
+    # machine ("x86_64", "aarch64") -> its own floor where it differs (model_packs.runtimes)
+    onnxruntime_by_machine: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,19 @@ def _parse_golden(raw: list[Any]) -> tuple[Golden, ...]:
     return tuple(out)
 
 
+def _floors_by_machine(runtime: Mapping[str, Any]) -> dict[str, str]:
+    """Optional (packs of builder 2 and earlier have none): machine -> ``>=VERSION``."""
+    raw = runtime.get("onnxruntime_by_machine", {})
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and re.fullmatch(r">=\s*\d+(\.\d+){0,2}", v)
+        for k, v in raw.items()
+    ):
+        raise ManifestError(
+            "manifest field runtime.onnxruntime_by_machine must map machine names to '>=VERSION'"
+        )
+    return dict(raw)
+
+
 def _check_version(version: str) -> None:
     try:
         parse_version(version)
@@ -256,6 +271,7 @@ def parse_manifest(data: Any) -> Manifest:
             min_ram_mb=_get(r, "min_ram_mb", int, "runtime."),
             onnxruntime=_get(r, "onnxruntime", str, "runtime."),
             execution_providers=tuple(_get(r, "execution_providers", list, "runtime.")),
+            onnxruntime_by_machine=_floors_by_machine(r),
         ),
         generation=Generation(
             max_tokens=_get(g, "max_tokens", int, "generation."),

@@ -93,10 +93,27 @@ def test_path_escaping_the_pack_is_refused(pack_copy: Path) -> None:
 
 
 def test_onnxruntime_too_old_for_the_pack(pack_copy: Path) -> None:
-    _edit_manifest(pack_copy, {"runtime/onnxruntime": ">=99.0.0"})
-    with pytest.raises(RuntimeRequirementError, match=r"needs onnxruntime >= 99\.0\.0") as err:
+    from model_packs.runtimes import machine
+
+    _edit_manifest(pack_copy, {"runtime/onnxruntime_by_machine": {machine(): ">=99.0.0"}})
+    with pytest.raises(
+        RuntimeRequirementError, match=rf"needs onnxruntime >= 99\.0\.0 on {machine()}"
+    ) as err:
         load_pack(pack_copy)
     assert err.value.code == "runtime_mismatch"
+
+
+def test_a_pack_without_floors_by_machine_is_held_to_its_one_floor(pack_copy: Path) -> None:
+    """Packs of builder 2 state one floor; it applies on every machine."""
+    _edit_manifest(pack_copy, {"runtime/onnxruntime_by_machine": None, "runtime/onnxruntime": ">=99.0.0"})
+    with pytest.raises(RuntimeRequirementError, match=r"needs onnxruntime >= 99\.0\.0"):
+        load_pack(pack_copy)
+
+
+def test_floors_by_machine_must_be_version_floors(pack_copy: Path) -> None:
+    _edit_manifest(pack_copy, {"runtime/onnxruntime_by_machine": {"x86_64": "<2"}})
+    with pytest.raises(ManifestError, match="onnxruntime_by_machine must map"):
+        read_manifest(pack_copy)
 
 
 def test_not_enough_ram(pack_copy: Path) -> None:

@@ -163,3 +163,29 @@ def test_a_pack_that_loads_but_fails_to_run_is_refused_not_raised(tiny_versions:
     with pytest.raises(UpdateRejected, match="pack does not run: Only 4b") as err:
         gate(tiny_versions["0.0.2"], 0)
     assert err.value.reason_code == "health_gate"
+
+
+def test_a_pack_above_this_devices_onnxruntime_is_refused_before_it_loads(
+    tmp_path: Path, tiny_versions: dict[str, Path]
+) -> None:
+    """The manifest's floor for this machine is checked on the staged pack, before the gate
+    loads it: `runtime_mismatch`, the pack never reaches onnxruntime, the old one serves."""
+    import shutil
+
+    from model_packs import runtimes
+
+    pack = tmp_path / "needs-a-newer-runtime"
+    shutil.copytree(tiny_versions["0.0.3"], pack)
+    manifest = json.loads((pack / "manifest.json").read_text())
+    manifest["runtime"]["onnxruntime_by_machine"] = {runtimes.machine(): ">=99.0.0"}
+    (pack / "manifest.json").write_text(json.dumps(manifest))
+    repo = FleetRepository(tmp_path / "repo", tmp_path / "keys")
+    repo.init()
+    repo.publish(pack)
+    dev = Device(tmp_path / "device", repo, tiny_versions["0.0.1"])
+    assert dev.update("tiny@0.0.3") == ["verifying", "staged", "rejected"]
+    rejected = dev.events[-1]
+    assert rejected["reason_code"] == "runtime_mismatch"
+    assert f"needs onnxruntime >= 99.0.0 on {runtimes.machine()}" in rejected["reason"]
+    assert "0.0.3" not in dev.loads
+    assert dev.active.state == "online" and dev.store.active_version() == "0.0.1"

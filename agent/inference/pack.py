@@ -6,13 +6,13 @@ says what to do, so a bad pack never reaches onnxruntime.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from model_packs import runtimes
 from model_packs.errors import RuntimeRequirementError
 from model_packs.format import Embedding, Manifest, read_manifest, verify_pack
 
@@ -30,17 +30,9 @@ class LoadedPack:
         return self.path / self.manifest.model_file
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
-
-
 def check_runtime(manifest: Manifest, available_mb: int | None) -> None:
     """Raise when this onnxruntime or this machine cannot run the pack."""
-    need = manifest.runtime.onnxruntime.lstrip(">= ")
-    if _version_tuple(ort.__version__) < _version_tuple(need):
-        raise RuntimeRequirementError(
-            f"pack {manifest.name} needs onnxruntime >= {need}, this device has {ort.__version__}"
-        )
+    check_onnxruntime(manifest, ort.__version__)
     missing = set(manifest.runtime.execution_providers) - set(ort.get_available_providers())
     if missing:
         raise RuntimeRequirementError(f"pack needs execution providers {sorted(missing)}, not available here")
@@ -49,6 +41,17 @@ def check_runtime(manifest: Manifest, available_mb: int | None) -> None:
             f"pack {manifest.name} needs {manifest.runtime.min_ram_mb} MB of free RAM, "
             f"{available_mb} MB are available"
         )
+
+
+def check_onnxruntime(manifest: Manifest, installed: str, arch: str | None = None) -> None:
+    """Raise ``runtime_mismatch`` when ``installed`` is below the pack's floor for this
+    machine (an older onnxruntime refuses the graph or fails at the first run)."""
+    rt = manifest.runtime
+    problem = runtimes.shortfall(
+        manifest.name, rt.onnxruntime, rt.onnxruntime_by_machine, installed, arch or runtimes.machine()
+    )
+    if problem is not None:
+        raise RuntimeRequirementError(problem)
 
 
 def available_ram_mb() -> int | None:

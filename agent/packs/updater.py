@@ -27,7 +27,8 @@ from agent.packs.fetch import IncompleteDownload, PackFetcher, UrlFetcher, downl
 from agent.packs.health import HealthBudget, offline_gate
 from agent.packs.stage import unpack
 from agent.packs.store import PackStore
-from agent.packs.verify import UpdateRejected
+from agent.packs.verify import UpdateRejected, check_runtime
+from model_packs import runtimes
 
 if TYPE_CHECKING:
     from agent.inference import Engine
@@ -73,6 +74,7 @@ class PackUpdater:
         self.fetcher = fetcher or UrlFetcher()
         self.on_event = on_event or (lambda e: None)
         self.hook = hook or (lambda stage: None)  # fault injection in tests: called at each stage
+        self.onnxruntime = runtimes.installed_onnxruntime()  # the version this device runs packs on
 
     def install(self, target: str) -> Path:
         """Install ``NAME@VERSION``; returns the new active slot. Raises UpdateRejected."""
@@ -108,6 +110,11 @@ class PackUpdater:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.on_event(UpdateEvent("staged", target))
+        try:
+            check_runtime(manifest, self.onnxruntime, runtimes.machine())
+        except UpdateRejected:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         self.hook("health")
         stats = self.gate(staging, manifest.runtime.min_ram_mb)
         self.hook("switch")

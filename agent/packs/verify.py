@@ -1,4 +1,4 @@
-"""Pure checks on what an update delivers (tar members). No IO here."""
+"""Pure checks on what an update delivers (tar members, runtime floor). No IO here."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import tarfile
 from collections.abc import Iterable
 
 from agent.errors import AgentError
+from model_packs import runtimes
+from model_packs.format import Manifest
 
 MAX_MEMBERS = 64  # a pack is a manifest and a handful of files
 
@@ -38,3 +40,16 @@ def check_members(members: Iterable[tarfile.TarInfo], max_bytes: int) -> list[ta
     if not any(m.name == "manifest.json" for m in out):
         raise UpdateRejected("bad_pack", "pack has no manifest.json at its root")
     return out
+
+
+def check_runtime(manifest: Manifest, installed: str | None, arch: str) -> None:
+    """The staged pack's onnxruntime floor for this machine, checked before the gate loads it:
+    below the floor onnxruntime refuses the graph or fails at the first run, and that must be
+    a ``runtime_mismatch`` refusal, never a crash after activation. ``installed`` None: no
+    onnxruntime distribution is known here; the gate's load then says what is wrong."""
+    if installed is None:
+        return
+    rt = manifest.runtime
+    problem = runtimes.shortfall(manifest.name, rt.onnxruntime, rt.onnxruntime_by_machine, installed, arch)
+    if problem is not None:
+        raise UpdateRejected("runtime_mismatch", problem)

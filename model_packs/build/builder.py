@@ -22,6 +22,7 @@ from typing import Any
 import onnxruntime as ort
 import structlog
 
+from model_packs import runtimes
 from model_packs.build.evaluate import (
     MAX_PPL_RATIO,
     MIN_TOP1,
@@ -47,14 +48,13 @@ from model_packs.format import (
 from model_packs.progress import StepProgress
 
 log = structlog.get_logger("edge_slm.build")
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"  # 3: per-machine onnxruntime floors in the manifest
 QUANTIZATIONS = ("int8-block32", "int8-dynamic-per-channel", "int8-dynamic-per-tensor")
 DEFAULT_GOLDEN = (
     "What is the capital of France?",
     "Name three vegetables that grow well in a greenhouse.",
     "What temperature does water boil at, in Celsius?",
 )
-MIN_ORT = "1.20.0"
 BUILDER_ID = f"edge-slm-agent builder {BUILDER_VERSION}"
 
 
@@ -258,6 +258,7 @@ def _manifest(
     }
     files = {name: {"sha256": e.sha256, "length": e.length} for name, e in entries.items()}
     total = sum(e.length for e in entries.values())
+    ort_any, ort_by_machine = runtimes.manifest_floors()
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * opts.context_length
     return {
         "format": 1,
@@ -299,7 +300,8 @@ def _manifest(
         },
         "runtime": {
             "min_ram_mb": int((total * 1.2 + kv_bytes) / 2**20) + 64,
-            "onnxruntime": f">={MIN_ORT}",
+            "onnxruntime": ort_any,
+            "onnxruntime_by_machine": ort_by_machine,
             "execution_providers": ["CPUExecutionProvider"],
         },
         "generation": {
