@@ -22,7 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=DEFAULT_PACK_NAME)
     b.add_argument("--version", default=DEFAULT_PACK_VERSION)
     b.add_argument("--out", type=Path, help="packs directory (default: $EDGE_SLM_CACHE/packs)")
-    b.add_argument("--quantization", default="int8-block32")
+    b.add_argument("--quantization", default="int8-block32", help="int8-block32 or int4-block32")
+    b.add_argument(
+        "--accuracy-level", type=int, default=4, choices=[1, 4], help="MatMulNBits compute: 4 int8, 1 fp32"
+    )
+    b.add_argument("--min-top1", type=float, help="quality gate: top-1 agreement with float")
+    b.add_argument("--max-ppl-ratio", type=float, help="quality gate: perplexity over float")
     b.add_argument("--context-length", type=int, default=2048)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--force", action="store_true", help="replace a pack of the same name/version")
@@ -43,6 +48,8 @@ def _build(args: argparse.Namespace) -> int:
         packs_dir=args.out or packs_dir(),
         source=args.source,
         quantization=args.quantization,
+        accuracy_level=args.accuracy_level,
+        **{k: v for k in ("min_top1", "max_ppl_ratio") if (v := getattr(args, k)) is not None},
         context_length=args.context_length,
         threads=args.threads,
         force=args.force,

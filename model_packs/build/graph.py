@@ -2,7 +2,8 @@
 
 The graph is what onnxruntime's fast CPU kernels want, about 13 nodes per layer:
 ``SkipSimplifiedLayerNormalization``, one packed-QKV ``MatMulNBits`` (8-bit, block 32,
-``accuracy_level=4`` for int8 compute), ``GroupQueryAttention`` with rotary embedding and
+``accuracy_level=4`` for int8 compute; or 4-bit with per-block float offsets, see
+quantize.py), ``GroupQueryAttention`` with rotary embedding and
 a KV buffer shared by past and present, and a SiLU MLP. The float reference is the same
 graph with plain ``MatMul``, so the evaluation compares quantization and nothing else.
 
@@ -22,9 +23,15 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from model_packs.build.quantize import ZERO_POINT, BlockQuantized, quantize_blockwise
+from model_packs.build.quantize import (
+    ZERO_POINT,
+    Block4Quantized,
+    BlockQuantized,
+    quantize_blockwise,
+    quantize_blockwise_4bit,
+)
 from model_packs.build.source import ModelConfig, SourceModel
 from model_packs.errors import SourceModelError
 
@@ -39,6 +46,7 @@ class GraphOptions:
     quantized: bool
     block_size: int = 32
     accuracy_level: int = 4
+    bits: int = 8  # 8, or 4: every linear layer and the LM head (the embedding table stays 8-bit)
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class _GraphBuilder:
         self.cfg, self.opts, self.blob = cfg, opts, blob
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self._sums: set[str] = set()  # block sums already computed, by input tensor
 
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> None:
         name = f"{op}_{len(self.nodes)}"
@@ -102,12 +111,53 @@ class _GraphBuilder:
         self.inits.append(self.blob.add(name, arr))
         return name
 
+    def const(self, name: str, arr: np.ndarray) -> str:
+        """A small initializer stored in the graph itself (shape inference reads it)."""
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
     def linear(self, x: str, w: np.ndarray, name: str, out: str) -> None:
         """y = x @ w.T, with w [N, K] float (reference) or blockwise int8 (pack)."""
         if not self.opts.quantized:
             self.node("MatMul", [x, self.init(f"{name}.weight", w.T.copy())], [out])
             return
+        if self.opts.bits == 4:
+            self.linear_q4(x, quantize_blockwise_4bit(w, self.opts.block_size), name, out)
+            return
         self.linear_q(x, quantize_blockwise(w, self.opts.block_size), name, out)
+
+    def linear_q4(self, x: str, q: Block4Quantized, name: str, out: str) -> None:
+        """``MatMulNBits(x, codes, scales) + blocksum(x) @ offsets.T``: the 4-bit kernel, then
+        each block's offset times the sum of the inputs it applies to (a K/32-wide MatMul)."""
+        n, k = q.shape
+        bs = self.opts.block_size
+        self.node(
+            "MatMulNBits",
+            [x, self.init(f"{name}.qweight", q.codes), self.init(f"{name}.scales", q.scales)],
+            [f"{out}_codes"],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=bs,
+            accuracy_level=self.opts.accuracy_level,
+        )
+        sums = self._block_sums(x, k)
+        self.node("MatMul", [sums, self.init(f"{name}.offsets", q.offsets.T.copy())], [f"{out}_offsets"])
+        self.node("Add", [f"{out}_codes", f"{out}_offsets"], [out])
+
+    def _block_sums(self, x: str, k: int) -> str:
+        """Sums of ``x`` over each block of K: [batch, seq, K/block] (once per input tensor:
+        gate and up share theirs)."""
+        out, bs = f"{x}.block_sums", self.opts.block_size
+        if out in self._sums:
+            return out
+        shape = self.const(f"{x}.block_shape", np.array([0, 0, k // bs, bs], dtype=np.int64))
+        self.node("Reshape", [x, shape], [f"{x}.blocks"])
+        axes = self.const(f"{x}.block_axes", np.array([-1], dtype=np.int64))
+        self.node("ReduceSum", [f"{x}.blocks", axes], [out], keepdims=0)
+        self._sums.add(out)
+        return out
 
     def linear_q(
         self, x: str, q: BlockQuantized, name: str, out: str, shared: list[str] | None = None
@@ -280,7 +330,7 @@ def _lm_head(
     g: _GraphBuilder, w: dict[str, np.ndarray], embed_inits: list[TensorProto], embed_q: BlockQuantized
 ) -> None:
     head = w.get("lm_head")
-    if head is None and g.opts.quantized:
+    if head is None and g.opts.quantized and g.opts.bits == 8:
         g.inits.extend(embed_inits)
         g.linear_q("selected", embed_q, "lm_head", "logits", shared=[t.name for t in embed_inits])
         return
