@@ -135,6 +135,7 @@ def _pack_install(args: argparse.Namespace) -> int:
         args.source.resolve().as_uri(),
         __version__,
         hardware=cfg.updates.hardware,
+        variants=cfg.updates.variants,
         on_event=show,
         sideload=True,
         threads=cfg.pack.threads,

@@ -144,6 +144,7 @@ class UpdatesConfig:
     repository_url: str | None = None  # the fleet's TUF repository (only ever from here)
     trusted_root: str | None = None  # root.json installed at provisioning
     hardware: str = "any"
+    variants: bool = True  # take a release's variant for this CPU (model_packs/hardware.py)
     latency_factor: float = 3.0
     ram_budget_mb: int | None = None  # RAM for model packs; None: what the system has free
 

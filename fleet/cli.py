@@ -45,7 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     repo_args(pub)
     pub.add_argument("pack", type=Path)
     pub.add_argument("--min-agent-version", default="0.1.0")
-    pub.add_argument("--hardware", action="append", default=[])
+    pub.add_argument(
+        "--hardware",
+        action="append",
+        default=[],
+        help="hardware tag the pack is for (repeatable; default any). A second pack of a published "
+        "release at another level becomes its variant for these tags, e.g. aarch64-no-dotprod",
+    )
     pub.add_argument(
         "--rollback",
         action="store_true",

@@ -37,7 +37,7 @@ from tuf.api.serialization.json import JSONSerializer
 from fleet.errors import RepositoryError
 from model_packs.fileio import atomic_write_bytes, atomic_writer, fsync_dir, sha256_file
 from model_packs.format import MANIFEST_NAME, read_manifest, verify_pack
-from model_packs.layout import CREATED_FIELD, consistent_path, pack_of_path, target_path
+from model_packs.layout import CREATED_FIELD, consistent_path, pack_of_path, target_path, variant_path
 from model_packs.versions import Version, VersionError, parse_version
 
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
@@ -190,6 +190,7 @@ class FleetRepository:
         """Write the pack's tarball where readers will ask for it. With consistent snapshots
         its hash is part of the name, so it is written under a hidden name first."""
         incoming = (self.targets_dir / path).with_name(f".{Path(path).name}.incoming")
+        incoming.parent.mkdir(parents=True, exist_ok=True)
         with atomic_writer(incoming) as fh:
             write_pack_tarball(pack_dir, fh)
         target = TargetFile(incoming.stat().st_size, {"sha256": sha256_file(incoming)}, path)
@@ -274,30 +275,57 @@ class FleetRepository:
         hardware: tuple[str, ...] = ("any",),
         rollback: bool = False,
     ) -> PublishedPack:
-        """Add a verified pack as a target; versions of one pack only go up."""
+        """Add a verified pack as a target; versions of one pack only go up.
+
+        The first pack of a release (``NAME@VERSION``) is its base target. Another pack of the
+        same release at another level is a variant for ``hardware`` (never ``any``: the base is
+        for any hardware); it is stored at its own path and listed in the base target's signed
+        ``custom.variants``, where devices look for it (model_packs/hardware.py)."""
         manifest = verify_pack(pack_dir)
         if not manifest.evaluation.passed:
             raise RepositoryError(f"pack {manifest.name} {manifest.version} did not pass its quality gate")
-        if not rollback:
-            self._check_goes_up(manifest.name, manifest.version)
-        path = target_path(manifest.name, manifest.version)
         root = self.root()
-        tf = self._store_target(pack_dir, path, root)
-        tf.unrecognized_fields["custom"] = {
+        md: Metadata[Targets] = self.load("targets")
+        base = md.signed.targets.get(target_path(manifest.name, manifest.version))
+        custom: dict[str, Any] = {
             "name": manifest.name,
             "version": manifest.version,
+            "variant": manifest.variant,
             "min_agent_version": min_agent_version,
             "hardware": list(hardware),
             "min_ram_mb": manifest.runtime.min_ram_mb,
             **({"rollback": True} if rollback else {}),
         }
-        md: Metadata[Targets] = self.load("targets")
+        if base is not None and _custom(base).get("variant", manifest.variant) != manifest.variant:
+            path = self._add_variant(base, manifest.variant, hardware)
+        else:
+            if not rollback:
+                self._check_goes_up(manifest.name, manifest.version)
+            path = target_path(manifest.name, manifest.version)
+        tf = self._store_target(pack_dir, path, root)
+        tf.unrecognized_fields["custom"] = custom
         md.signed.targets[path] = tf
         md.signed.version += 1
         md.signed.expires = self._expiry("targets")
         self._write(md, "targets", self.keys.signers("targets", root))
         self._snapshot_and_timestamp(root)
         return PublishedPack(path, tf.length, tf.hashes["sha256"], md.signed.version, self._file_of(tf, root))
+
+    @staticmethod
+    def _add_variant(base: TargetFile, variant: str, hardware: tuple[str, ...]) -> str:
+        """List a variant in the release's base target (signed with it); its target path."""
+        base_custom = _custom(base)
+        if not hardware or "any" in hardware:
+            raise RepositoryError(
+                f"{base_custom.get('name')}@{base_custom.get('version')} is published as "
+                f"{base_custom.get('variant')}; a {variant} variant needs --hardware TAG "
+                "(e.g. aarch64-no-dotprod): the base is the one for any hardware"
+            )
+        variants = base_custom.setdefault("variants", {})
+        if variant in variants:
+            raise RepositoryError(f"variant {variant} of this release is already published")
+        variants[variant] = {"hardware": list(hardware)}
+        return variant_path(str(base_custom["name"]), str(base_custom["version"]), variant)
 
     def _check_goes_up(self, name: str, version: str) -> None:
         newest = max(self.published_versions(name), key=semver_key, default=None)
@@ -341,3 +369,11 @@ class FleetRepository:
             self._snapshot_and_timestamp(root)
         elif role == "snapshot":
             self.refresh_timestamp(root)
+
+
+def _custom(target: TargetFile) -> dict[str, Any]:
+    """A target's signed custom metadata (the fleet's fields), as stored."""
+    custom = target.unrecognized_fields.setdefault("custom", {})
+    if not isinstance(custom, dict):
+        raise RepositoryError(f"{target.path} has malformed custom metadata")
+    return custom

@@ -141,6 +141,13 @@ class Manifest:
     format: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def variant(self) -> str:
+        """The pack's variant name: its quantization level, and the compute where it is not
+        the default int8 (``int8-block32``, ``int4-block32``, ``int4-block32-acc1``)."""
+        q = self.quantization
+        return q.method if q.accuracy_level == 4 else f"{q.method}-acc{q.accuracy_level}"
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["evaluation"]["ppl_ratio"] = self.evaluation.ppl_ratio

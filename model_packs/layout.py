@@ -3,7 +3,9 @@ own field in the signed root. The fleet writes these and the device reads them, 
 is defined here once.
 
 - A pack is the TUF target ``packs/{name}/{version}.tar`` (docs/protocol.md, updates); an update
-  instruction names it ``NAME@VERSION``.
+  instruction names it ``NAME@VERSION``. That target is the release's base (it runs anywhere);
+  a variant of the same release for some hardware (model_packs/hardware.py) is the target
+  ``packs/{name}/{version}/{variant}.tar``, listed in the base target's signed custom metadata.
 - With consistent snapshots (TUF spec 5.7.3) the file is stored and fetched as
   ``packs/{name}/{HASH}.{version}.tar``: the hash goes on the basename, in the same
   directory, exactly as python-tuf's ngclient ``Updater.download_target`` builds it.
@@ -46,6 +48,11 @@ def is_pack_name(name: str) -> bool:
 def target_path(name: str, version: str) -> str:
     """The TUF target path of a pack (the key in targets metadata)."""
     return f"{PACKS_DIR}/{name}/{version}{TAR_SUFFIX}"
+
+
+def variant_path(name: str, version: str, variant: str) -> str:
+    """The TUF target path of a release's variant (``variant`` as :func:`is_pack_name`)."""
+    return f"{PACKS_DIR}/{name}/{version}/{variant}{TAR_SUFFIX}"
 
 
 def parse_target(target: str) -> PackTarget:

@@ -98,16 +98,18 @@ def test_a_lower_version_signed_as_rollback_is_accepted(
 )
 def test_decide_on_signed_custom_metadata(custom: dict[str, object] | None, reason: str) -> None:
     with pytest.raises(UpdateRejected) as err:
-        decide("tiny@1.0.0", custom, "0.9.0", __version__, "pi5")
+        decide("tiny@1.0.0", custom, "0.9.0", __version__, frozenset({"pi5", "x86_64"}))
     assert err.value.reason_code == reason
 
 
 def test_decide_orders_by_semver_precedence() -> None:
     custom = {"name": "tiny", "version": "1.10.0"}
-    assert decide("tiny@1.10.0", custom, "1.9.0", __version__, "any").version == "1.10.0"  # not a string sort
+    # not a string sort
+    assert decide("tiny@1.10.0", custom, "1.9.0", __version__, frozenset()).version == "1.10.0"
     pre = {"name": "tiny", "version": "1.0.0-rc.1"}
     with pytest.raises(UpdateRejected, match="not above"):
-        decide("tiny@1.0.0-rc.1", pre, "1.0.0", __version__, "any")  # a pre-release is below its release
+        # a pre-release is below its release
+        decide("tiny@1.0.0-rc.1", pre, "1.0.0", __version__, frozenset())
 
 
 def test_replayed_metadata_is_refused(

@@ -1,17 +1,22 @@
 """Should this device install this target? Pure rules: no IO, no clock, no network.
 
 Input: the instruction's ``NAME@VERSION``, the signed custom metadata that TUF verified,
-the active pack's version, this agent's version and board. Output: a :class:`Plan`, or an
-:class:`UpdateRejected` with the reason code that goes into ``update/status``.
+the active pack's version, this agent's version and hardware tags. Output: a :class:`Plan`, or
+an :class:`UpdateRejected` with the reason code that goes into ``update/status``.
+
+Variants: the release's base target lists its variants and the hardware each was published
+for (``custom.variants``); :func:`choose_variant` takes the first one published for one of
+this device's tags (model_packs/hardware.py), else the base.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.packs.verify import UpdateRejected
+from model_packs import hardware as hw
 from model_packs import layout
 from model_packs.versions import Version, VersionError, parse_version
 
@@ -22,6 +27,7 @@ class Plan:
     version: str
     path: str  # the TUF target path
     rollback: bool  # a lower version the fleet signed as a rollback instruction
+    variant: str | None = None  # the release's variant for this hardware; None: the base
 
 
 def semver(version: str) -> Version:
@@ -42,8 +48,42 @@ def parse_target(target: str) -> tuple[str, str, str]:
     return name, version, path
 
 
+class Variant(NamedTuple):
+    """The variant of a release this device takes, and why."""
+
+    name: str
+    path: str  # its TUF target path
+    tag: str  # the device's hardware tag it was published for
+    why: str
+
+
+def choose_variant(
+    custom: Mapping[str, Any] | None, name: str, version: str, tags: frozenset[str]
+) -> Variant | None:
+    """The first variant the base target lists for one of ``tags`` (``any`` never selects a
+    variant: the base is for any hardware), or None for the base itself. Malformed entries
+    are skipped: the signed base still installs."""
+    variants = (custom or {}).get("variants")
+    if not isinstance(variants, dict):
+        return None
+    for variant, entry in variants.items():
+        boards = entry.get("hardware") if isinstance(entry, dict) else None
+        if not isinstance(variant, str) or not layout.is_pack_name(variant) or not isinstance(boards, list):
+            continue
+        matched = [b for b in boards if isinstance(b, str) and b != hw.ANY and b in tags]
+        if matched:
+            why = hw.WHY.get(matched[0], f"this device is tagged {matched[0]}")
+            return Variant(variant, layout.variant_path(name, version, variant), matched[0], why)
+    return None
+
+
 def check_custom(
-    custom: Mapping[str, Any] | None, name: str, version: str, agent_version: str, hardware: str
+    custom: Mapping[str, Any] | None,
+    name: str,
+    version: str,
+    agent_version: str,
+    tags: frozenset[str],
+    variant: Variant | None = None,
 ) -> None:
     """The signed custom metadata must name this pack and suit this agent and board."""
     if not custom:
@@ -56,9 +96,12 @@ def check_custom(
         raise UpdateRejected(
             "incompatible", f"pack needs agent >= {custom['min_agent_version']}, this is {agent_version}"
         )
-    boards = custom.get("hardware") or ["any"]
-    if "any" not in boards and hardware not in boards:
-        raise UpdateRejected("incompatible", f"pack is for {boards}, this device is {hardware}")
+    if variant is not None and custom.get("variant") != variant.name:
+        raise UpdateRejected("bad_target", f"signed metadata names variant {custom.get('variant')!r}")
+    boards = custom.get("hardware") or [hw.ANY]
+    named = [b for b in boards if isinstance(b, str)] if isinstance(boards, list) else []
+    if hw.ANY not in named and not tags.intersection(named):
+        raise UpdateRejected("incompatible", f"pack is for {boards}, this device is {sorted(tags)}")
 
 
 def check_version_goes_up(current: str | None, new: str) -> None:
@@ -76,12 +119,16 @@ def decide(
     custom: Mapping[str, Any] | None,
     active_version: str | None,
     agent_version: str,
-    hardware: str,
+    tags: frozenset[str],
+    variant: Variant | None = None,
 ) -> Plan:
-    """Accept ``target`` for this device, or raise the reason it must not be installed."""
+    """Accept ``target`` (its ``variant`` when one was chosen, whose signed ``custom`` this
+    is) for this device, or raise the reason it must not be installed."""
     name, version, path = parse_target(target)
-    check_custom(custom, name, version, agent_version, hardware)
+    check_custom(custom, name, version, agent_version, tags, variant)
+    if variant is not None:
+        path = variant.path
     rollback = bool(custom and custom.get("rollback") is True)
     if not rollback:
         check_version_goes_up(active_version, version)
-    return Plan(name, version, path, rollback)
+    return Plan(name, version, path, rollback, variant.name if variant else None)

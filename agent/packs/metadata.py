@@ -8,6 +8,7 @@ and names the target file the way ngclient does (``HASH.NAME`` under consistent 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,9 +35,15 @@ def check_clock(tuf_dir: Path, now: datetime) -> None:
 
 
 def refresh_target(
-    tuf_dir: Path, base_url: str, path: str, fetcher: PackFetcher, sideload: bool
+    tuf_dir: Path,
+    base_url: str,
+    path: str,
+    fetcher: PackFetcher,
+    sideload: bool,
+    instead: Callable[[TargetFile], str | None] | None = None,
 ) -> TargetFile:
-    """Refresh metadata from the trusted root in ``tuf_dir`` and return ``path``'s signed info."""
+    """Refresh metadata from the trusted root in ``tuf_dir`` and return ``path``'s signed info,
+    or, where ``instead`` names another target for it (a variant), that target's."""
     if not (tuf_dir / "root.json").exists():
         raise UpdateRejected("no_trust", f"no trusted root in {tuf_dir}: provision the device first")
     if not sideload:
@@ -53,6 +60,9 @@ def refresh_target(
     try:
         updater.refresh()
         info = updater.get_targetinfo(path)
+        other = instead(info) if info is not None and instead is not None else None
+        if other is not None:
+            path, info = other, updater.get_targetinfo(other)
     except tuf_errors.ExpiredMetadataError as exc:
         raise UpdateRejected("expired_metadata", str(exc)) from None
     except (tuf_errors.BadVersionNumberError, tuf_errors.EqualVersionNumberError) as exc:

@@ -76,6 +76,7 @@ class UpdateService:
             __version__,
             self.active.gate,
             hardware=cfg.hardware,
+            variants=cfg.variants,
             on_event=on_event,
             fetcher=self._fetcher,
         )

@@ -22,12 +22,13 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 
 from agent.packs import metadata
-from agent.packs.decide import Plan, decide, parse_target
+from agent.packs.decide import Plan, Variant, choose_variant, decide, parse_target
 from agent.packs.fetch import IncompleteDownload, PackFetcher, UrlFetcher, download
 from agent.packs.health import HealthBudget, offline_gate
 from agent.packs.stage import unpack
 from agent.packs.store import PackStore
 from agent.packs.verify import UpdateRejected, check_runtime
+from model_packs import hardware as hw
 from model_packs import runtimes
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class PackUpdater:
         gate: Gate,
         *,
         hardware: str = "any",
+        variants: bool = True,
         on_event: Callable[[UpdateEvent], None] | None = None,
         hook: Hook | None = None,
         fetcher: PackFetcher | None = None,
@@ -68,7 +70,9 @@ class PackUpdater:
     ) -> None:
         self.store, self.tuf_dir = store, tuf_dir
         self.base = repository_url.rstrip("/")
-        self.agent_version, self.hardware = agent_version, hardware
+        self.agent_version = agent_version
+        self.profile = hw.detect(hardware)  # this CPU's tags: which variant of a release fits
+        self.variants = variants  # False: always the release's base target
         self.gate = gate
         self.sideload = sideload  # explicit: never inferred from the URL
         self.fetcher = fetcher or UrlFetcher()
@@ -90,10 +94,27 @@ class PackUpdater:
 
     def check(self, target: str) -> tuple[Plan, TargetFile]:
         """Verify the metadata and decide, without downloading anything."""
-        path = parse_target(target)[2]
-        info = metadata.refresh_target(self.tuf_dir, self.base, path, self.fetcher, self.sideload)
+        name, version, path = parse_target(target)
+        chosen: list[Variant] = []
+
+        def variant_for_this_cpu(base: TargetFile) -> str | None:
+            found = choose_variant(base.unrecognized_fields.get("custom"), name, version, self.profile.tags)
+            if found is None or not self.variants:
+                return None
+            chosen.append(found)
+            log.info("pack_variant", target=target, variant=found.name, hardware=found.tag, why=found.why)
+            return found.path
+
+        info = metadata.refresh_target(
+            self.tuf_dir, self.base, path, self.fetcher, self.sideload, variant_for_this_cpu
+        )
         custom = info.unrecognized_fields.get("custom")
-        plan = decide(target, custom, self.store.active_version(), self.agent_version, self.hardware)
+        variant = chosen[0] if chosen else None
+        plan = decide(
+            target, custom, self.store.active_version(), self.agent_version, self.profile.tags, variant
+        )
+        if variant is None:
+            log.info("pack_variant", target=target, variant="base", hardware=sorted(self.profile.tags))
         return plan, info
 
     def _install(self, target: str) -> Path:
@@ -106,11 +127,11 @@ class PackUpdater:
         staging = self.store.fresh_staging()
         try:
             manifest = unpack(part, staging, plan.name, plan.version)
-        except UpdateRejected:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.on_event(UpdateEvent("staged", target))
-        try:
+            if plan.variant is not None and manifest.variant != plan.variant:
+                raise UpdateRejected(
+                    "bad_pack", f"pack is variant {manifest.variant}, signed as {plan.variant}"
+                )
+            self.on_event(UpdateEvent("staged", target))
             check_runtime(manifest, self.onnxruntime, runtimes.machine())
         except UpdateRejected:
             shutil.rmtree(staging, ignore_errors=True)
@@ -121,14 +142,16 @@ class PackUpdater:
         slot = self.store.activate_staged(target)
         part.unlink(missing_ok=True)
         extra = {"expiry_not_enforced": ["timestamp", "snapshot"]} if self.sideload else {}
-        self.store.record({"state": "activated", "target": target, **stats, **extra})
+        variant = {"variant": manifest.variant}
+        self.store.record({"state": "activated", "target": target, **variant, **stats, **extra})
         self.on_event(UpdateEvent("activated", target))
-        log.info("update_activated", target=target, slot=slot, **stats)
+        log.info("update_activated", target=target, slot=slot, **variant, **stats)
         return self.store.slot_path(slot)
 
     def _download(self, info: TargetFile, target: str, plan: Plan) -> Path:
         self.store.ensure_dirs()
-        part = self.store.downloads / f"{plan.name}-{plan.version}.tar.part"
+        variant = f"-{plan.variant}" if plan.variant else ""
+        part = self.store.downloads / f"{plan.name}-{plan.version}{variant}.tar.part"
         last = [-10.0]
 
         def progress(done: int, total: int) -> None:
