@@ -47,6 +47,7 @@ test-arm64: pack
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      qemu-user-static debootstrap debian-archive-keyring) >/dev/null; \
 	  else echo "test-arm64 needs root and: sudo apt-get install -y qemu-user-static debootstrap"; exit 1; fi; }
+	$(BIN)/edge-pack build --quantization int4-block32
 	$(BIN)/python tests/arm64/harness.py $(ARM64_ARGS)
 
 # The router fuzz test with far more generated messages than `make test` runs (10,000).

@@ -14,7 +14,7 @@ from agent.transport import MqttError
 from agent.transport.options import add_broker_options, request_client
 from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
-from model_packs.format import default_pack_path
+from model_packs.format import default_pack_path, read_manifest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,7 +141,11 @@ def _pack_install(args: argparse.Namespace) -> int:
         threads=cfg.pack.threads,
     )
     path = updater.install(args.target)
-    print(f"active: {args.target} in {path}; restart the agent or send `cmd reload` to serve it")
+    variant = read_manifest(path).variant
+    print(
+        f"active: {args.target} (variant {variant}) in {path}; "
+        "restart the agent or send `cmd reload` to serve it"
+    )
     return 0
 
 

@@ -331,14 +331,17 @@ class Case:
     label: str
     version: str
     expect_active: bool
+    with_variant: bool = False  # also publish the 4-bit variant for boards without dot-product
 
 
 CASES = (
-    Case("good", "1.1.0", True),
+    Case("good", "1.1.0", True, with_variant=True),
     Case("golden-shifted", "1.2.0", False),
     Case("wrong-weights", "1.3.0", False),
     Case("truncated-weights", "1.4.0", False),
 )
+VARIANT = "int4-block32"  # what a board without dot-product takes (model_packs/hardware.py)
+VARIANT_TAG = "aarch64-no-dotprod"
 
 
 def _copy_pack(src: Path, dst: Path, version: str) -> dict[str, object]:
@@ -396,8 +399,8 @@ def _shift_goldens(pack: Path, manifest: dict[str, object]) -> None:
         g["text"] = tokenizer.decode(g["token_ids"], skip_special_tokens=True)
 
 
-def make_release(case: Case, default_pack: Path, out: Path) -> Path:
-    pack = out / f"{case.label}-{case.version}"
+def make_release(case: Case, default_pack: Path, out: Path, suffix: str = "") -> Path:
+    pack = out / f"{case.label}-{case.version}{suffix}"
     manifest = _copy_pack(default_pack, pack, case.version)
     if case.label == "golden-shifted":
         _shift_goldens(pack, manifest)
@@ -418,7 +421,21 @@ def build_fleet(work: Path, default_pack: Path) -> Path:
     for case in CASES:
         pack = make_release(case, default_pack, work / "packs")
         sh([*fleet, "pack", "publish", str(pack), "--repo", str(repo), "--keys", str(keys)])
+        if case.with_variant:
+            variant = make_release(case, variant_pack(default_pack), work / "packs", f"-{VARIANT}")
+            publish = [*fleet, "pack", "publish", str(variant), "--repo", str(repo), "--keys", str(keys)]
+            sh([*publish, "--hardware", VARIANT_TAG])
     return repo
+
+
+def variant_pack(default_pack: Path) -> Path:
+    """The default pack at the variant's level, built beside it (``make test-arm64`` does)."""
+    pack = default_pack.with_name(f"{default_pack.name}-{VARIANT}")
+    if not (pack / "manifest.json").exists():
+        raise SystemExit(
+            f"arm64: no {VARIANT} pack at {pack}: run `edge-pack build --quantization {VARIANT}`"
+        )
+    return pack
 
 
 # ---------------------------------------------------------------- one CPU model
@@ -497,15 +514,20 @@ def sideload(root: Root, cpu: CpuModel, venv: Path, repo: Path, default_pack: Pa
     keep_log(device / f"{case.label}.log", [*argv, "--target", target], done)
     active = done.returncode == 0 and done.stdout.startswith("active:")
     label = f"{case.label} {case.version}"
+    variant = re.search(r"\(variant ([\w.-]+)\)", done.stdout)
+    expected = VARIANT if case.with_variant and not cpu.dotprod else "int8-block32"
+    wrong_variant = active and (variant is None or variant.group(1) != expected)
     if active:
-        said = "activated"
+        said = f"activated variant {variant.group(1) if variant else '?'}"
+        if wrong_variant:
+            said += f", expected {expected}"
     else:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
         reason = next((ln for ln in reversed(lines) if re.search(r"\[[a-z_]+\]", ln)), None)
         said = f"refused: {reason}" if reason else f"exit {done.returncode}: {last_error(done.stderr)}"
         if "Traceback" in done.stderr:  # an escaped exception is a failure even where a refusal is due
             said = f"crashed: {last_error(done.stderr)}"
-    ok = active == case.expect_active and "Traceback" not in done.stderr
+    ok = active == case.expect_active and not wrong_variant and "Traceback" not in done.stderr
     return Outcome(label, ok, f"{said} ({took:.0f} s)")
 
 
