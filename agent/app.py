@@ -18,9 +18,10 @@ from typing import Any
 import structlog
 
 from agent.answering import Answerer
+from agent.authority import Authority, ReplayLedger, load_operator_keys
 from agent.config import AgentConfig, load_config, restart_needed, systemd_env
 from agent.dispatch import Dispatcher
-from agent.errors import Cancelled, Interrupted
+from agent.errors import Cancelled, Interrupted, ModelUnavailable
 from agent.journal import Pending, RequestJournal
 from agent.messages import ReplyTo, encode, error_reply
 from agent.notify import Notifier
@@ -35,6 +36,7 @@ from agent.sensors.hub import SensorHub
 from agent.status import status_document
 from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
+from model_packs.instructions import Instruction
 
 log = structlog.get_logger("edge_agent")
 
@@ -75,8 +77,16 @@ class Agent:
             lambda body: self.transport.publish(status_topic, body),
             fetcher,
         )
+        self._ledger = Path(cfg.state_dir) / "instructions.json"  # signed seqs spent, per key
+        self.authority: Authority | None = None  # built in start(): it reads key files
         handlers = Handlers(
-            self.reply, self.status_report, self.reload, self.updates.handle, self.active.info, self._refused
+            self.reply,
+            self.status_report,
+            self.reload,
+            self.updates.handle,
+            self.authorize,
+            self.active.info,
+            self._refused,
         )
         self.router = Router(lambda: self.cfg, self.hub, self.scheduler, self.limiter, handlers)
         self.answerer = Answerer(self.active, self.scheduler, self.hub, lambda: self.cfg, self.reply)
@@ -102,6 +112,11 @@ class Agent:
     def start(self) -> None:
         """Tidy the store, load the active pack, then connect and serve."""
         self.store.converge()
+        self.authority = Authority(
+            load_operator_keys(self.cfg.security.operator_keys),
+            self.cfg.device_id,
+            ReplayLedger(self._ledger),
+        )
         self._interrupted = self.journal.recover()  # answered as soon as the broker is there
         self.active.boot()
         self.hub.start()
@@ -134,11 +149,14 @@ class Agent:
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and the pack; on any failure both stay as they were.
-        The pack, prompt, per-request limits and privileged_clients apply at once; what
+        The pack, prompt, per-request limits and operator keys apply at once; what
         was built from the config at start needs a restart (``config.restart_needed``), and the
         reply lists which of those changed."""
         cfg = load_config(self.config_path) if self.config_path else self.cfg
+        keys = load_operator_keys(cfg.security.operator_keys)  # a bad key file: nothing changes
         result = self.active.reload(engine_factory(cfg.pack))
+        if self.authority is not None:
+            self.authority = Authority(keys, self.authority.device_id, self.authority.ledger)
         restart = restart_needed(self.cfg, cfg)
         kept = {k: getattr(self.cfg, k) for k in ("mqtt", "sensors", "device_id", "state_dir")}
         self.cfg = dataclasses.replace(cfg, **kept)
@@ -154,6 +172,24 @@ class Agent:
         except Exception as exc:
             self.reply_failures += 1
             log.warning("reply_failed", topic=repr(target.topic)[:200], reason=repr(exc)[:200])
+
+    def reload_in_background(self) -> None:
+        """``systemctl reload`` (SIGHUP): the same reload as the signed command, started off
+        the signal handler; the outcome goes to the log."""
+
+        def run() -> None:
+            try:
+                log.info("reloaded", trigger="SIGHUP", **self.reload())
+            except Exception as exc:  # a bad config or pack: the old ones keep serving
+                log.error("reload_failed", trigger="SIGHUP", reason=str(exc)[:300])
+
+        threading.Thread(target=run, name="reload-sighup", daemon=True).start()
+
+    def authorize(self, data: dict[str, Any], action: str) -> Instruction:
+        """The one gate for privileged actions over MQTT (agent/authority.py)."""
+        if self.authority is None:
+            raise ModelUnavailable("the agent is starting")
+        return self.authority.check(data, action)
 
     def _status_doc(self, state: str) -> bytes:
         return status_document(self.cfg.device_id, state, self.active.info())

@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     cm = sub.choices["cmd"]
     cm.add_argument("name", choices=["ping", "status", "cancel", "reload"])
     cm.add_argument("--target-id")
+    cm.add_argument(
+        "--signing-key",
+        type=Path,
+        help="operator key that signs a reload (the device must trust it; "
+        "passphrase in $EDGE_FLEET_KEY_PASSPHRASE when encrypted)",
+    )
     return p
 
 
@@ -160,6 +166,7 @@ def _run(args: argparse.Namespace) -> int:
     agent = Agent(cfg, config_path=args.config)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
+    signal.signal(signal.SIGHUP, lambda *_: agent.reload_in_background())  # systemctl reload
     try:
         agent.run()
     finally:
@@ -180,6 +187,8 @@ def _remote(args: argparse.Namespace) -> int:
         body = {"sensor": args.sensor, "agg": args.agg, **({"window": args.window} if args.window else {})}
     else:
         body = {"cmd": args.name, **({"target_id": args.target_id} if args.target_id else {})}
+        if args.name == "reload":
+            body = _signed_reload(args, body)
     started = time.monotonic()
     with request_client(args, args.device, args.client, args.protocol) as client:
         reply = client.request(
@@ -194,6 +203,24 @@ def _remote(args: argparse.Namespace) -> int:
     else:
         _show(args.command, reply, elapsed_ms)
     return 0 if reply.get("type") == "final" else 1
+
+
+def _signed_reload(args: argparse.Namespace, body: dict[str, object]) -> dict[str, object]:
+    """A reload is privileged: signed by an operator key for this device (agent/authority.py)."""
+    import os
+    import uuid
+
+    from model_packs import instructions
+
+    if args.signing_key is None:
+        raise AgentError("cmd reload needs --signing-key (an operator key the device trusts)")
+    secret = os.environ.get("EDGE_FLEET_KEY_PASSPHRASE")
+    try:
+        key = instructions.load_private_key(args.signing_key, secret.encode() if secret else None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AgentError(f"cannot use signing key {args.signing_key}: {exc}") from None
+    fields = {**body, "v": 1, "id": uuid.uuid4().hex[:16]}
+    return {**instructions.sign(key, "reload", args.device, fields), "cmd": "reload"}
 
 
 def _print_chunk(chunk: dict[str, object]) -> None:

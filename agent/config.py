@@ -157,6 +157,13 @@ class RepliesConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    # Ed25519 public keys (PEM) of the operators and the fleet whose signed instructions this
+    # device acts on (updates, reload over MQTT). Empty: no privileged action over MQTT.
+    operator_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -166,7 +173,7 @@ class AgentConfig:
     sensors: tuple[SensorConfig, ...] = ()
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     replies: RepliesConfig = field(default_factory=RepliesConfig)
-    privileged_clients: tuple[str, ...] = ()
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     state_dir: str = "/var/lib/edge-agent"
     log_level: str = "info"
     watchdog: bool = True
@@ -228,6 +235,12 @@ def _build(cls: type[Any], data: Mapping[str, Any], path: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    if unknown == ["privileged_clients"] and not path:
+        raise ConfigError(
+            "privileged_clients was removed: any client can claim a client key, so updates and "
+            "reload over MQTT must now be signed; list the operators' public keys in "
+            "security.operator_keys (edge-fleet keys operator) and remove privileged_clients"
+        )
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")

@@ -10,7 +10,10 @@
     +-- QueueFull              queue_full         the request queue (or the client's share) is full
     +-- RateLimited            rate_limited       the client sends faster than its rate limit
     +-- Timeout                timeout            the request's deadline passed
-    +-- Forbidden              forbidden          a privileged command from a client not allowed
+    +-- Forbidden              forbidden          a privileged action and this device trusts no operator key
+    +-- Unauthorized           unauthorized       a privileged action not signed by a trusted operator key
+    +-- WrongDevice            wrong_device       a signed instruction for another device
+    +-- Replayed               replayed           a signed instruction not newer than one already accepted
     +-- Interrupted            interrupted        the agent stopped (crash, power cut) mid-request
     +-- ConfigError            bad_config         the configuration is invalid (start-up only)
 
@@ -68,6 +71,18 @@ class Timeout(AgentError):
 
 class Forbidden(AgentError):
     code = "forbidden"
+
+
+class Unauthorized(AgentError):
+    code = "unauthorized"
+
+
+class WrongDevice(AgentError):
+    code = "wrong_device"
+
+
+class Replayed(AgentError):
+    code = "replayed"
 
 
 class Interrupted(AgentError):

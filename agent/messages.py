@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import Limits, parse_duration
-from agent.errors import AgentError, BadJson, BadRequest, Forbidden, TooLarge
+from agent.errors import AgentError, BadJson, BadRequest, TooLarge
 from agent.sensors.windows import AGGREGATES
 
 SCHEMA_VERSION = 1
@@ -233,12 +233,6 @@ def reply_to(
     if why is not None:
         return None, why
     return ReplyTo(topic, correlation), None
-
-
-def require_privileged(action: str, client: str, allowed: tuple[str, ...]) -> None:
-    """The one privilege check (updates, reload): the client key must be allow-listed."""
-    if client not in allowed:
-        raise Forbidden(f"{action}: privileged, and client {client!r} is not in privileged_clients")
 
 
 def _utf8(text: str) -> bool:

@@ -32,11 +32,11 @@ from agent.messages import (
     parse_read,
     reply_to,
     request_id,
-    require_privileged,
 )
 from agent.scheduling import Job, RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
 from agent.transport import Inbound
+from model_packs.instructions import Instruction
 
 log = structlog.get_logger("edge_agent.router")
 REQUEST_KINDS = ("query", "read", "cmd", "update")
@@ -51,6 +51,7 @@ class Handlers:
     status: Callable[[str], dict[str, Any]]  # the `cmd status` document, as this client key sees it
     reload: Callable[[], dict[str, Any]]  # re-read config and pack (slow: runs off this thread)
     update: Callable[[dict[str, Any]], str]  # start an install from an instruction
+    authorize: Callable[[dict[str, Any], str], Instruction]  # a signed instruction, or raises
     pack_info: Callable[[], dict[str, str] | None]
     refused: Callable[[str, str], None]  # a reply topic the policy refused: logged, counted
 
@@ -131,13 +132,13 @@ class Router:
             self.scheduler.submit(Job(q, client, target, started, started + cfg.limits.deadline_s))
             return "queued"
         if kind == "update":
-            require_privileged("updates", client, cfg.privileged_clients)
-            state = self.h.update(data)
+            signed = self.h.authorize(data, "update").body  # act on the signed fields only
+            state = self.h.update(dict(signed))
             self.h.reply(target, final_reply(str(data.get("id")), 0, result={"update": state}))
             return state
         if kind == "read":
             return self._read(data, target)
-        return self._command(parse_cmd(data), target, client, cfg)
+        return self._command(parse_cmd(data), data, target, client)
 
     def _read(self, data: dict[str, Any], target: ReplyTo) -> str:
         r = parse_read(data)
@@ -160,9 +161,9 @@ class Router:
         self.h.reply(target, body)
         return "ok"
 
-    def _command(self, c: CmdRequest, target: ReplyTo, client: str, cfg: AgentConfig) -> str:
+    def _command(self, c: CmdRequest, data: dict[str, Any], target: ReplyTo, client: str) -> str:
         if c.cmd == "reload":
-            require_privileged("reload", client, cfg.privileged_clients)
+            self.h.authorize(data, "reload")
             threading.Thread(target=self._reload, args=(c, target), name="reload", daemon=True).start()
             return "reloading"
         if c.cmd == "ping":

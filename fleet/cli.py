@@ -5,7 +5,8 @@ edge-fleet pack publish PACK --repo DIR --keys DIR [--min-agent-version V] [--ha
 edge-fleet timestamp refresh --repo DIR --keys DIR
 edge-fleet keys rotate ROLE  --repo DIR --keys DIR   (needs the offline root keys)
 edge-fleet serve            --repo DIR [--port 8080]
-edge-fleet update send --broker URL --device ID --target NAME@VERSION
+edge-fleet keys operator NAME --out DIR         (a key that signs instructions)
+edge-fleet update send --broker URL --device ID --target NAME@VERSION --signing-key KEY
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from agent.logs import configure_logging
 from agent.transport import MqttError
 from agent.transport.options import add_broker_options, request_client
 from fleet.errors import FleetError
+from fleet.operators import create_operator_key, signing_key
 from fleet.repository import FleetRepository
+from model_packs import instructions
 from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
 
@@ -63,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     rot = keys.add_parser("rotate", help="replace a role's keys (needs the root keys)")
     repo_args(rot)
     rot.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    op = keys.add_parser("operator", help="a new operator key that signs update instructions and commands")
+    op.add_argument("name", help="file name stem: NAME.key (private) and NAME.pub (for the devices)")
+    op.add_argument("--out", type=Path, required=True)
     srv = sub.add_parser("serve", help="serve the repository over HTTP (Range supported)")
     srv.add_argument("--repo", type=Path, required=True)
     srv.add_argument("--host", default="127.0.0.1")
@@ -72,7 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     add_broker_options(send)
     send.add_argument("--device", required=True)
     send.add_argument("--target", required=True)
-    send.add_argument("--client", default="fleet", help="client key the agent's privileged_clients allows")
+    send.add_argument(
+        "--client", default="fleet", help="client name for the agent's fairness and rate limits"
+    )
+    send.add_argument(
+        "--signing-key",
+        type=Path,
+        required=True,
+        help="operator key that signs the instruction (edge-fleet keys operator; the device must trust it)",
+    )
     return p
 
 
@@ -86,6 +100,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.group == "update":
         return _send_update(args)
+    if args.group == "keys" and args.command == "operator":
+        private, public, kid = create_operator_key(args.out, args.name)
+        print(json.dumps({"private": str(private), "public": str(public), "key_id": kid}))
+        return 0
     repo = FleetRepository(args.repo, args.keys)
     if args.group == "repo":
         repo.init(args.root_keys, args.root_threshold)
@@ -112,10 +130,11 @@ def _run(args: argparse.Namespace) -> int:
 def _send_update(args: argparse.Namespace) -> int:
     """One rollout instruction, MQTT 5 with the client key as a user property."""
     configure_logging("warning")  # stdout carries the JSON result; connection trouble goes to stderr
-    body = {"rollout_id": uuid.uuid4().hex[:12], "target": args.target}
+    fields = {"v": 1, "id": uuid.uuid4().hex[:16], "rollout_id": uuid.uuid4().hex[:12], "target": args.target}
+    envelope = instructions.sign(signing_key(args.signing_key), "update", args.device, fields)
     with request_client(args, args.device, args.client) as client:
-        reply = client.request("update", body, 30)
-    print(json.dumps({**body, "reply": reply}))
+        reply = client.request("update", envelope, 30)
+    print(json.dumps({**fields, "key": envelope["key"], "reply": reply}))
     return 0 if reply.get("type") == "final" else 1
 
 

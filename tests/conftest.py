@@ -22,6 +22,7 @@ from agent.localbroker import LocalBroker
 from agent.transport.client import RequestClient
 from model_packs.build.builder import BuildOptions, build_pack
 from model_packs.format import default_pack_path
+from tests.operators import default_operator
 from tests.tiny_model import write_hf_dir
 
 
@@ -116,7 +117,7 @@ def agent_config(broker_url: str, pack: Path | str, **overrides: Any) -> AgentCo
             {"name": "humidity", "unit": "%", "aliases": ["humid"], "max_age_s": 60},
             {"name": "soil_moisture", "unit": "%", "aliases": ["soil", "water"], "max_age_s": 60},
         ],
-        "privileged_clients": ["ops"],
+        "security": {"operator_keys": [str(default_operator().pub)]},
         "prompt": {"max_tokens": 16, "system": "Be brief."},
         "limits": {"rate": {"per_s": 1000.0, "burst": 1000}, "queue_size": 64, "per_client_queue": 32},
         "state_dir": tempfile.mkdtemp(prefix="agent-state-", dir=STATE_ROOT),

@@ -108,7 +108,7 @@ def _raw(ra: RunningAgent, kind: str, payload: bytes) -> dict[str, Any]:
         ("read", b'{"v": 1, "id": "a", "sensor": "temperature", "agg": "median"}', "bad_request"),
         ("read", b'{"v": 1, "id": "a", "sensor": "temperature", "window": "soon"}', "bad_request"),
         ("cmd", b'{"v": 1, "id": "a", "cmd": "reboot"}', "bad_request"),
-        ("cmd", b'{"v": 1, "id": "a", "cmd": "reload"}', "forbidden"),
+        ("cmd", b'{"v": 1, "id": "a", "cmd": "reload"}', "unauthorized"),
         ("cmd", b'{"v": 1, "id": "a", "cmd": "cancel", "target_id": "nope"}', "bad_request"),
     ],
 )

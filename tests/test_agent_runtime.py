@@ -22,6 +22,7 @@ from agent.errors import ConfigError
 from agent.localbroker import LocalBroker
 from agent.notify import Notifier
 from tests.conftest import RunningAgent, StatusWatcher, agent_config
+from tests.operators import default_operator
 
 
 def test_broker_restart_agent_reconnects_and_answers_everything(tiny_pack_path: Path, tmp_path: Path) -> None:
@@ -93,6 +94,37 @@ def test_last_will_on_kill_and_offline_on_clean_stop(
         watcher.close()
 
 
+def test_sighup_reloads_the_config_like_systemctl_reload(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+) -> None:
+    """`systemctl reload` sends SIGHUP (ExecReload in the unit): the running daemon re-reads
+    its config and pack, keeps serving, and says so in its log."""
+    config = _write_config(tmp_path / "agent.yaml", broker, tiny_pack_path, "hup-dev", log_level="info")
+    watcher = StatusWatcher(broker, "edge/hup-dev/status")
+    proc = _spawn(config)
+    try:
+        watcher.wait_state("online", 30)
+        data = yaml.safe_load(config.read_text())
+        data["prompt"]["max_tokens"] = 3
+        config.write_text(yaml.safe_dump(data))
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        seen = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline().decode()
+            seen.append(line)
+            if '"reloaded"' in line:
+                break
+        event = json.loads(seen[-1])
+        assert event["trigger"] == "SIGHUP" and event["pack"]["name"] == "tiny", seen[-5:]
+        assert proc.poll() is None  # still running
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        watcher.close()
+
+
 def test_watchdog_messages_on_a_real_notify_socket(
     broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
 ) -> None:
@@ -144,9 +176,14 @@ def test_command_line_query_read_cmd(running_agent: RunningAgent) -> None:
     assert bad.returncode == 1 and "unknown_sensor" in bad.stderr
 
 
+def _reload(device: str) -> dict[str, Any]:
+    return {**default_operator().sign("reload", device), "cmd": "reload"}
+
+
 def test_reload_keeps_serving_and_is_privileged(running_agent: RunningAgent) -> None:
     with running_agent.client(client="ops") as ops:
-        r = ops.request("cmd", {"cmd": "reload"}, 30)
+        assert ops.request("cmd", {"cmd": "reload"}, 30)["code"] == "unauthorized"  # unsigned
+        r = ops.request("cmd", _reload(running_agent.cfg.device_id), 30)
         assert r["type"] == "final" and r["result"]["pack"]["name"] == "tiny"
         assert ops.request("query", {"question": "ok?", "max_tokens": 3}, 30)["type"] == "final"
 
@@ -288,7 +325,8 @@ def test_reload_of_a_broken_pack_keeps_the_old_one_serving(
     import shutil
 
     pack = Path(shutil.copytree(tiny_pack_path, tmp_path / "pack"))
-    config = _write_config(tmp_path / "agent.yaml", broker, pack, "reload-dev", privileged_clients=["ops"])
+    keys = {"operator_keys": [str(default_operator().pub)]}
+    config = _write_config(tmp_path / "agent.yaml", broker, pack, "reload-dev", security=keys)
     ra = start_agent(load_config(config, env={}), broker, config)
     # a new file, not a rewrite in place: the serving session maps the old one
     slot = ra.agent.store.active_path()
@@ -296,7 +334,7 @@ def test_reload_of_a_broken_pack_keeps_the_old_one_serving(
     (slot / "weights.tmp").write_bytes(b"garbage")
     os.replace(slot / "weights.tmp", slot / "weights.bin")
     with ra.client(client="ops") as ops:
-        r = ops.request("cmd", {"cmd": "reload"}, 30)
+        r = ops.request("cmd", _reload("reload-dev"), 30)
         assert r["code"] == "model_unavailable" and "still serving tiny 0.0.1" in r["message"]
         assert "weights.bin" in r["message"]
         q = ops.request("query", {"question": "still ok?", "max_tokens": 3}, 30)
@@ -307,7 +345,11 @@ def test_reload_applies_the_prompt_and_lists_what_needs_a_restart(
     broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path, start_agent: Any
 ) -> None:
     config = _write_config(
-        tmp_path / "agent.yaml", broker, tiny_pack_path, "rl-dev", privileged_clients=["ops"]
+        tmp_path / "agent.yaml",
+        broker,
+        tiny_pack_path,
+        "rl-dev",
+        security={"operator_keys": [str(default_operator().pub)]},
     )
     ra = start_agent(load_config(config, env={}), broker, config)
     data = yaml.safe_load(config.read_text())
@@ -316,7 +358,7 @@ def test_reload_applies_the_prompt_and_lists_what_needs_a_restart(
     data["sensors"].append({"name": "humidity", "unit": "%"})
     config.write_text(yaml.safe_dump(data))
     with ra.client(client="ops") as ops:
-        result = ops.request("cmd", {"cmd": "reload"}, 30)["result"]
+        result = ops.request("cmd", _reload("rl-dev"), 30)["result"]
         assert sorted(result["restart_needed_for"]) == ["limits.rate", "sensors"]
         answer = ops.request("query", {"question": "warm?"}, 30)
         assert answer["usage"]["completion_tokens"] <= 3  # the new prompt.max_tokens applies at once

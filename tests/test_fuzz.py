@@ -95,7 +95,6 @@ def messages(draw: st.DrawFn, parts: Parts) -> Inbound:
 # rate limits and the sensor payload cap off: the parsers behind them get the whole load
 PARTS = Parts(
     limits={"rate": {"per_s": 1e9, "burst": 10**9}, "max_sensor_payload_bytes": 10**6},
-    privileged_clients=["ops", "f"],
 )
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.authority import Authority, ReplayLedger, load_operator_keys
 from agent.config import AgentConfig, config_from_mapping
 from agent.messages import ReplyTo
 from agent.router import Handlers, Router
 from agent.scheduling import RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
 from agent.transport import Inbound
+from tests.operators import default_operator
 
 
 class Parts:
@@ -24,7 +28,7 @@ class Parts:
             {
                 "device_id": "r1",
                 "sensors": [{"name": "temperature", "unit": "°C"}],
-                "privileged_clients": ["ops"],
+                "security": {"operator_keys": [str(default_operator().pub)]},
                 **cfg,
             },
             env={},
@@ -36,11 +40,16 @@ class Parts:
         self.refused: list[tuple[str, str]] = []
         self.hub = SensorHub(self.cfg)
         self.scheduler = Scheduler(self.cfg.limits)
+        ledger = ReplayLedger(Path(tempfile.mkdtemp(prefix="router-ledger-")) / "instructions.json")
+        self.authority = Authority(
+            load_operator_keys(self.cfg.security.operator_keys), self.cfg.device_id, ledger
+        )
         handlers = Handlers(
             reply=self._reply,
             status=lambda client: {"state": "online", "asked_by": client},
             reload=self._reload,
             update=lambda data: self.updates.append(data) or "started",  # type: ignore[func-returns-value]
+            authorize=self.authority.check,
             pack_info=lambda: {"name": "p", "version": "1.0.0"},
             refused=lambda topic, why: self.refused.append((topic, why)),
         )
@@ -92,8 +101,8 @@ def test_query_is_validated_and_queued_for_the_worker() -> None:
         ("query", {"id": "e", "question": ""}, "bad_request"),
         ("query", {"id": "e", "question": "x", "max_tokens": 10_000}, "too_large"),
         ("read", {"id": "e", "sensor": "nope"}, "unknown_sensor"),
-        ("cmd", {"id": "e", "cmd": "reload"}, "forbidden"),
-        ("update", {"id": "e", "rollout_id": "r", "target": "p@1.0.1"}, "forbidden"),
+        ("cmd", {"id": "e", "cmd": "reload"}, "unauthorized"),
+        ("update", {"id": "e", "rollout_id": "r", "target": "p@1.0.1"}, "unauthorized"),
         ("cmd", {"id": "e", "cmd": "cancel", "target_id": "ghost"}, "bad_request"),
     ],
 )
@@ -104,9 +113,12 @@ def test_bad_requests_get_their_code(kind: str, body: dict[str, Any], code: str)
     assert not p.updates
 
 
-def test_updates_are_handed_on_only_for_privileged_clients() -> None:
+def test_updates_are_handed_on_only_when_signed_by_a_trusted_operator() -> None:
     p = Parts()
-    p.send("update", {"id": "u", "rollout_id": "r", "target": "p@1.0.1"}, client="ops")
+    p.send("update", {"id": "claim", "rollout_id": "r", "target": "p@1.0.1"}, client="ops")
+    assert p.reply_to("claim", 0)["code"] == "unauthorized"  # a claimed client key is nothing
+    signed = default_operator().sign("update", "r1", id="u", rollout_id="r", target="p@1.0.1")
+    p.send("update", {**signed, "target": "p@6.6.6"})  # unsigned fields are ignored
     assert p.reply_to("u", 0)["result"] == {"update": "started"}
     assert [u["target"] for u in p.updates] == ["p@1.0.1"]
 
@@ -114,7 +126,8 @@ def test_updates_are_handed_on_only_for_privileged_clients() -> None:
 def test_reads_and_pings_are_answered_while_a_reload_runs() -> None:
     p = Parts()
     p.router.handle(Inbound(p.cfg.topic("sensors/temperature"), b"20"))
-    p.send("cmd", {"id": "reload", "cmd": "reload"}, client="ops")  # blocks until the gate opens
+    signed = default_operator().sign("reload", "r1", id="reload")
+    p.send("cmd", {**signed, "cmd": "reload"})  # blocks until the gate opens
     p.send("read", {"id": "read", "sensor": "temperature"})
     p.send("cmd", {"id": "ping", "cmd": "ping"})
     assert p.reply_to("read", 0)["value"] == 20.0 and p.reply_to("ping", 0)["result"]["pong"]

@@ -37,6 +37,7 @@ from fleet.repository import FleetRepository
 from fleet.serve import RangeHandler, make_server, serve_in_thread
 from model_packs.format import verify_pack
 from tests.conftest import StatusWatcher, agent_config
+from tests.operators import default_operator
 
 
 class FaultHandler(RangeHandler):
@@ -365,7 +366,6 @@ def _updates_config(broker: LocalBroker, fleet: Fleet, seed: Path) -> AgentConfi
         broker.url,
         seed,
         state_dir=str(fleet.device),
-        privileged_clients=["fleet"],
         updates={"repository_url": fleet.url, "trusted_root": str(fleet.repo.meta_dir / "1.root.json")},
     )
 
@@ -384,7 +384,7 @@ def test_update_instruction_over_mqtt_reaches_a_running_agent(
         time.sleep(0.3)
         with ra.client(client="operator") as op:
             denied = op.request("update", {"rollout_id": "r0", "target": "tiny@0.0.2"}, 10)
-            assert denied["code"] == "forbidden"
+            assert denied["code"] == "unauthorized"  # unsigned: whatever client it claims to be
         sent = subprocess.run(
             [
                 sys.executable,
@@ -398,6 +398,8 @@ def test_update_instruction_over_mqtt_reaches_a_running_agent(
                 ra.cfg.device_id,
                 "--target",
                 "tiny@0.0.2",
+                "--signing-key",
+                str(default_operator().private),
             ],
             capture_output=True,
             text=True,
@@ -566,7 +568,6 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
         broker.url,
         tiny_versions["0.0.1"],
         state_dir=str(fleet.device),
-        privileged_clients=["fleet"],
         updates={
             "repository_url": fleet.url,
             "trusted_root": str(fleet.repo.meta_dir / "1.root.json"),
@@ -577,7 +578,8 @@ def test_swap_pauses_serving_when_both_packs_do_not_fit(
     watcher = StatusWatcher(broker, ra.cfg.topic("status"))
     watcher.wait_state("online")
     with ra.client(client="fleet") as fl:
-        fl.request("update", {"rollout_id": "r2", "target": "tiny@0.0.2"}, 10)
+        signed = default_operator().sign("update", ra.cfg.device_id, rollout_id="r2", target="tiny@0.0.2")
+        fl.request("update", signed, 10)
         replies = [fl.request("query", {"question": "humid?", "max_tokens": 3}, 60) for _ in range(3)]
         ra.agent.updates.join(60)  # the install thread has finished
         after = fl.request("query", {"question": "humid?", "max_tokens": 3}, 60)
