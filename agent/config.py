@@ -5,7 +5,8 @@ key path (``mqtt.url``, ``sensors[2].source.interval_s``) and the reason, at sta
 before anything connects or loads.
 
 Environment overrides: ``EDGE_AGENT_DEVICE_ID``, ``EDGE_AGENT_MQTT_URL``,
-``EDGE_AGENT_PACK``, ``EDGE_AGENT_LOG_LEVEL``, ``EDGE_AGENT_STATE_DIR``.
+``EDGE_AGENT_MQTT_USERNAME``, ``EDGE_AGENT_MQTT_PASSWORD``, ``EDGE_AGENT_PACK``,
+``EDGE_AGENT_LOG_LEVEL``, ``EDGE_AGENT_STATE_DIR``.
 """
 
 from __future__ import annotations
@@ -275,6 +276,9 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"pack.path: {cfg.pack.path} is not a directory")
     if cfg.updates.trusted_root is not None and not Path(cfg.updates.trusted_root).is_file():
         raise ConfigError(f"updates.trusted_root: file {cfg.updates.trusted_root} does not exist")
+    for key_file in cfg.security.operator_keys:
+        if not Path(key_file).is_file():
+            raise ConfigError(f"security.operator_keys: {key_file} does not exist")
     for i, pattern in enumerate(cfg.replies.allowed_topics):
         if not _valid_filter(pattern) or pattern.startswith("$"):
             raise ConfigError(f"replies.allowed_topics[{i}]: {pattern!r} is not an MQTT topic filter")
@@ -334,6 +338,8 @@ def _check_sensors(sensors: tuple[SensorConfig, ...]) -> None:
 _ENV = {
     "EDGE_AGENT_DEVICE_ID": ("device_id",),
     "EDGE_AGENT_MQTT_URL": ("mqtt", "url"),
+    "EDGE_AGENT_MQTT_USERNAME": ("mqtt", "username"),
+    "EDGE_AGENT_MQTT_PASSWORD": ("mqtt", "password"),
     "EDGE_AGENT_PACK": ("pack", "path"),
     "EDGE_AGENT_LOG_LEVEL": ("log_level",),
     "EDGE_AGENT_STATE_DIR": ("state_dir",),
@@ -353,6 +359,9 @@ def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None =
     raw = dict(data)
     _apply_env(raw, os.environ if env is None else env)
     cfg: AgentConfig = _build(AgentConfig, raw, "")
+    if cfg.mqtt.password is not None and cfg.mqtt.username is None:
+        # a password alone logs in as the device id: the identity the broker ACL expects
+        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, username=cfg.device_id))
     _check(cfg)
     return cfg
 

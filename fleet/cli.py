@@ -6,6 +6,9 @@ edge-fleet timestamp refresh --repo DIR --keys DIR
 edge-fleet keys rotate ROLE  --repo DIR --keys DIR   (needs the offline root keys)
 edge-fleet serve            --repo DIR [--port 8080]
 edge-fleet keys operator NAME --out DIR         (a key that signs instructions)
+edge-fleet device provision ID --repo DIR --operator-key PUB --broker URL --passwd FILE --out DIR
+edge-fleet device revoke ID --passwd FILE
+edge-fleet broker acl --out FILE --operator NAME ...;  edge-fleet broker user NAME --passwd FILE
 edge-fleet update send --broker URL --device ID --target NAME@VERSION --signing-key KEY
 """
 
@@ -73,6 +76,29 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--repo", type=Path, required=True)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
+    dev = sub.add_parser("device").add_subparsers(dest="command", required=True)
+    prov = dev.add_parser("provision", help="credentials, trusted root and config for a new device")
+    prov.add_argument("device_id")
+    prov.add_argument("--repo", type=Path, required=True, help="the fleet repository (its current root)")
+    prov.add_argument(
+        "--operator-key", type=Path, action="append", default=[], help="public key (repeatable)"
+    )
+    prov.add_argument("--broker", required=True, help="the broker URL the device connects to")
+    prov.add_argument("--passwd", type=Path, required=True, help="the broker's password file")
+    prov.add_argument("--out", type=Path, required=True)
+    prov.add_argument("--repository-url", help="where the device fetches packs (updates.repository_url)")
+    prov.add_argument("--force", action="store_true", help="new credentials for a known or revoked id")
+    rev = dev.add_parser("revoke", help="remove a device's broker credentials (then SIGHUP the broker)")
+    rev.add_argument("device_id")
+    rev.add_argument("--passwd", type=Path, required=True)
+    brk = sub.add_parser("broker").add_subparsers(dest="command", required=True)
+    acl = brk.add_parser("acl", help="the broker ACL file: access by authenticated identity")
+    acl.add_argument("--out", type=Path, required=True)
+    acl.add_argument("--operator", action="append", default=[], help="operator username (repeatable)")
+    usr = brk.add_parser("user", help="add an operator's broker login; prints its new password")
+    usr.add_argument("name")
+    usr.add_argument("--passwd", type=Path, required=True)
+    usr.add_argument("--force", action="store_true")
     upd = sub.add_parser("update").add_subparsers(dest="command", required=True)
     send = upd.add_parser("send", help="publish one rollout instruction to a device")
     add_broker_options(send)
@@ -100,6 +126,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.group == "update":
         return _send_update(args)
+    if args.group in ("device", "broker"):
+        return _identity(args)
     if args.group == "keys" and args.command == "operator":
         private, public, kid = create_operator_key(args.out, args.name)
         print(json.dumps({"private": str(private), "public": str(public), "key_id": kid}))
@@ -124,6 +152,42 @@ def _run(args: argparse.Namespace) -> int:
         print(f"timestamp version {repo.refresh_timestamp()}")
     elif args.group == "keys":
         print(f"{args.role} keys rotated; new key ids: {repo.rotate(args.role)}")
+    return 0
+
+
+def _identity(args: argparse.Namespace) -> int:
+    """Device and operator identities on the broker (fleet/devices.py)."""
+    import secrets
+
+    from fleet import devices
+
+    if args.group == "device" and args.command == "provision":
+        done = devices.provision(
+            args.device_id,
+            args.out,
+            args.repo / "metadata" / "root.json",
+            args.operator_key,
+            args.broker,
+            args.passwd,
+            args.repository_url,
+            args.force,
+        )
+        print(
+            json.dumps(
+                {"device": args.device_id, "directory": str(done.directory), "config": str(done.config)}
+            )
+        )
+    elif args.group == "device":
+        had = devices.revoke(args.device_id, args.passwd)
+        print(json.dumps({"device": args.device_id, "revoked": True, "had_credentials": had}))
+        print(f"send the broker SIGHUP (systemctl reload mosquitto) to apply {args.passwd}", file=sys.stderr)
+    elif args.command == "acl":
+        devices.write_acl(args.out, args.operator)
+        print(json.dumps({"acl": str(args.out), "operators": args.operator}))
+    else:
+        password = secrets.token_urlsafe(24)
+        devices.add_user(args.passwd, args.name, password, args.force)
+        print(json.dumps({"user": args.name, "password": password}))
     return 0
 
 

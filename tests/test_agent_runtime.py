@@ -204,6 +204,8 @@ def test_reload_keeps_serving_and_is_privileged(running_agent: RunningAgent) -> 
         ("device_id: a\nprompt: {temperature: 9}\n", "prompt.temperature: 9.0 must be within 0..5"),
         ("device_id: a\nreplies: {allowed_topics: ['a/#/b']}\n", "replies.allowed_topics[0]"),
         ("device_id: a\nlimits: {max_client_keys: 0}\n", "limits.max_client_keys: must be >= 1"),
+        ("device_id: a\nprivileged_clients: [ops]\n", "privileged_clients was removed"),
+        ("device_id: a\nsecurity: {operator_keys: [/nope.pub]}\n", "security.operator_keys: /nope.pub"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

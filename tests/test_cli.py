@@ -11,6 +11,7 @@ from typing import Any
 
 from agent.localbroker import LocalBroker, free_port
 from tests.conftest import agent_config
+from tests.operators import default_operator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,11 @@ def test_edge_pack_error_is_printed_with_its_code_and_exits_2(tmp_path: Path) ->
 
 def test_edge_fleet_unreachable_broker_exits_3(tmp_path: Path) -> None:
     broker = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
-    done = _cli("fleet.cli", "update", "send", "--broker", broker, "--device", "d1", "--target", "tiny@0.0.2")
+    key = str(default_operator().private)
+    done = _cli(
+        "fleet.cli", "update", "send", "--broker", broker, "--device", "d1", "--target", "tiny@0.0.2",
+        "--signing-key", key,
+    )  # fmt: skip
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("edge-fleet: error [unreachable]: cannot reach the broker"), done.stderr
 

@@ -115,3 +115,26 @@ def test_the_envelope_signs_exact_bytes_and_names_its_key() -> None:
     with pytest.raises(instructions.InstructionRefused) as err:
         instructions.verify(env, {op.key_id: op.key.public_key()}, "update", "d2")
     assert err.value.code == "wrong_device"
+
+
+def test_operator_keys_are_created_private_encrypted_and_never_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet.errors import RepositoryError
+    from fleet.operators import create_operator_key, signing_key
+
+    monkeypatch.setenv("EDGE_FLEET_KEY_PASSPHRASE", "correct horse")
+    private, public, kid = create_operator_key(tmp_path, "fleet")
+    assert private.stat().st_mode & 0o077 == 0
+    assert b"ENCRYPTED" in private.read_bytes()
+    key = signing_key(private)
+    assert (
+        instructions.key_id(key.public_key())
+        == kid
+        == instructions.key_id(instructions.load_public_key(public))
+    )
+    with pytest.raises(RepositoryError, match="never overwritten"):
+        create_operator_key(tmp_path, "fleet")
+    monkeypatch.setenv("EDGE_FLEET_KEY_PASSPHRASE", "wrong")
+    with pytest.raises(RepositoryError, match="cannot use signing key"):
+        signing_key(private)

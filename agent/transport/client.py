@@ -54,7 +54,9 @@ class RequestClient:
         self.root = topic_root.replace("{device_id}", device_id)
         self.v5 = protocol == "5"
         self.client_name = client
-        self.reply_topic = f"edge-ops/{client}/{uuid.uuid4().hex[:12]}"
+        # under the broker login when there is one: an ACL by identity lets each user read
+        # only edge-ops/<username>/# (edge-fleet broker acl)
+        self.reply_topic = f"edge-ops/{username or client}/{uuid.uuid4().hex[:12]}"
         self.persistent = persistent
         cfg = MqttConfig(
             url=url,
