@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -29,6 +30,8 @@ from fleet.repository import FleetRepository
 from model_packs import instructions
 from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
+
+ROOT_PASSPHRASE_ENV = "EDGE_FLEET_ROOT_PASSPHRASE"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     repo_args(init)
     init.add_argument("--root-keys", type=int, default=3)
     init.add_argument("--root-threshold", type=int, default=2)
+    init.add_argument(
+        "--root-keys-dir",
+        type=Path,
+        help="where the root keys go (default KEYS/root): offline media; encrypted with "
+        "$EDGE_FLEET_ROOT_PASSPHRASE, which init requires",
+    )
     pack = sub.add_parser("pack").add_subparsers(dest="command", required=True)
     pub = pack.add_parser("publish", help="sign a pack as a target")
     repo_args(pub)
@@ -69,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     rot = keys.add_parser("rotate", help="replace a role's keys (needs the root keys)")
     repo_args(rot)
     rot.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    rot.add_argument("--root-keys-dir", type=Path, help="the offline root keys (default KEYS/root)")
     op = keys.add_parser("operator", help="a new operator key that signs update instructions and commands")
     op.add_argument("name", help="file name stem: NAME.key (private) and NAME.pub (for the devices)")
     op.add_argument("--out", type=Path, required=True)
@@ -132,10 +142,21 @@ def _run(args: argparse.Namespace) -> int:
         private, public, kid = create_operator_key(args.out, args.name)
         print(json.dumps({"private": str(private), "public": str(public), "key_id": kid}))
         return 0
-    repo = FleetRepository(args.repo, args.keys)
+    secret = os.environ.get(ROOT_PASSPHRASE_ENV)
+    if args.group == "repo" and not secret:
+        raise FleetError(
+            f"root keys are only ever written encrypted: set {ROOT_PASSPHRASE_ENV} "
+            "(and keep the passphrase apart from the keys)"
+        )
+    root_dir = getattr(args, "root_keys_dir", None)
+    repo = FleetRepository(
+        args.repo, args.keys, root_keys_dir=root_dir, root_passphrase=secret.encode() if secret else None
+    )
     if args.group == "repo":
         repo.init(args.root_keys, args.root_threshold)
-        print(f"repository in {args.repo}; keys in {args.keys} (move {args.keys}/root offline)")
+        where = root_dir or args.keys / "root"
+        print(f"repository in {args.repo}; online keys in {args.keys}; root keys (encrypted) in {where}")
+        print(f"move {where} to offline media: only `keys rotate` needs it", file=sys.stderr)
     elif args.group == "pack":
         done = repo.publish(args.pack, args.min_agent_version, tuple(args.hardware or ["any"]), args.rollback)
         print(

@@ -14,9 +14,10 @@ also kept unversioned, as the repository's own record of what is current. Withou
 consistent snapshots (``init(consistent_snapshot=False)``) targets are plain
 ``packs/{name}/{version}.tar`` and only root is versioned.
 
-Signing keys live in ``KEYS/`` (0700, files 0600): ``KEYS/root/`` holds the root keys
-(2-of-3 by default; keep them offline: only ``init`` and ``keys rotate`` need them),
-``KEYS/online/`` the targets, snapshot and timestamp keys.
+Signing keys live in ``KEYS/`` (0700, files 0600): ``KEYS/online/`` the targets, snapshot and
+timestamp keys, and the root keys (2-of-3 by default) in ``KEYS/root/`` or, better, a separate
+directory on offline media (``root_keys_dir``), encrypted with a passphrase: only ``init`` and
+``keys rotate`` need them, and the CLI never writes them unencrypted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
@@ -84,23 +86,37 @@ class PublishedPack:
 
 
 class KeyStore:
-    """Private keys as PEM files with restrictive permissions."""
+    """Private keys as PEM files with restrictive permissions; root keys optionally in their
+    own (offline) directory and encrypted with ``root_passphrase``."""
 
-    def __init__(self, keys_dir: Path) -> None:
+    def __init__(
+        self, keys_dir: Path, root_dir: Path | None = None, root_passphrase: bytes | None = None
+    ) -> None:
         self.dir = keys_dir
+        self.root_dir = root_dir
+        self.root_passphrase = root_passphrase
 
     def _role_dir(self, role: str) -> Path:
+        if role == "root" and self.root_dir is not None:
+            return self.root_dir
         return self.dir / ("root" if role == "root" else "online") / role
+
+    def _pem(self, role: str, signer: CryptoSigner) -> bytes:
+        if role != "root" or not self.root_passphrase:
+            return signer.private_bytes
+        key = load_pem_private_key(signer.private_bytes, password=None)
+        encryption = serialization.BestAvailableEncryption(self.root_passphrase)
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
     def add(self, role: str, signer: CryptoSigner) -> None:
         d = self._role_dir(role)
         d.mkdir(parents=True, exist_ok=True)
-        for parent in (self.dir, d.parent, d):
+        for parent in {self.dir, d.parent, d} if d.is_relative_to(self.dir) else {d}:
             os.chmod(parent, 0o700)
         path = d / f"{signer.public_key.keyid[:16]}.pem"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(signer.private_bytes)
+            fh.write(self._pem(role, signer))
 
     def remove(self, role: str, keyid: str) -> None:
         (self._role_dir(role) / f"{keyid[:16]}.pem").unlink(missing_ok=True)
@@ -115,17 +131,33 @@ class KeyStore:
         for keyid in root.roles[role].keyids:
             path = d / f"{keyid[:16]}.pem"
             if path.exists():
-                priv = load_pem_private_key(path.read_bytes(), password=None)
-                out.append(CryptoSigner(priv, root.get_key(keyid)))  # type: ignore[arg-type]
+                out.append(CryptoSigner(self._load(path, role), root.get_key(keyid)))  # type: ignore[arg-type]
         return out
+
+    def _load(self, path: Path, role: str) -> Any:
+        data = path.read_bytes()
+        encrypted = b"ENCRYPTED" in data
+        if encrypted and not (role == "root" and self.root_passphrase):
+            raise RepositoryError(f"{path} is encrypted: set EDGE_FLEET_ROOT_PASSPHRASE")
+        try:
+            return load_pem_private_key(data, password=self.root_passphrase if encrypted else None)
+        except ValueError:
+            raise RepositoryError(f"{path}: the root passphrase does not open it") from None
 
 
 class FleetRepository:
-    def __init__(self, repo_dir: Path, keys_dir: Path, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        repo_dir: Path,
+        keys_dir: Path,
+        clock: Callable[[], datetime] | None = None,
+        root_keys_dir: Path | None = None,
+        root_passphrase: bytes | None = None,
+    ) -> None:
         self.dir = repo_dir
         self.meta_dir = repo_dir / "metadata"
         self.targets_dir = repo_dir / "targets"
-        self.keys = KeyStore(keys_dir)
+        self.keys = KeyStore(keys_dir, root_keys_dir, root_passphrase)
         self._now = clock or (lambda: datetime.now(UTC))
 
     # ------------------------------------------------------------ reading

@@ -338,7 +338,9 @@ def test_switch_leaves_the_new_pack_on_trial_and_rollback_restores_the_old(fleet
 def test_publish_and_serve_from_the_command_line(tmp_path: Path, tiny_versions: dict[str, Path]) -> None:
     base = [sys.executable, "-m", "fleet.cli"]
     repo, keys = str(tmp_path / "repo"), str(tmp_path / "keys")
-    assert subprocess.run([*base, "repo", "init", "--repo", repo, "--keys", keys], timeout=60).returncode == 0
+    secret = {**os.environ, "EDGE_FLEET_ROOT_PASSPHRASE": "test only"}
+    init = [*base, "repo", "init", "--repo", repo, "--keys", keys]
+    assert subprocess.run(init, timeout=60, env=secret).returncode == 0
     pub = subprocess.run(
         [*base, "pack", "publish", str(tiny_versions["0.0.2"]), "--repo", repo, "--keys", keys],
         capture_output=True,

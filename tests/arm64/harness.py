@@ -417,7 +417,8 @@ def build_fleet(work: Path, default_pack: Path) -> Path:
     """A fresh signed repository with every case published (versions go up in CASES order)."""
     fleet = [sys.executable, "-m", "fleet.cli"]  # edge-fleet of the host's venv
     repo, keys = work / "repo", work / "keys"
-    sh([*fleet, "repo", "init", "--repo", str(repo), "--keys", str(keys)])
+    root_secret = {**os.environ, "EDGE_FLEET_ROOT_PASSPHRASE": "arm64-harness"}  # a throwaway fleet
+    sh([*fleet, "repo", "init", "--repo", str(repo), "--keys", str(keys)], env=root_secret)
     for case in CASES:
         pack = make_release(case, default_pack, work / "packs")
         sh([*fleet, "pack", "publish", str(pack), "--repo", str(repo), "--keys", str(keys)])
