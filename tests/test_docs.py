@@ -203,6 +203,7 @@ EXISTING_PATH_KEYS = (
     ("mqtt", "key_file"),
     ("pack", "path"),
     ("updates", "trusted_root"),
+    ("security", "operator_keys"),
 )
 
 

@@ -214,10 +214,10 @@ def ensure_rootfs(cache: Path) -> Path:
     return root
 
 
-def prune(base: Path, keep: set[Path], venvs: Path, venv: Path) -> None:
-    """One root filesystem, one wheel set and one venv are kept: the ones this run uses."""
+def prune(base: Path, keep: set[Path], venvs: Path, keep_venvs: set[str]) -> None:
+    """One root filesystem and the wheel sets and venvs this run uses are kept, nothing else."""
     stale = [p for p in [*base.glob("rootfs-*"), *base.glob("wheels-*")] if p not in keep]
-    stale += [p for p in venvs.glob("venv-*") if p.name != venv.name]
+    stale += [p for p in venvs.glob("venv-*") if p.name not in keep_venvs]
     for p in stale:
         log(f"removing the stale {p}")
         shutil.rmtree(p)
@@ -473,17 +473,41 @@ def last_error(output: str) -> str:
     return said[-1] if said else " | ".join(lines[-6:])
 
 
-def ask(root: Root, cpu: CpuModel, venv: Path, env: dict[str, str]) -> Outcome:
+def ask(root: Root, cpu: CpuModel, venv: Path, env: dict[str, str], name: str = "ask") -> Outcome:
     argv = [f"{venv}/bin/edge-agent", "ask", ASK_QUESTION, "--max-tokens", "12", "--threads", "2"]
     started = time.monotonic()
     done = root.run(argv, cpu, env=env)
     took = time.monotonic() - started
-    keep_log(root.work / cpu.qemu / "ask.log", argv, done)
+    keep_log(root.work / cpu.qemu / f"{name.replace(' ', '-')}.log", argv, done)
     answer = " ".join(done.stdout.split())
     stats = re.search(r"completion (\d+) tokens.*decode ([0-9.]+) tokens/s", done.stderr)
     if done.returncode != 0 or not answer or not stats:
-        return Outcome("ask", False, f"exit {done.returncode}: {last_error(done.stdout + done.stderr)}")
-    return Outcome("ask", True, f"{answer!r} ({stats.group(1)} tokens, {stats.group(2)} tok/s, {took:.0f} s)")
+        return Outcome(name, False, f"exit {done.returncode}: {last_error(done.stdout + done.stderr)}")
+    return Outcome(name, True, f"{answer!r} ({stats.group(1)} tokens, {stats.group(2)} tok/s, {took:.0f} s)")
+
+
+# The aarch64 onnxruntime floor (model_packs/runtimes.py), tested at the floor itself, and the
+# newest release below it, which loads the graph and fails at its first run ("Only 4b
+# quantization is supported for unpacked compute"): the device must refuse it up front.
+BELOW_FLOOR = "1.22.1"
+
+
+def aarch64_floor() -> str:
+    from model_packs.runtimes import ORT_FLOORS
+
+    return ORT_FLOORS["aarch64"]
+
+
+def floor_checks(root: Root, cpu: CpuModel, dev: Device, env: dict[str, str]) -> list[Outcome]:
+    floor = aarch64_floor()
+    at = ask(root, cpu, dev.floor_venvs[floor], env, name=f"ask at onnxruntime {floor}")
+    argv = [f"{dev.floor_venvs[BELOW_FLOOR]}/bin/edge-agent", "ask", ASK_QUESTION, "--max-tokens", "4"]
+    done = root.run(argv, cpu, env=env)
+    keep_log(root.work / cpu.qemu / f"ask-at-{BELOW_FLOOR}.log", argv, done)
+    said = last_error(done.stderr)
+    refused = done.returncode != 0 and "[runtime_mismatch]" in done.stderr and "Traceback" not in done.stderr
+    below = Outcome(f"refused at onnxruntime {BELOW_FLOOR}", refused, said)
+    return [at, below]
 
 
 def seed_state(state: Path, default_pack: Path) -> None:
@@ -544,6 +568,7 @@ class Device:
     cache: Path
     installed: str
     setup_s: float  # time spent on the cached parts (root, wheels, venv)
+    floor_venvs: dict[str, Path] = field(default_factory=dict)  # onnxruntime version -> venv
 
 
 def hold_lock(base: Path) -> None:
@@ -557,8 +582,9 @@ def hold_lock(base: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
 
 
-def prepare(rev: str | None = None, onnxruntime: str | None = None) -> Device:
-    """Everything up to a device install of a fresh copy of the project."""
+def prepare(rev: str | None = None, onnxruntime: str | None = None, floors: tuple[str, ...] = ()) -> Device:
+    """Everything up to a device install of a fresh copy of the project; with ``floors``, one
+    more install for each of those onnxruntime versions (the runtime floor, and below it)."""
     if os.geteuid() != 0:
         raise SystemExit("arm64: needs root (binfmt_misc, chroot, mounts)")
     started = time.monotonic()
@@ -572,15 +598,16 @@ def prepare(rev: str | None = None, onnxruntime: str | None = None) -> Device:
     root = Root(ensure_rootfs(base), work)
     src = work / "src"
     copy_project(src, rev)
-    deps, build = device_requirements(src, onnxruntime)
-    wheels, key = ensure_wheels(base, deps, build)
-    root.binds = [(wheels, True), (cache / "packs", True)]
-    venv = ensure_venv(root, wheels, key)
-    prune(base, {root.path, wheels}, root.path / "opt/edge-slm", venv)
+    sets = [ensure_wheels(base, *device_requirements(src, v)) for v in (onnxruntime, *floors)]
+    root.binds = [*((w, True) for w, _ in sets), (cache / "packs", True)]
+    venvs = [ensure_venv(root, w, key) for w, key in sets]
+    prune(base, {root.path, *(w for w, _ in sets)}, root.path / "opt/edge-slm", {v.name for v in venvs})
     setup = time.monotonic() - started
-    installed = install_project(root, venv, wheels, src)
+    installed = install_project(root, venvs[0], sets[0][0], src)
     log(f"device install: {installed}")
-    return Device(root, venv, cache, installed, setup)
+    for (w, _), v, version in zip(sets[1:], venvs[1:], floors, strict=True):
+        log(f"device install at onnxruntime {version}: {install_project(root, v, w, src)}")
+    return Device(root, venvs[0], cache, installed, setup, dict(zip(floors, venvs[1:], strict=True)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -598,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     default_pack = cache / "packs/smollm2-135m-instruct-1.0.0"
     if not (default_pack / "manifest.json").exists():
         raise SystemExit(f"arm64: no default pack at {default_pack}: run `make pack`")
-    dev = prepare(args.rev, args.onnxruntime)
+    floors = () if args.only or args.onnxruntime else (aarch64_floor(), BELOW_FLOOR)
+    dev = prepare(args.rev, args.onnxruntime, floors)
     root, venv = dev.root, dev.venv
     env = {"EDGE_SLM_CACHE": str(cache)}
     cases = [c for c in CASES if not args.case or c.label in args.case]
@@ -611,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "sideload":
             outcomes.append(ask(root, cpu, venv, env))
             log(f"  {outcomes[-1].name}: {outcomes[-1].detail}")
+        if dev.floor_venvs:
+            for o in floor_checks(root, cpu, dev, env):
+                outcomes.append(o)
+                log(f"  {o.name}: {o.detail}")
         if repo is not None:
             for case in cases:
                 outcomes.append(sideload(root, cpu, venv, repo, default_pack, case))
