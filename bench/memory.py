@@ -15,9 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from agent.logs import configure_logging
 from agent.transport.client import RequestClient
 from bench.mqtt import DEVICE, agent_daemon
+from model_packs import instructions
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -29,11 +32,12 @@ def _status_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def _reloads(c: RequestClient, pid: int, n: int) -> dict[str, object]:
+def _reloads(c: RequestClient, pid: int, n: int, key: Ed25519PrivateKey) -> dict[str, object]:
     """RSS after the first reload and after ``n``: flat when old engines are released."""
     rss: list[float] = []
-    for _ in range(n):
-        r = c.request("cmd", {"cmd": "reload"}, 120)
+    for i in range(n):
+        signed = instructions.sign(key, "reload", DEVICE, {"v": 1, "id": f"reload-{i}"})
+        r = c.request("cmd", {**signed, "cmd": "reload"}, 120)
         if r["type"] != "final":
             raise SystemExit(f"reload failed: {r}")
         rss.append(round(_status_kb(pid)["VmRSS"] / 1024, 1))
@@ -53,7 +57,7 @@ def main() -> None:
     p.add_argument("--reloads", type=int, default=10)
     args = p.parse_args()
     configure_logging("warning")  # stdout carries the one JSON line
-    with agent_daemon() as (broker, agent):
+    with agent_daemon() as (broker, agent, key):
         loaded = _status_kb(agent.pid)
         failures, samples = 0, {}
         with RequestClient(broker.url, DEVICE, client="bench") as c:
@@ -65,7 +69,7 @@ def main() -> None:
                 if i + 1 in (100, args.queries // 2):
                     samples[i + 1] = round(_status_kb(agent.pid)["VmRSS"] / 1024, 1)
             after = _status_kb(agent.pid)
-            reloads = _reloads(c, agent.pid, args.reloads)
+            reloads = _reloads(c, agent.pid, args.reloads, key)
     print(
         json.dumps(
             {

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.localbroker import LocalBroker
 from agent.logs import configure_logging
@@ -76,9 +78,16 @@ def measure(broker: LocalBroker, queries: int, reads: int) -> dict[str, float]:
 
 
 @contextmanager
-def agent_daemon() -> Iterator[tuple[LocalBroker, subprocess.Popen[bytes]]]:
-    """A private mosquitto and ``edge-agent run`` with the default pack, ready to answer."""
+def agent_daemon() -> Iterator[tuple[LocalBroker, subprocess.Popen[bytes], Ed25519PrivateKey]]:
+    """A private mosquitto and ``edge-agent run`` with the default pack, ready to answer, and
+    the operator key it trusts (bench/memory.py signs its reloads with it)."""
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    operator = Ed25519PrivateKey.generate()
+    (work / "operator.pub").write_bytes(
+        operator.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     try:
         with LocalBroker() as broker:
             config = work / "agent.yaml"
@@ -91,7 +100,7 @@ def agent_daemon() -> Iterator[tuple[LocalBroker, subprocess.Popen[bytes]]]:
                         "sensors": [{"name": "temperature", "unit": "°C"}],
                         "log_level": "warning",
                         "limits": {"rate": {"per_s": 10000.0, "burst": 10000}},
-                        "privileged_clients": ["bench"],  # bench/memory.py reloads the pack
+                        "security": {"operator_keys": [str(work / "operator.pub")]},
                     }
                 )
             )
@@ -100,7 +109,7 @@ def agent_daemon() -> Iterator[tuple[LocalBroker, subprocess.Popen[bytes]]]:
             )
             try:
                 _wait_ready(broker)
-                yield broker, agent
+                yield broker, agent, operator
             finally:
                 agent.terminate()
                 agent.wait(20)
@@ -114,7 +123,7 @@ def main() -> None:
     p.add_argument("--reads", type=int, default=300)
     args = p.parse_args()
     configure_logging("warning")  # stdout carries the one JSON line
-    with agent_daemon() as (broker, _):
+    with agent_daemon() as (broker, _, _key):
         result = measure(broker, args.queries, args.reads)
     print(json.dumps({"bench": "mqtt", "qos": 1, "transport": "loopback", **result}))
 
