@@ -24,6 +24,7 @@ from agent.packs.active import ActivePack
 from agent.scheduling import Job, Scheduler
 from agent.sensors.hub import SensorHub
 from agent.sensors.windows import Fact
+from agent.telemetry.metrics import Answered
 
 log = structlog.get_logger("edge_agent")
 Reply = Callable[[ReplyTo, dict[str, Any]], None]
@@ -37,10 +38,12 @@ class Answerer:
         hub: SensorHub,
         settings: Callable[[], AgentConfig],
         reply: Reply,
+        answered: Callable[[Answered], None] = lambda a: None,
     ) -> None:
         self.active, self.scheduler, self.hub = active, scheduler, hub
         self._settings = settings
         self._reply = reply
+        self._answered = answered  # telemetry: each answered query's figures
 
     def run(self, stopping: threading.Event) -> None:
         """Serve until ``stopping`` is set."""
@@ -98,7 +101,17 @@ class Answerer:
             )
             self._reply(job.reply, error_reply(job.id, seq, err))
             return err.code, len(done.token_ids)
-        self._reply(job.reply, self._final(job, done, facts, seq, started, engine))
+        final = self._final(job, done, facts, seq, started, engine)
+        self._reply(job.reply, final)
+        u = done.usage
+        self._answered(
+            Answered(
+                latency_ms=(time.monotonic() - job.received) * 1000,
+                ttft_ms=u.time_to_first_token_s * 1000,
+                tokens_per_s=u.decode_tokens_per_s,
+                grounded=bool(final.get("grounded")),
+            )
+        )
         return "final", len(done.token_ids)
 
     def _generate(self, engine: Engine, job: Job, facts: list[Fact]) -> tuple[Completion, int]:

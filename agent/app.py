@@ -10,6 +10,7 @@ threads. Nothing here does IO before :meth:`Agent.start`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from agent import __version__
 from agent.answering import Answerer
 from agent.authority import Authority, ReplayLedger, load_operator_keys
 from agent.config import AgentConfig, load_config, restart_needed, systemd_env
@@ -34,6 +36,10 @@ from agent.router import Handlers, Router
 from agent.scheduling import RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
 from agent.status import status_document
+from agent.telemetry.collect import Collector
+from agent.telemetry.metrics import Metrics
+from agent.telemetry.service import TelemetryService
+from agent.telemetry.spool import Spool
 from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
 from model_packs.instructions import Instruction
@@ -69,12 +75,13 @@ class Agent:
             HealthBudget(latency_factor=cfg.updates.latency_factor),
             on_change=self._publish_status,
         )
-        status_topic = cfg.topic("update/status")
+        self.metrics = Metrics()  # the interval's counters; telemetry takes them
+        self.telemetry: TelemetryService | None = None  # built in start(): it opens its spool
         self.updates = UpdateService(
             self.active,
             lambda: self.cfg.updates,
             Path(cfg.state_dir) / "tuf",
-            lambda body: self.transport.publish(status_topic, body),
+            self._update_event,
             fetcher,
         )
         self._ledger = Path(cfg.state_dir) / "instructions.json"  # signed seqs spent, per key
@@ -87,9 +94,12 @@ class Agent:
             self.authorize,
             self.active.info,
             self._refused,
+            self.metrics.request,
         )
         self.router = Router(lambda: self.cfg, self.hub, self.scheduler, self.limiter, handlers)
-        self.answerer = Answerer(self.active, self.scheduler, self.hub, lambda: self.cfg, self.reply)
+        self.answerer = Answerer(
+            self.active, self.scheduler, self.hub, lambda: self.cfg, self.reply, self.metrics.answered
+        )
         self.transport = MqttTransport(
             cfg.mqtt,
             cfg.device_id,
@@ -119,6 +129,7 @@ class Agent:
         )
         self._interrupted = self.journal.recover()  # answered as soon as the broker is there
         self.active.boot()
+        self._start_telemetry()
         self.hub.start()
         self.transport.set_will(self._will())
         self.transport.start()
@@ -146,6 +157,8 @@ class Agent:
                 t.join(timeout=5)
         self.transport.stop(last=(self.cfg.topic("status"), self._status_doc("offline")))
         self.journal.close()
+        if self.telemetry is not None:
+            self.telemetry.spool.close()
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and the pack; on any failure both stay as they were.
@@ -172,6 +185,45 @@ class Agent:
         except Exception as exc:
             self.reply_failures += 1
             log.warning("reply_failed", topic=repr(target.topic)[:200], reason=repr(exc)[:200])
+
+    def _start_telemetry(self) -> None:
+        """The spool opens (and is created) here; its thread joins the others."""
+        t = self.cfg.telemetry
+        if not t.enabled:
+            return
+        spool = Spool(Path(self.cfg.state_dir) / "telemetry.sqlite3", t.max_records, t.max_age_s)
+        collect = Collector(
+            self.metrics,
+            __version__,
+            Path(self.cfg.state_dir),
+            self.active.info,
+            lambda: self.scheduler.depth,
+            lambda: self.transport.connects,
+            lambda: self.reply_failures,
+            spool.stats,
+        )
+        self.telemetry = TelemetryService(
+            spool,
+            self.cfg.device_id,
+            self.cfg.topic("telemetry"),
+            collect,
+            lambda topic, body, wait_s: self.transport.publish(topic, body, wait_s=wait_s),
+            self.transport.connected.is_set,
+            t.interval_s,
+            t.drain_rate,
+        )
+        self.telemetry.event({"event": "boot", "pack": self.active.info(), "agent_version": __version__})
+        thread = threading.Thread(target=self.telemetry.run, args=(self.stopping,), name="telemetry")
+        thread.daemon = True
+        self._threads.append(thread)
+
+    def _update_event(self, body: bytes) -> None:
+        """An update event: published on ``update/status`` and kept as a telemetry event."""
+        self.transport.publish(self.cfg.topic("update/status"), body)
+        if self.telemetry is not None:
+            e = json.loads(body)
+            keys = ("state", "target", "rollout_id", "reason_code")
+            self.telemetry.event({"event": "update", **{k: e.get(k) for k in keys}})
 
     def reload_in_background(self) -> None:
         """``systemctl reload`` (SIGHUP): the same reload as the signed command, started off

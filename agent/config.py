@@ -141,6 +141,15 @@ class PromptConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    enabled: bool = True
+    interval_s: float = 60.0  # one metrics record per interval
+    max_records: int = 100_000  # spool bound (records waiting for the broker)
+    max_age_s: float = 7 * 86400.0  # older undelivered records are dropped (and reported)
+    drain_rate: float = 20.0  # batches per second at most while a backlog drains
+
+
+@dataclass(frozen=True)
 class UpdatesConfig:
     repository_url: str | None = None  # the fleet's TUF repository (only ever from here)
     trusted_root: str | None = None  # root.json installed at provisioning
@@ -173,6 +182,7 @@ class AgentConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sensors: tuple[SensorConfig, ...] = ()
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     replies: RepliesConfig = field(default_factory=RepliesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     state_dir: str = "/var/lib/edge-agent"
@@ -259,6 +269,11 @@ def _build(cls: type[Any], data: Mapping[str, Any], path: str) -> Any:
 
 
 def _check(cfg: AgentConfig) -> None:
+    t = cfg.telemetry
+    if t.interval_s <= 0 or t.max_age_s <= 0 or t.drain_rate <= 0 or t.max_records < 3:
+        raise ConfigError(
+            "telemetry: interval_s, max_age_s and drain_rate must be positive, max_records >= 3"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.device_id):
         raise ConfigError("device_id: 1-64 characters of letters, digits, '.', '_' or '-'")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

@@ -54,6 +54,7 @@ class Handlers:
     authorize: Callable[[dict[str, Any], str], Instruction]  # a signed instruction, or raises
     pack_info: Callable[[], dict[str, str] | None]
     refused: Callable[[str, str], None]  # a reply topic the policy refused: logged, counted
+    counted: Callable[[str, str], None] = lambda kind, outcome: None  # telemetry: each request
 
 
 def reply_policy(cfg: AgentConfig) -> ReplyPolicy:
@@ -116,6 +117,7 @@ class Router:
             log.exception("handler_failed", kind=kind)
             self.h.reply(target, error_reply(rid, 0, AgentError(f"internal error: {type(exc).__name__}")))
             outcome = "internal"
+        self.h.counted(kind, outcome)
         log.info(
             "request",
             id=rid,

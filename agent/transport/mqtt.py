@@ -17,6 +17,7 @@ Two roles share the wrapper, so reconnect, TLS, credentials and TCP tuning are w
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import random
@@ -114,6 +115,7 @@ class MqttTransport:
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=inbox_size)
         self.dropped = 0
         self.publish_refused = 0  # PUBACKs with a failure reason (an ACL denial, a `$` topic)
+        self._refused_mids: collections.deque[int] = collections.deque(maxlen=1000)
         self._in_flight: dict[int, str] = {}
         self._pub_lock = threading.Lock()
         self.connected = threading.Event()
@@ -298,6 +300,7 @@ class MqttTransport:
             topic = self._in_flight.pop(mid, None)
         if getattr(reason, "is_failure", False):
             self.publish_refused += 1
+            self._refused_mids.append(mid)  # a waiting publish() raises instead of returning
             log.warning("mqtt_publish_refused", topic=repr(topic)[:200], reason=str(reason))
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -360,11 +363,12 @@ class MqttTransport:
             props.UserProperty = list(user.items())
         return props
 
-    @staticmethod
-    def _await_puback(info: mqtt.MQTTMessageInfo, topic: str, wait_s: float) -> None:
+    def _await_puback(self, info: mqtt.MQTTMessageInfo, topic: str, wait_s: float) -> None:
         try:
             info.wait_for_publish(wait_s)
         except (RuntimeError, ValueError) as exc:  # not connected, or paho's queue is full
             raise MqttError(f"publish to {topic} failed: {exc}") from None
         if not info.is_published():
             raise MqttError(f"the broker did not acknowledge a publish to {topic} within {wait_s:g}s")
+        if info.mid in self._refused_mids:  # paho runs on_publish before it marks the publish done
+            raise MqttError(f"the broker refused a publish to {topic} (PUBACK with a failure reason)")
