@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         "--from", dest="source", type=Path, required=True, help="repository copy (metadata/, targets/)"
     )
     inst.add_argument("--target", required=True, help="NAME@VERSION")
+    pr = pk.add_parser(
+        "probe",
+        help="load the active pack as the daemon does at start: a pack on trial runs its first "
+        "health probe and is confirmed, or rolled back",
+    )
+    pr.add_argument("--config", type=Path, required=True)
     r = sub.add_parser("run", help="run the MQTT daemon")
     r.add_argument("--config", type=Path, required=True)
     for name, helptext in (
@@ -113,6 +119,41 @@ def _ask(args: argparse.Namespace) -> int:
         f"decode {u.decode_tokens_per_s:.1f} tokens/s, {engine.threads} threads",
         file=sys.stderr,
     )
+    return 0
+
+
+def _pack_probe(args: argparse.Namespace) -> int:
+    """The daemon's start-up without MQTT: exit 0 when the active pack serves (a trial pack
+    passed its first probe and is confirmed), 1 when it had to roll back or nothing loads."""
+    from agent.config import load_config
+    from agent.packs.active import ActivePack, engine_factory
+    from agent.packs.health import HealthBudget
+    from agent.packs.store import PackStore
+
+    cfg = load_config(args.config)
+    store = PackStore(Path(cfg.state_dir))
+    store.converge()
+    was = store.state()
+    active = ActivePack(
+        store,
+        engine_factory(cfg.pack),
+        cfg.pack.path,
+        cfg.updates.ram_budget_mb,
+        HealthBudget(latency_factor=cfg.updates.latency_factor),
+    )
+    active.boot()
+    now = store.state()
+    serving = active.label()
+    if active.error is not None and active.info() is None:
+        print(f"not serving: {active.error}", file=sys.stderr)
+        return 1
+    if was.trial and not now.trial and now.active == was.active:
+        print(f"confirmed: {serving} passed its first health probe")
+        return 0
+    if was.trial:
+        print(f"rolled back to {serving}: {active.error}", file=sys.stderr)
+        return 1
+    print(f"serving: {serving}")
     return 0
 
 
@@ -259,7 +300,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("query", "read", "cmd"):
         return _remote(args)
     if args.command == "pack":
-        return _pack_install(args)
+        return _pack_probe(args) if args.pack_cmd == "probe" else _pack_install(args)
     return _ask(args)
 
 

@@ -662,3 +662,38 @@ def test_sigkill_during_the_first_health_probe_converges(
     ra = start_agent(_updates_config(broker, fleet, tiny_versions["0.0.1"]), broker)
     st = PackStore(fleet.device).state()
     assert ra.agent.active.info() == {"name": "tiny", "version": "0.0.2"} and not st.trial
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_pack_probe_runs_the_first_health_probe_like_a_start(
+    tiny_versions: dict[str, Path], tmp_path: Path, good: bool
+) -> None:
+    """`edge-agent pack probe` (what make test-arm64 runs after a sideload): a trial pack that
+    reproduces its goldens is confirmed (exit 0), one that does not is rolled back (exit 1)."""
+    state = tmp_path / "state"
+    store = PackStore(state)
+    store.seed(tiny_versions["0.0.1"], "tiny@0.0.1")
+    pack = Path(shutil.copytree(tiny_versions["0.0.3"], tmp_path / "next"))
+    if not good:
+        manifest = json.loads((pack / "manifest.json").read_text())
+        manifest["golden"][0]["token_ids"] = [(t + 1) % 50 for t in manifest["golden"][0]["token_ids"]]
+        (pack / "manifest.json").write_text(json.dumps(manifest))
+    staging = store.fresh_staging()
+    for p in pack.iterdir():
+        shutil.copy2(p, staging / p.name)
+    store.activate_staged("tiny@0.0.3")  # as if a sideload had just switched
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"device_id: probe-dev\nstate_dir: {state}\npack: {{threads: 1}}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "pack", "probe", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    after = PackStore(state).state()
+    if good:
+        assert done.returncode == 0 and done.stdout.startswith("confirmed: tiny 0.0.3"), done.stderr
+        assert not after.trial and after.versions[after.active or ""] == "tiny@0.0.3"
+    else:
+        assert done.returncode == 1 and "rolled back to tiny 0.0.1" in done.stderr, done.stderr
+        assert after.versions[after.active or ""] == "tiny@0.0.1"

@@ -558,6 +558,21 @@ def sideload(root: Root, cpu: CpuModel, venv: Path, repo: Path, default_pack: Pa
     return Outcome(label, ok, f"{said} ({took:.0f} s)")
 
 
+def first_probe(root: Root, cpu: CpuModel, venv: Path, case: Case) -> Outcome:
+    """What the daemon does at its next start: the pack on trial runs its first health probe
+    (the same rule as the gate) and is confirmed, or rolled back."""
+    config = root.work / cpu.qemu / "agent.yaml"
+    argv = [f"{venv}/bin/edge-agent", "pack", "probe", "--config", str(config)]
+    started = time.monotonic()
+    done = root.run(argv, cpu)
+    keep_log(root.work / cpu.qemu / f"{case.label}-probe.log", argv, done)
+    said = done.stdout.strip() or last_error(done.stderr)
+    ok = done.returncode == 0 and done.stdout.startswith("confirmed:")
+    return Outcome(
+        f"{case.label} {case.version} first probe", ok, f"{said} ({time.monotonic() - started:.0f} s)"
+    )
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -650,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
             for case in cases:
                 outcomes.append(sideload(root, cpu, venv, repo, default_pack, case))
                 log(f"  {outcomes[-1].name}: {outcomes[-1].detail}")
+                if case.expect_active and outcomes[-1].ok:
+                    outcomes.append(first_probe(root, cpu, venv, case))
+                    log(f"  {outcomes[-1].name}: {outcomes[-1].detail}")
         bad = [o for o in outcomes if not o.ok]
         failed |= bool(bad)
         verdict = "PASS" if not bad else "FAIL (" + ", ".join(o.name for o in bad) + ")"
