@@ -10,6 +10,7 @@ edge-fleet device provision ID --repo DIR --operator-key PUB --broker URL --pass
 edge-fleet device revoke ID --passwd FILE
 edge-fleet broker acl --out FILE --operator NAME ...;  edge-fleet broker user NAME --passwd FILE
 edge-fleet update send --broker URL --device ID --target NAME@VERSION --signing-key KEY
+edge-fleet ingest --broker URL --db URL|PATH --group NAME    (telemetry into the store, until SIGTERM)
 """
 
 from __future__ import annotations
@@ -123,7 +124,33 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="operator key that signs the instruction (edge-fleet keys operator; the device must trust it)",
     )
+    _ingest_parser(sub)
     return p
+
+
+def _ingest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ing = sub.add_parser(
+        "ingest",
+        help="store devices' telemetry, status and update events (one worker; run more with one --group)",
+    )
+    add_broker_options(ing)
+    ing.add_argument(
+        "--db",
+        default="fleet-telemetry.sqlite3",
+        help="an SQLite file (default fleet-telemetry.sqlite3), or postgresql://USER@HOST/DB "
+        "(a password from PGPASSWORD or ~/.pgpass keeps it out of ps)",
+    )
+    ing.add_argument(
+        "--group", dest="share_group", metavar="NAME", required=True, help="shared-subscription group"
+    )
+    ing.add_argument(
+        "--client-id",
+        help="this worker's broker session (stable across restarts, unique per worker; "
+        "default ingest-GROUP-HOSTNAME)",
+    )
+    ing.add_argument("--topic-prefix", default="edge", help="topics are PREFIX/DEVICE/... (default edge)")
+    ing.add_argument("--session-expiry", type=int, default=86_400, help="seconds the broker keeps a session")
+    ing.add_argument("--stats-every", type=float, default=60.0, help="seconds between ingest_stats logs")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -136,6 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.group == "update":
         return _send_update(args)
+    if args.group == "ingest":
+        return _ingest(args)
     if args.group in ("device", "broker"):
         return _identity(args)
     if args.group == "keys" and args.command == "operator":
@@ -221,6 +250,35 @@ def _send_update(args: argparse.Namespace) -> int:
         reply = client.request("update", envelope, 30)
     print(json.dumps({**fields, "key": envelope["key"], "reply": reply}))
     return 0 if reply.get("type") == "final" else 1
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    """One telemetry worker (fleet/telemetry/ingest.py) until SIGTERM or SIGINT."""
+    import signal
+    import socket
+    import threading
+
+    from fleet.telemetry.ingest import IngestConfig, serve
+
+    configure_logging("info")
+    default_id = f"ingest-{args.share_group}-{socket.gethostname()}"[:64]
+    cfg = IngestConfig(
+        broker_url=args.broker,
+        group=args.share_group,
+        client_id=args.client_id or default_id,
+        username=args.username,
+        password=args.password,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        topic_prefix=args.topic_prefix,
+        session_expiry_s=args.session_expiry,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve(cfg, args.db, stop, args.stats_every)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,321 @@
+"""IngestWorker: devices' telemetry, status and update events from the broker into the store.
+
+Stateless apart from its broker session, so a fleet runs as many as it needs: they share
+``{prefix}/+/telemetry`` and ``{prefix}/+/update/status`` through MQTT 5 shared
+subscriptions (``$share/GROUP/...``), and the broker hands each message to one of them.
+
+A message is acknowledged (PUBACK, paho's manual acks) only after the transaction that
+stored it committed, and the session outlives the connection (clean_start false, a session
+expiry), so a worker that is killed gets its unacknowledged messages again when it comes
+back; storing them twice is harmless (the store is idempotent by device and seq). A message
+that breaks the contract is counted, logged and acknowledged: sending it again would not
+make it valid. A database that is down is retried, in order, until it answers.
+
+Status documents are the exception to sharing: MQTT 5 never sends retained messages to a
+shared subscription, and the registry needs the retained documents (who is online now)
+when a worker starts. Every worker therefore subscribes to ``{prefix}/+/status`` itself;
+they are few and small, and the store orders them by receive time.
+
+paho's callbacks only queue; one thread stores and acks, in arrival order (MQTT wants
+PUBACKs in the order the PUBLISHes came). The broker sends at most ``receive_maximum``
+unacknowledged messages, which bounds the queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from fleet.telemetry.errors import InvalidPayload, TelemetryError
+from fleet.telemetry.payloads import parse_status, parse_telemetry, parse_update_status, split_topic
+from fleet.telemetry.store import BatchResult, TelemetryStore
+
+log = structlog.get_logger("fleet.telemetry.ingest")
+
+# The database did not answer (down, restarting, locked, a deadlock): the same write later may work.
+TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """One worker's broker side. ``client_id`` must be stable across restarts (it names the
+    session whose unacknowledged messages come back) and unique among running workers."""
+
+    broker_url: str
+    group: str
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    topic_prefix: str = "edge"
+    session_expiry_s: int = 86_400
+    receive_maximum: int = 100
+    max_packet_bytes: int = 256 * 1024  # the broker drops larger messages; up to it, we count them
+    keepalive_s: int = 30
+
+    def __post_init__(self) -> None:
+        url = urlparse(self.broker_url)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise TelemetryError(f"{self.broker_url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        for what, value in (("group", self.group), ("client id", self.client_id)):
+            if not _NAME.fullmatch(value):
+                raise TelemetryError(f"{what} {value!r}: 1-64 letters, digits, '.', '_' or '-'")
+        if any(c in self.topic_prefix for c in "+#") or not self.topic_prefix.strip("/"):
+            raise TelemetryError(f"topic prefix {self.topic_prefix!r}: a topic without wildcards")
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.broker_url).scheme == "mqtts" or self.ca_file is not None
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.broker_url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlparse(self.broker_url).port or (8883 if self.tls else 1883)
+
+    def subscriptions(self) -> list[str]:
+        prefix, shared = self.topic_prefix.strip("/"), f"$share/{self.group}/"
+        return [f"{shared}{prefix}/+/telemetry", f"{shared}{prefix}/+/update/status", f"{prefix}/+/status"]
+
+
+class Counters:
+    """What a worker did since it started; read with :meth:`snapshot` from any thread."""
+
+    def __init__(self, lag_window: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self.messages = 0  # messages handled, whatever the outcome
+        self.records = 0  # telemetry records stored (new)
+        self.duplicates = 0  # telemetry records already stored (redeliveries)
+        self.invalid = 0  # messages refused as breaking the contract
+        self.invalid_by_reason: Counter[str] = Counter()
+        self.failed = 0  # messages an unexpected error stopped (logged with the error)
+        self.retries = 0  # store attempts repeated because the database did not answer
+        self._lags: deque[float] = deque(maxlen=lag_window)
+
+    def batch(self, result: BatchResult) -> None:
+        with self._lock:
+            self.records += result.stored
+            self.duplicates += result.duplicates
+            self._lags.extend(result.lags_s)
+
+    def count(self, field: str, reason: str | None = None) -> None:
+        with self._lock:
+            setattr(self, field, getattr(self, field) + 1)
+            if reason is not None:
+                self.invalid_by_reason[reason] += 1
+
+    def lag_p95_s(self) -> float | None:
+        """95th percentile of (received_at - record ts) over the last stored records; the
+        device's clock is in it, so a board without a clock makes it meaningless."""
+        with self._lock:
+            lags = sorted(self._lags)
+        return lags[min(len(lags) - 1, int(0.95 * len(lags)))] if lags else None
+
+    def snapshot(self) -> dict[str, Any]:
+        lag = self.lag_p95_s()
+        with self._lock:
+            return {
+                "messages": self.messages,
+                "records": self.records,
+                "duplicates": self.duplicates,
+                "invalid": self.invalid,
+                "invalid_by_reason": dict(self.invalid_by_reason),
+                "failed": self.failed,
+                "retries": self.retries,
+                "lag_p95_s": lag,
+            }
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float
+    connection: int  # which connection delivered it: only that one can acknowledge it
+
+
+class IngestWorker:
+    """``start()``, then ``stop()``; :attr:`counters` any time in between."""
+
+    def __init__(self, cfg: IngestConfig, store: TelemetryStore, *, retry_max_s: float = 5.0) -> None:
+        self.cfg, self.store = cfg, store
+        self.counters = Counters()
+        self.subscribed = threading.Event()
+        self._retry_max_s = retry_max_s
+        self._inbox: queue.Queue[_Inbound] = queue.Queue(maxsize=cfg.receive_maximum * 2)
+        self._connection = 0
+        self._ack_lock = threading.Lock()  # an ack and a new connection never interleave
+        self._stopping = threading.Event()
+        self._client = self._make_client()
+        self._thread = threading.Thread(target=self._process_loop, name="telemetry-ingest", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect in the background; paho reconnects on its own, resuming the session."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        props.ReceiveMaximum = self.cfg.receive_maximum
+        props.MaximumPacketSize = self.cfg.max_packet_bytes
+        self._client.connect_async(
+            self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=False, properties=props
+        )
+        self._thread.start()
+        self._client.loop_start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the message in hand (stored and acked), then disconnect: what is still
+        queued stays unacknowledged in the broker's session for the next start."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.cfg.client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self.cfg.password)
+        if self.cfg.tls:
+            client.tls_set(ca_certs=self.cfg.ca_file, certfile=self.cfg.cert_file, keyfile=self.cfg.key_file)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    # ------------------------------------------------------------ paho callbacks (its thread)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("ingest_connect_refused", reason=str(reason), broker=self.cfg.broker_url)
+            return
+        with self._ack_lock:
+            self._connection += 1
+        client.subscribe([(t, SubscribeOptions(qos=1)) for t in self.cfg.subscriptions()])
+        log.info(
+            "ingest_connected",
+            client_id=self.cfg.client_id,
+            group=self.cfg.group,
+            session_present=bool(getattr(flags, "session_present", False)),
+        )
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        refused = [str(c) for c in codes if c.is_failure]
+        if refused:
+            log.error("ingest_subscribe_refused", reasons=refused, topics=self.cfg.subscriptions())
+            return
+        self.subscribed.set()
+        log.info("ingest_subscribed", topics=self.cfg.subscriptions())
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.subscribed.clear()
+        if not self._stopping.is_set():
+            log.warning("ingest_disconnected", reason=str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        item = _Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.time(), self._connection)
+        while not self._stopping.is_set():  # a full inbox holds paho back: backpressure to the broker
+            try:
+                self._inbox.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    # ------------------------------------------------------------ the storing thread
+
+    def _process_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                item = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item.connection != self._connection:
+                continue  # its connection is gone; the broker sends it again on the new one
+            if self._handle_durably(item):
+                self._ack(item)
+
+    def _handle_durably(self, item: _Inbound) -> bool:
+        """True when the message is done with (stored, refused, or failed for good) and may
+        be acknowledged; False when the worker stops while the database is still away."""
+        delay = 0.1
+        while True:
+            try:
+                self._handle(item)
+                return True
+            except InvalidPayload as exc:
+                self.counters.count("invalid", exc.reason)
+                log.warning("telemetry_invalid", topic=item.topic[:200], reason=exc.reason, error=exc.message)
+                return True
+            except TRANSIENT as exc:
+                self.counters.count("retries")
+                log.warning("telemetry_store_retry", topic=item.topic, error=str(exc).splitlines()[0])
+                if self._stopping.wait(delay):
+                    return False
+                delay = min(delay * 2, self._retry_max_s)
+            except Exception:  # a bug, or data the database refuses: never stop ingesting
+                self.counters.count("failed")
+                log.exception("telemetry_ingest_failed", topic=item.topic)
+                return True
+
+    def _handle(self, item: _Inbound) -> None:
+        device, leaf = split_topic(item.topic, self.cfg.topic_prefix)
+        if leaf == "telemetry":
+            self.counters.batch(self.store.ingest(parse_telemetry(device, item.payload), item.received_at))
+        elif leaf == "status":
+            doc = parse_status(device, item.payload)
+            if doc is None:
+                log.info("device_status_cleared", device=device)
+            else:
+                self.store.apply_status(doc, item.received_at)
+        elif leaf == "update/status":
+            self.store.add_update_status(parse_update_status(device, item.payload), item.received_at)
+        else:
+            raise InvalidPayload("bad_topic", f"no telemetry topic: {item.topic!r}")
+
+    def _ack(self, item: _Inbound) -> None:
+        self.counters.count("messages")
+        with self._ack_lock:
+            if item.connection == self._connection:
+                self._client.ack(item.mid, item.qos)
+
+
+def serve(cfg: IngestConfig, where: str, stop: threading.Event, stats_every_s: float = 60.0) -> Counters:
+    """Run one worker on store ``where`` until ``stop`` is set; logs its counters now and
+    then and at the end, and returns them."""
+    store = TelemetryStore.open(where)
+    worker = IngestWorker(cfg, store)
+    worker.start()
+    try:
+        while not stop.wait(stats_every_s):
+            log.info("ingest_stats", **worker.counters.snapshot())
+    finally:
+        worker.stop()
+        store.close()
+        log.info("ingest_stopped", **worker.counters.snapshot())
+    return worker.counters

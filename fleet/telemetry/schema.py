@@ -1,0 +1,101 @@
+"""The telemetry tables, as SQLAlchemy Core declarations that both dialects understand.
+
+These declarations are what the queries use and what migration 1 created. A later change
+to a table is a new migration in migrations.py (and the change here); when one changes a v1
+table, migration 1 gets its own frozen copy of that table first.
+(tests/test_fleet_telemetry.py compares a migrated database with these declarations.)
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(128), nullable=False),
+    Column("applied_at", Double, nullable=False),
+)
+
+# The registry: one row per device that ever sent anything. ``max_seq`` is the highest
+# telemetry seq stored; the status fields come from the retained status document (or the
+# last will) and say who is online; ``*_at``/``*_seen`` are the fleet's clock, ``status_ts``
+# the device's.
+devices = Table(
+    "devices",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("first_seen", Double, nullable=False),
+    Column("last_seen", Double, nullable=False),
+    Column("max_seq", BigInteger, nullable=False, server_default="0"),
+    Column("state", String(16)),
+    Column("online", Boolean),
+    Column("status_ts", Double),
+    Column("status_received_at", Double),
+    Column("pack_name", String(256)),
+    Column("pack_version", String(256)),
+    Column("agent_version", String(256)),
+    Column("updated_at", Double),
+)
+
+# Every telemetry record exactly once: (device_id, seq) is its identity, so a redelivered
+# message inserts nothing. ``data`` is the record's JSON object as compact text.
+records = Table(
+    "records",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("ts", Double, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("data", Text, nullable=False),
+    Column("received_at", Double, nullable=False),
+)
+
+# Missing seq ranges below a device's max_seq: ``open`` (may still come) or ``lost`` (a
+# ``dropped`` record named them). Rows are disjoint and never touch one of the same state.
+gaps = Table(
+    "gaps",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("from_seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("to_seq", BigInteger, nullable=False),
+    Column("state", String(8), nullable=False),
+    Column("detected_at", Double, nullable=False),
+)
+
+# Update progress per device, from two sources: ``telemetry`` (event records with
+# event=update; ``event_key`` is the record's seq) and ``update_status`` (the live
+# update/status topic; its seq restarts with the agent, so ``event_key`` is the payload's hash).
+update_events = Table(
+    "update_events",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("source", String(16), primary_key=True),
+    Column("event_key", String(64), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("rollout_id", String(256)),
+    Column("target", String(256), nullable=False),
+    Column("state", String(256), nullable=False),
+    Column("percent", Double),
+    Column("reason_code", String(256)),
+    Column("reason", Text),
+    Column("ts", Double, nullable=False),
+    Column("received_at", Double, nullable=False),
+    Index("update_events_by_time", "device_id", "ts"),
+)
+
+V1_TABLES = (devices, records, gaps, update_events)
