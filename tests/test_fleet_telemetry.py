@@ -224,6 +224,7 @@ BAD = [
     (telemetry("dev", [dropped(5, 6, 9)]), "bad_record"),
     (telemetry("dev", [dropped(5, 3, 2)]), "bad_record"),
     (telemetry("dev", [{**update_event(1, "activated"), "data": {"event": "update"}}]), "bad_field"),
+    (telemetry("dev", [update_event(1, "activated", target="tiny\x00@1.0.0")]), "bad_field"),
 ]
 
 
@@ -415,3 +416,12 @@ def _publish_paced(port: int, messages: list[tuple[str, bytes]], pause_s: float)
             time.sleep(pause_s)
     finally:
         pub.close()
+
+
+def test_ingest_command_names_an_unreachable_database(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.cli import main
+
+    code = main(["ingest", "--db", "postgresql://postgres:secret@127.0.0.1:1/none", "--group", "g"])
+    err = capsys.readouterr().err
+    assert code == 2 and "edge-fleet: error [store]: cannot open the telemetry database" in err
+    assert "secret" not in err

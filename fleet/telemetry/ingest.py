@@ -11,9 +11,10 @@ back; storing them twice is harmless (the store is idempotent by device and seq)
 that breaks the contract is counted, logged and acknowledged: sending it again would not
 make it valid. A database that is down is retried, in order, until it answers.
 
-Status documents are the exception to sharing: MQTT 5 never sends retained messages to a
-shared subscription, and the registry needs the retained documents (who is online now)
-when a worker starts. Every worker therefore subscribes to ``{prefix}/+/status`` itself;
+Status documents are the exception to sharing: the MQTT 5 specification has a broker send
+no retained messages to a shared subscription (mosquitto 2.0 sends them anyway, other
+brokers follow the rule), and the registry needs the retained documents (who is online
+now) when a worker starts. Every worker therefore subscribes to ``{prefix}/+/status`` itself;
 they are few and small, and the store orders them by receive time.
 
 paho's callbacks only queue; one thread stores and acks, in arrival order (MQTT wants

@@ -259,6 +259,8 @@ def _field(doc: Mapping[str, Json], name: str, kind: type) -> Any:
     value = doc.get(name)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise InvalidPayload("bad_field", f"{name}: {kind.__name__} expected, not {type(value).__name__}")
+    if isinstance(value, str) and "\x00" in value:  # PostgreSQL text cannot hold NUL
+        raise InvalidPayload("bad_field", f"{name}: a NUL character")
     return value
 
 
