@@ -42,6 +42,7 @@ from agent.telemetry.service import TelemetryService
 from agent.telemetry.spool import Spool
 from agent.transport import MqttTransport
 from agent.transport.mqtt import Will
+from model_packs import hardware as hw
 from model_packs.instructions import Instruction
 
 log = structlog.get_logger("edge_agent")
@@ -84,6 +85,7 @@ class Agent:
             self._update_event,
             fetcher,
         )
+        self._hardware = tuple(sorted(hw.detect(cfg.updates.hardware).tags))  # reported in status
         self._ledger = Path(cfg.state_dir) / "instructions.json"  # signed seqs spent, per key
         self.authority: Authority | None = None  # built in start(): it reads key files
         handlers = Handlers(
@@ -244,7 +246,7 @@ class Agent:
         return self.authority.check(data, action)
 
     def _status_doc(self, state: str) -> bytes:
-        return status_document(self.cfg.device_id, state, self.active.info())
+        return status_document(self.cfg.device_id, state, self.active.info(), self._hardware, self.cfg.tags)
 
     def _on_connect(self) -> None:
         self._publish_status()

@@ -185,6 +185,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     replies: RepliesConfig = field(default_factory=RepliesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    tags: tuple[str, ...] = ()  # free labels for the fleet's registry (status document)
     state_dir: str = "/var/lib/edge-agent"
     log_level: str = "info"
     watchdog: bool = True
@@ -269,6 +270,9 @@ def _build(cls: type[Any], data: Mapping[str, Any], path: str) -> Any:
 
 
 def _check(cfg: AgentConfig) -> None:
+    for i, tag in enumerate(cfg.tags):
+        if not re.fullmatch(r"[A-Za-z0-9._:=-]{1,64}", tag):
+            raise ConfigError(f"tags[{i}]: {tag[:80]!r} must be 1-64 letters, digits or . _ : = -")
     t = cfg.telemetry
     if t.interval_s <= 0 or t.max_age_s <= 0 or t.drain_rate <= 0 or t.max_records < 3:
         raise ConfigError(

@@ -223,3 +223,20 @@ def test_a_small_spool_reports_what_it_dropped_during_an_outage(
     missing = set(range(1, max(got) + 1)) - got
     assert missing and missing <= named and drop["count"] == len(named - got)
     assert drop["reason"] == "spool_full"
+
+
+def test_the_status_document_carries_hardware_and_tags_for_the_registry(
+    broker: LocalBroker, tiny_pack_path: Path, start_agent: Any
+) -> None:
+    from model_packs import hardware as hw
+    from tests.conftest import StatusWatcher
+
+    cfg = agent_config(broker.url, tiny_pack_path, tags=["greenhouse", "site=north"])
+    watcher = StatusWatcher(broker, f"edge/{cfg.device_id}/status")
+    try:
+        start_agent(cfg, broker)
+        doc = watcher.wait_state("online")
+    finally:
+        watcher.close()
+    assert doc["tags"] == ["greenhouse", "site=north"]
+    assert doc["hardware"] == sorted(hw.detect().tags) and hw.detect().machine in doc["hardware"]
