@@ -11,6 +11,11 @@ edge-fleet device revoke ID --passwd FILE
 edge-fleet broker acl --out FILE --operator NAME ...;  edge-fleet broker user NAME --passwd FILE
 edge-fleet update send --broker URL --device ID --target NAME@VERSION --signing-key KEY
 edge-fleet ingest --broker URL --db URL|PATH --group NAME    (telemetry into the store, until SIGTERM)
+edge-fleet service --db URL|PATH --broker URL --group NAME --listen HOST:PORT --tokens FILE  (ingest + API)
+edge-fleet token add --role read|admin --tokens FILE [--name NAME]   (prints a new API token once)
+edge-fleet telemetry prune --db URL|PATH --raw-days 7       (hourly rollups, then raw metrics deleted)
+edge-fleet devices [--selector S] | device show ID | metrics --metric M (--device ID | --selector S)
+    --api URL --token-file FILE [--json]                    (the API's clients)
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         help="operator key that signs the instruction (edge-fleet keys operator; the device must trust it)",
     )
     _ingest_parser(sub)
+    _service_parsers(sub, dev)
     return p
 
 
@@ -153,7 +159,77 @@ def _ingest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     ing.add_argument("--stats-every", type=float, default=60.0, help="seconds between ingest_stats logs")
 
 
+def _service_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    device: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """The fleet service and the API's clients (fleet/service.py, fleet/api/)."""
+    svc = sub.add_parser("service", help="the ingest worker and the HTTP API in one process")
+    _ingest_options(svc)
+    svc.add_argument(
+        "--listen", default="127.0.0.1:8090", help="HOST:PORT for the API (default 127.0.0.1:8090)"
+    )
+    svc.add_argument("--tokens", type=Path, required=True, help="API token file (edge-fleet token add)")
+    svc.add_argument("--api-only", action="store_true", help="no ingest worker: serve the API from the store")
+    tok = sub.add_parser("token").add_subparsers(dest="command", required=True)
+    add = tok.add_parser("add", help="a new API token: its hash goes to the file, the token to stdout")
+    add.add_argument("--role", choices=["read", "admin"], required=True)
+    add.add_argument("--tokens", type=Path, required=True)
+    add.add_argument("--name", default="token", help="a label kept beside the hash")
+    tel = sub.add_parser("telemetry").add_subparsers(dest="command", required=True)
+    prn = tel.add_parser(
+        "prune", help="roll raw metrics older than --raw-days up into hours, then delete them"
+    )
+    prn.add_argument("--db", default="fleet-telemetry.sqlite3")
+    prn.add_argument("--raw-days", type=float, default=7.0)
+    prn.add_argument(
+        "--rollup-days", type=float, default=400.0, help="hourly rollups kept (default 400 days)"
+    )
+    clients = [
+        sub.add_parser("devices", help="the registry, from the fleet API"),
+        device.add_parser(
+            "show", help="one device from the fleet API: registry, latest metrics, events, gaps"
+        ),
+        sub.add_parser("metrics", help="a metric's series, from the fleet API"),
+    ]
+    for cp in clients:
+        cp.add_argument("--api", default="http://127.0.0.1:8090", help="the service's URL")
+        cp.add_argument("--token-file", type=Path, required=True, help="file holding an API token")
+        cp.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
+    clients[0].add_argument("--selector", help="hardware=X,tag=Y,pack=NAME[@VERSION],state=S")
+    clients[1].add_argument("device_id")
+    met = sub.choices["metrics"]
+    met.add_argument(
+        "--metric", required=True, help="dotted path in metrics records, e.g. answers.latency_ms.p95"
+    )
+    which = met.add_mutually_exclusive_group(required=True)
+    which.add_argument("--device")
+    which.add_argument("--selector")
+    met.add_argument("--since", default="24h")
+    met.add_argument("--until")
+    met.add_argument("--step")
+    met.add_argument("--agg", default="avg", choices=["avg", "max", "min", "sum"])
+
+
+def _ingest_options(p: argparse.ArgumentParser) -> None:
+    """What `edge-fleet ingest` takes, for the service's worker."""
+    add_broker_options(p)
+    p.add_argument(
+        "--db", default="fleet-telemetry.sqlite3", help="an SQLite file or postgresql://USER@HOST/DB"
+    )
+    p.add_argument(
+        "--group", dest="share_group", metavar="NAME", default="fleet", help="shared-subscription group"
+    )
+    p.add_argument("--client-id", help="this worker's broker session (default service-GROUP-HOSTNAME-PORT)")
+    p.add_argument("--topic-prefix", default="edge")
+    p.add_argument("--session-expiry", type=int, default=86_400)
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.group in ("service", "token", "telemetry"):
+        return _service_admin(args)
+    if args.group in ("devices", "metrics") or (args.group == "device" and args.command == "show"):
+        return _api_client(args)
     if args.group == "serve":
         from fleet.serve import make_server
 
@@ -278,6 +354,79 @@ def _ingest(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     serve(cfg, args.db, stop, args.stats_every)
+    return 0
+
+
+def _service_admin(args: argparse.Namespace) -> int:
+    """edge-fleet service | token add | telemetry prune."""
+    if args.group == "token":
+        from fleet.api.auth import add_token
+
+        print(add_token(args.tokens, args.role, args.name))
+        return 0
+    if args.group == "telemetry":
+        from dataclasses import asdict
+
+        from fleet.telemetry.retention import prune
+        from fleet.telemetry.store import TelemetryStore
+
+        store = TelemetryStore.open(args.db)
+        try:
+            print(json.dumps(asdict(prune(store, args.raw_days, args.rollup_days))))
+        finally:
+            store.close()
+        return 0
+    return _service(args)
+
+
+def _service(args: argparse.Namespace) -> int:
+    import socket
+
+    from fleet.service import ServiceConfig, parse_listen, run
+    from fleet.telemetry.ingest import IngestConfig
+
+    configure_logging("info")
+    host, port = parse_listen(args.listen)
+    ingest = None
+    if not args.api_only:
+        default_id = f"service-{args.share_group}-{socket.gethostname()}-{port}"[:64]
+        ingest = IngestConfig(
+            broker_url=args.broker,
+            group=args.share_group,
+            client_id=args.client_id or default_id,
+            username=args.username,
+            password=args.password,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            topic_prefix=args.topic_prefix,
+            session_expiry_s=args.session_expiry,
+        )
+    run(ServiceConfig(db=args.db, tokens=args.tokens, host=host, port=port, ingest=ingest))
+    return 0
+
+
+def _api_client(args: argparse.Namespace) -> int:
+    """edge-fleet devices | device show ID | metrics: a table, or the API's JSON with --json."""
+    from urllib.parse import quote
+
+    from fleet.api import client
+
+    api = client.ApiClient(args.api, args.token_file)
+    if args.group == "devices":
+        found = api.get("/api/v1/devices", selector=args.selector)
+        text = client.devices_table(found["devices"])
+    elif args.group == "device":
+        found = api.get(f"/api/v1/devices/{quote(args.device_id, safe='')}")
+        text = client.device_text(found)
+    else:
+        common = {"metric": args.metric, "since": args.since, "until": args.until, "step": args.step}
+        if args.device:
+            found = api.get(f"/api/v1/devices/{quote(args.device, safe='')}/series", agg=args.agg, **common)
+        else:
+            found = api.get("/api/v1/series", selector=args.selector, agg=args.agg, **common)
+        text = client.series_table(found)
+    print(json.dumps(found, indent=2) if args.json else text)
     return 0
 
 

@@ -29,6 +29,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -164,6 +165,7 @@ class IngestWorker:
         self.cfg, self.store = cfg, store
         self.counters = Counters()
         self.subscribed = threading.Event()
+        self.on_write: Callable[[float], None] | None = None  # seconds each stored message took (metrics)
         self._retry_max_s = retry_max_s
         self._inbox: queue.Queue[_Inbound] = queue.Queue(maxsize=cfg.receive_maximum * 2)
         self._connection = 0
@@ -267,7 +269,10 @@ class IngestWorker:
         delay = 0.1
         while True:
             try:
+                started = time.perf_counter()
                 self._handle(item)
+                if self.on_write is not None:
+                    self.on_write(time.perf_counter() - started)
                 return True
             except InvalidPayload as exc:
                 self.counters.count("invalid", exc.reason)

@@ -32,7 +32,17 @@ def _v1(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=list(schema.V1_TABLES))
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "devices, records, gaps, update events", _v1),)
+def _v2(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=list(schema.V2_TABLES))
+    # Series and summaries read metrics records by time. Plain DDL: an Index object would
+    # attach itself to schema.records, and migration 1 would then create it as well.
+    conn.exec_driver_sql("CREATE INDEX records_by_kind_time ON records (kind, ts)")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "devices, records, gaps, update events", _v1),
+    Migration(2, "device labels (hardware, tags), hourly metric rollups, records by time", _v2),
+)
 LATEST = MIGRATIONS[-1].version
 
 

@@ -29,6 +29,8 @@ MAX_INT = 2**63 - 1
 KINDS = ("metrics", "event", "dropped")
 STATUS_STATES = ("online", "updating", "paused", "offline")
 DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_LABELS = 32  # hardware tags and config tags each
+LABEL = re.compile(r"[^\x00-\x20,\x7f]{1,128}")  # no spaces, controls or ',' (the selector's separator)
 Json = Any
 
 
@@ -69,6 +71,8 @@ class StatusDoc:
     pack_version: str | None
     agent_version: str | None
     ts: float
+    hardware: tuple[str, ...] | None = None  # None: the document has no such field (an older agent)
+    tags: tuple[str, ...] | None = None
 
     @property
     def online(self) -> bool:
@@ -134,7 +138,21 @@ def parse_status(device: str, raw: bytes) -> StatusDoc | None:
         raise InvalidPayload("bad_field", f"state: one of {', '.join(STATUS_STATES)}, not {state!r}")
     name, version = _pack(doc.get("pack"))
     agent_version = _optional_text(doc, "agent_version")
-    return StatusDoc(device, state, name, version, agent_version, _number(doc, "ts"))
+    hardware, tags = _labels(doc, "hardware"), _labels(doc, "tags")
+    return StatusDoc(device, state, name, version, agent_version, _number(doc, "ts"), hardware, tags)
+
+
+def _labels(doc: Mapping[str, Json], name: str) -> tuple[str, ...] | None:
+    """A list of 0 to MAX_LABELS short strings, or absent (None: the registry keeps what it had)."""
+    value = doc.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_LABELS:
+        raise InvalidPayload("bad_field", f"{name}: a list of at most {MAX_LABELS} strings")
+    for item in value:
+        if not isinstance(item, str) or not LABEL.fullmatch(item):
+            raise InvalidPayload("bad_field", f"{name}: each 1 to 128 printable characters, no ','")
+    return tuple(dict.fromkeys(value))  # duplicates once, order kept
 
 
 def _pack(pack: Json) -> tuple[str | None, str | None]:

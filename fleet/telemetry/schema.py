@@ -99,3 +99,32 @@ update_events = Table(
 )
 
 V1_TABLES = (devices, records, gaps, update_events)
+
+# Migration 2: the status document's ``hardware`` and ``tags``, one row per (device, label),
+# so a selector (``hardware=aarch64,tag=greenhouse``) is an indexed EXISTS in either dialect
+# rather than a scan of JSON text. ``kind`` is ``hardware`` or ``tag``.
+device_labels = Table(
+    "device_labels",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("value", String(128), primary_key=True),
+    Index("device_labels_by_value", "kind", "value"),
+)
+
+# Migration 2: hourly rollups of each numeric field of metrics records, kept after the raw
+# records are pruned. ``hour`` is the bucket's start (Unix seconds, a multiple of 3600).
+metric_rollups = Table(
+    "metric_rollups",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("hour", BigInteger, primary_key=True, autoincrement=False),
+    Column("metric", String(128), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+    Column("sum", Double, nullable=False),
+    Column("min", Double, nullable=False),
+    Column("max", Double, nullable=False),
+    Index("metric_rollups_by_metric", "metric", "hour"),
+)
+
+V2_TABLES = (device_labels, metric_rollups)

@@ -146,6 +146,18 @@ class TelemetryStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def write(self) -> Any:
+        """A write transaction (SQLite: BEGIN IMMEDIATE), for modules beside the store (retention)."""
+        return self._writer.begin()
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self._pg
+
+    def insert_for(self, table: Any) -> postgresql.Insert | sqlite.Insert:
+        """The dialect's INSERT, which has ON CONFLICT."""
+        return self._insert(table)
+
     # ------------------------------------------------------------------ writes
 
     def ingest(self, batch: Batch, received_at: float) -> BatchResult:
@@ -193,7 +205,21 @@ class TelemetryStore:
             where=or_(cols.status_received_at.is_(None), cols.status_received_at <= new.status_received_at),
         ).returning(cols.device_id)
         with self._writer.begin() as conn:
-            return conn.execute(upsert).first() is not None
+            if conn.execute(upsert).first() is None:
+                return False
+            self._replace_labels(conn, doc.device, "hardware", doc.hardware)
+            self._replace_labels(conn, doc.device, "tag", doc.tags)
+            return True
+
+    def _replace_labels(self, conn: Connection, device: str, kind: str, values: Sequence[str] | None) -> None:
+        """The document's list replaces the registry's; an absent field (an older agent) keeps it."""
+        if values is None:
+            return
+        lab = schema.device_labels.c
+        conn.execute(delete(schema.device_labels).where(lab.device_id == device, lab.kind == kind))
+        if values:
+            rows = [{"device_id": device, "kind": kind, "value": v} for v in values]
+            conn.execute(self._insert(schema.device_labels).values(rows))
 
     def add_update_status(self, ev: UpdateStatus, received_at: float) -> bool:
         """Store one live update event; False for a redelivery of one already stored."""

@@ -1,0 +1,84 @@
+"""``edge-fleet service``: one process running an ingest worker and the HTTP API.
+
+Both halves only talk to the store, so the process is stateless: run several against one
+PostgreSQL (each with its own ``--client-id``, one ``--group``) and put any load balancer in
+front of their APIs. Without a broker URL it serves the API alone (a read replica).
+uvicorn owns the main thread; SIGTERM or SIGINT ends it, and then the worker is stopped (its
+message in hand stored and acked) after uvicorn has finished its requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import uvicorn
+
+from fleet.api.app import create_app
+from fleet.api.auth import TokenFile
+from fleet.metrics import ServiceMetrics
+from fleet.telemetry.errors import TelemetryError
+from fleet.telemetry.ingest import IngestConfig, IngestWorker
+from fleet.telemetry.queries import FleetQueries
+from fleet.telemetry.store import TelemetryStore
+
+log = structlog.get_logger("fleet.service")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after its shutdown, which would end the process
+    before the ingest worker stops; here the signal only ends ``run()``, and the caller
+    stops the worker and exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    db: str
+    tokens: Path
+    host: str = "127.0.0.1"
+    port: int = 8090
+    ingest: IngestConfig | None = None  # None: the API only
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8090`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise TelemetryError(f"--listen {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def run(cfg: ServiceConfig) -> None:
+    tokens = TokenFile(cfg.tokens)  # a missing or broken token file stops start-up, before anything runs
+    store = TelemetryStore.open(cfg.db)
+    worker = IngestWorker(cfg.ingest, store) if cfg.ingest is not None else None
+    metrics = ServiceMetrics(
+        worker.counters.snapshot if worker is not None else None, FleetQueries(store.engine).gap_counts
+    )
+    app = create_app(store, tokens, metrics)
+    server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False))
+    if worker is not None:
+        worker.on_write = metrics.observe_write
+        worker.start()
+    log.info("service_started", listen=f"{cfg.host}:{cfg.port}", ingest=worker is not None)
+    try:
+        server.run()
+    finally:
+        if worker is not None:
+            worker.stop()
+            log.info("ingest_stopped", **worker.counters.snapshot())
+        store.close()
+        log.info("service_stopped")

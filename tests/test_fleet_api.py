@@ -1,0 +1,378 @@
+"""The fleet service: registry selectors, the HTTP API, retention, /metrics, the CLI clients.
+
+Real parts only: SQLite files and a throwaway PostgreSQL database (the fixtures of
+tests/test_fleet_telemetry.py), the real FastAPI app (TestClient), and one end-to-end run of
+`edge-fleet service` (a real uvicorn on a free port, ingesting from the session's mosquitto)
+that fake devices publish to and the `edge-fleet devices|device show|metrics` clients read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from agent.localbroker import LocalBroker
+from fleet.api.app import create_app
+from fleet.api.auth import TokenFile, TokenFileError, parse_tokens
+from fleet.metrics import ServiceMetrics
+from fleet.telemetry import selectors
+from fleet.telemetry.errors import InvalidPayload
+from fleet.telemetry.payloads import parse_status
+from fleet.telemetry.queries import FleetQueries, SeriesQuery
+from fleet.telemetry.store import TelemetryStore
+from tests.fleet_api_support import (
+    ServiceProcess,
+    cli,
+    metrics_record,
+    put_records,
+    put_status,
+    status_doc,
+    telemetry_doc,
+    tokens_file,
+)
+from tests.fleet_telemetry_support import Publisher, wait_until
+from tests.test_fleet_telemetry import db_url, pg_database, pg_url  # noqa: F401  (fixtures)
+
+HOUR = 3600.0
+
+
+@pytest.fixture()
+def store(db_url: str) -> Iterator[TelemetryStore]:  # noqa: F811
+    s = TelemetryStore.open(db_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def fleet(store: TelemetryStore) -> TelemetryStore:
+    """Three devices: two aarch64 greenhouses (one on the new pack), one x86 lab box offline."""
+    put_status(store, "gh-1", hardware=["aarch64", "aarch64-dotprod"], tags=["greenhouse", "site=north"])
+    put_status(
+        store, "gh-2", pack=("tiny", "0.0.2"), hardware=["aarch64", "aarch64-no-dotprod"], tags=["greenhouse"]
+    )
+    put_status(store, "lab-1", state="offline", hardware=["x86_64"], tags=["lab", "site=north"])
+    return store
+
+
+@pytest.fixture()
+def api(fleet: TelemetryStore, tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], dict[str, str]]]:
+    path = tmp_path / "tokens"
+    path.write_text("")
+    from fleet.api.auth import add_token
+
+    read, admin = add_token(path, "read", "ops"), add_token(path, "admin", "root")
+    metrics = ServiceMetrics(None, FleetQueries(fleet.engine).gap_counts)
+    with TestClient(create_app(fleet, TokenFile(path), metrics)) as client:
+        yield client, {"Authorization": f"Bearer {read}"}, {"Authorization": f"Bearer {admin}"}
+
+
+def ids(store: TelemetryStore, selector: str) -> list[str]:
+    return [d.device_id for d in FleetQueries(store.engine).devices(selectors.parse(selector))]
+
+
+# ---------------------------------------------------------------- registry and selectors (both backends)
+
+
+def test_selectors_combine_with_and(fleet: TelemetryStore) -> None:
+    assert ids(fleet, "") == ["gh-1", "gh-2", "lab-1"]
+    assert ids(fleet, "hardware=aarch64") == ["gh-1", "gh-2"]
+    assert ids(fleet, "hardware=aarch64-no-dotprod") == ["gh-2"]
+    assert ids(fleet, "tag=site=north") == ["gh-1", "lab-1"]
+    assert ids(fleet, "tag=site=north,hardware=aarch64") == ["gh-1"]
+    assert ids(fleet, "pack=tiny") == ["gh-1", "gh-2", "lab-1"]
+    assert ids(fleet, "pack=tiny@0.0.2") == ["gh-2"]
+    assert ids(fleet, "state=offline") == ["lab-1"]
+    assert ids(fleet, "state=online,tag=greenhouse,pack=tiny@0.0.1") == ["gh-1"]
+    assert ids(fleet, "tag=nowhere") == []
+
+
+def test_a_newer_status_replaces_labels_and_an_older_agent_keeps_them(fleet: TelemetryStore) -> None:
+    put_status(fleet, "gh-1", tags=["greenhouse", "site=south"], hardware=None)
+    device = FleetQueries(fleet.engine).device("gh-1")
+    assert device is not None
+    assert device.tags == ["greenhouse", "site=south"] and device.hardware == ["aarch64", "aarch64-dotprod"]
+    put_status(fleet, "gh-1", tags=[])
+    assert ids(fleet, "tag=greenhouse") == ["gh-2"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["colour=red", "tag=", "state=asleep", "pack=@1.0", "hardware", "tag=a b", ",".join(["tag=x"] * 17)],
+)
+def test_bad_selectors_are_refused(text: str) -> None:
+    with pytest.raises(selectors.SelectorError):
+        selectors.parse(text)
+
+
+def test_status_labels_are_bounded() -> None:
+    with pytest.raises(InvalidPayload, match="hardware"):
+        parse_status("d", status_doc("d", hardware=["x" * 129]))
+    with pytest.raises(InvalidPayload, match="tags"):
+        parse_status("d", status_doc("d", tags=["a,b"]))
+    with pytest.raises(InvalidPayload, match="tags"):
+        parse_status("d", status_doc("d", tags=[f"t{i}" for i in range(33)]))
+
+
+def test_token_file_format() -> None:
+    with pytest.raises(TokenFileError, match=":2:"):
+        parse_tokens("# comment\nroot 1234\n")
+    assert parse_tokens(f"admin {'a' * 64} ci\n")["a" * 64].role == "admin"
+
+
+# ---------------------------------------------------------------- the API (both backends)
+
+
+def test_auth_no_token_wrong_token_and_read_on_admin(
+    api: tuple[TestClient, dict[str, str], dict[str, str]],
+) -> None:
+    client, read, admin = api
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
+        r = client.get("/api/v1/devices", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = client.post("/api/v1/retention/prune?raw_days=7", headers=read)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert client.post("/api/v1/retention/prune?raw_days=7", headers=admin).status_code == 200
+    assert client.get("/api/v1/devices", headers=admin).status_code == 200  # admin includes read
+    assert client.get("/openapi.json").json()["paths"]["/api/v1/devices/{device_id}/series"]
+
+
+def test_devices_and_device_detail(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], fleet: TelemetryStore
+) -> None:
+    client, read, _ = api
+    now = time.time()
+    put_records(fleet, "gh-1", [metrics_record(1, now - 60, 300, 800), metrics_record(3, now, 310, 900)])
+    body = client.get(
+        "/api/v1/devices", params={"selector": "hardware=aarch64,state=online"}, headers=read
+    ).json()
+    assert [d["device_id"] for d in body["devices"]] == ["gh-1", "gh-2"]
+    assert body["devices"][0]["pack"] == "tiny@0.0.1" and body["devices"][0]["tags"] == [
+        "greenhouse",
+        "site=north",
+    ]
+    detail = client.get("/api/v1/devices/gh-1", headers=read).json()
+    assert detail["device"]["hardware"] == ["aarch64", "aarch64-dotprod"]
+    assert detail["latest_metrics"]["seq"] == 3 and detail["latest_metrics"]["data"]["rss_mb"] == 310
+    assert detail["gaps"] == [
+        {"from_seq": 2, "to_seq": 2, "state": "open", "detected_at": detail["gaps"][0]["detected_at"]}
+    ]
+    gaps = client.get("/api/v1/gaps", params={"state": "open"}, headers=read).json()
+    assert gaps["counts"] == {"open": 1} and gaps["gaps"][0]["device_id"] == "gh-1"
+    r = client.get("/api/v1/devices/nobody", headers=read)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_series_per_device_and_across_a_selection(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], fleet: TelemetryStore
+) -> None:
+    client, read, _ = api
+    t0 = (time.time() // HOUR - 3) * HOUR  # three whole hours ago
+    put_records(fleet, "gh-1", [metrics_record(1, t0 + 10, 100, 500), metrics_record(2, t0 + 20, 300, 700)])
+    put_records(
+        fleet, "gh-2", [metrics_record(1, t0 + 30, 200, 1500), metrics_record(2, t0 + HOUR + 5, 50, 100)]
+    )
+    q = {"metric": "rss_mb", "since": str(t0), "until": str(t0 + 2 * HOUR), "step": "1h"}
+    one = client.get("/api/v1/devices/gh-1/series", params=q, headers=read).json()
+    assert one["points"] == [{"t": t0, "value": 200.0}]
+    both = client.get(
+        "/api/v1/series", params={**q, "selector": "tag=greenhouse", "agg": "max"}, headers=read
+    ).json()
+    assert both["points"] == [{"t": t0, "value": 300.0}, {"t": t0 + HOUR, "value": 50.0}]
+    p95 = client.get(
+        "/api/v1/series",
+        params={
+            **q,
+            "metric": "answers.latency_ms.p95",
+            "selector": "hardware=aarch64-no-dotprod",
+            "agg": "sum",
+        },
+        headers=read,
+    ).json()
+    assert p95["points"] == [{"t": t0, "value": 1500.0}, {"t": t0 + HOUR, "value": 100.0}]
+
+
+def test_summary_counts_and_error_rate(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], fleet: TelemetryStore
+) -> None:
+    client, read, _ = api
+    now = time.time()
+    put_records(fleet, "gh-1", [metrics_record(1, now - 100, 1, 1, ok=8, failed=2)])
+    put_records(fleet, "gh-2", [metrics_record(1, now - 100, 1, 1, ok=9, failed=0)])
+    put_records(fleet, "gh-2", [metrics_record(2, now - 3 * 86_400, 1, 1, ok=100, failed=100)])  # outside 24h
+    body = client.get("/api/v1/summary", headers=read).json()
+    assert body["devices"] == 3
+    assert body["by_pack"] == {"tiny@0.0.1": 2, "tiny@0.0.2": 1}
+    assert body["by_state"] == {"online": 2, "offline": 1}
+    assert body["by_hardware"] == {"aarch64": 2, "aarch64-dotprod": 1, "aarch64-no-dotprod": 1, "x86_64": 1}
+    assert body["requests"] == {"query": {"ok": 17, "timeout": 2}, "read": {"ok": 2}}
+    assert body["requests_total"] == 21 and body["error_rate"] == pytest.approx(2 / 21)
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "code"),
+    [
+        ("/api/v1/devices", {"selector": "colour=red"}, "bad_selector"),
+        ("/api/v1/devices", {"selector": "x" * 2000}, "bad_parameter"),
+        ("/api/v1/devices", {"limit": "0"}, "bad_parameter"),
+        ("/api/v1/devices/bad id!", {}, "bad_parameter"),
+        ("/api/v1/devices/gh-1/series", {}, "bad_parameter"),
+        ("/api/v1/devices/gh-1/series", {"metric": "rss_mb;drop"}, "bad_metric"),
+        ("/api/v1/devices/gh-1/series", {"metric": "rss_mb", "agg": "median"}, "bad_agg"),
+        ("/api/v1/devices/gh-1/series", {"metric": "rss_mb", "since": "yesterday"}, "bad_since"),
+        ("/api/v1/devices/gh-1/series", {"metric": "rss_mb", "since": "1h", "until": "2h"}, "bad_range"),
+        ("/api/v1/series", {"metric": "rss_mb", "since": "30d", "step": "1"}, "bad_step"),
+        ("/api/v1/series", {"metric": "rss_mb", "since": "9999d"}, "bad_since"),
+        ("/api/v1/gaps", {"state": "filled"}, "bad_parameter"),
+        ("/api/v1/summary", {"window": "forever"}, "bad_window"),
+    ],
+)
+def test_bad_parameters_get_stable_codes(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], path: str, params: dict[str, str], code: str
+) -> None:
+    client, read, _ = api
+    r = client.get(path, params=params, headers=read)
+    assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
+
+
+def test_retention_rolls_up_then_prunes_and_series_still_answer(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], fleet: TelemetryStore
+) -> None:
+    client, _, admin = api
+    t0 = (time.time() // HOUR) * HOUR - 10 * 86_400  # ten days ago, on the hour
+    old = [metrics_record(i + 1, t0 + i * 600, 100 + i, 10 * i, ok=1, failed=1) for i in range(12)]  # 2 hours
+    put_records(fleet, "gh-1", [*old, metrics_record(13, time.time(), 1, 1)])
+    q = {"metric": "rss_mb", "since": str(t0), "until": str(t0 + 4 * HOUR), "step": "1h"}
+    before = {
+        agg: client.get("/api/v1/series", params={**q, "agg": agg}, headers=admin).json()["points"]
+        for agg in ("avg", "max", "min", "sum")
+    }
+    r = client.post("/api/v1/retention/prune", params={"raw_days": 7}, headers=admin).json()
+    assert r["records_pruned"] == 12 and fleet.record_count("gh-1") == 1
+    for agg, points in before.items():
+        assert (
+            client.get("/api/v1/series", params={**q, "agg": agg}, headers=admin).json()["points"] == points
+        )
+    assert before["max"] == [{"t": t0, "value": 105.0}, {"t": t0 + HOUR, "value": 111.0}]
+    again = client.post("/api/v1/retention/prune", params={"raw_days": 7}, headers=admin).json()
+    assert again["records_pruned"] == 0
+    put_records(fleet, "gh-1", [metrics_record(14, t0 + 30, 1000, 0)])  # a device back after weeks
+    client.post("/api/v1/retention/prune", params={"raw_days": 7}, headers=admin)
+    q2 = {**q, "agg": "max", "selector": "tag=greenhouse"}
+    assert client.get("/api/v1/series", params=q2, headers=admin).json()["points"][0]["value"] == 1000.0
+    summary = client.get("/api/v1/summary", params={"window": "11d"}, headers=admin).json()
+    assert summary["requests"]["query"]["timeout"] == 12  # from the rollups
+
+
+def test_prometheus_metrics(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], fleet: TelemetryStore
+) -> None:
+    client, read, _ = api
+    put_records(fleet, "gh-1", [metrics_record(5, time.time(), 1, 1)])
+    client.get("/api/v1/devices", headers=read)
+    text = client.get("/metrics").text
+    assert 'edge_fleet_gaps{state="open"} 1.0' in text
+    assert (
+        'edge_fleet_api_request_seconds_count{method="GET",route="/api/v1/devices",status="200"} 1.0' in text
+    )
+
+
+def test_series_query_bounds() -> None:
+    with pytest.raises(Exception, match="step"):
+        SeriesQuery("rss_mb", 0, 10_000_000, 1)
+
+
+# ---------------------------------------------------------------- end to end: broker -> service -> CLI
+
+
+def test_service_ingests_from_the_broker_and_the_cli_reads_it(
+    broker: LocalBroker,
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    tokens, read, _ = tokens_file(tmp_path)
+    token_file = tmp_path / "read.token"
+    token_file.write_text(read + "\n")
+    service = ServiceProcess(
+        [
+            "--db",
+            pg_url,
+            "--broker",
+            broker.url,
+            "--group",
+            f"svc-{tmp_path.name[-8:]}",
+            "--tokens",
+            str(tokens),
+        ]
+    )
+    devices = {
+        "e2e-north": (["aarch64", "aarch64-no-dotprod"], ["greenhouse", "site=north"]),
+        "e2e-south": (["aarch64", "aarch64-dotprod"], ["greenhouse", "site=south"]),
+        "e2e-lab": (["x86_64"], ["lab"]),
+    }
+    publisher = Publisher(broker.port)
+    try:
+        service.wait_ready()
+        now = time.time()
+        for i, (dev, (hardware, tags)) in enumerate(devices.items()):
+            publisher.publish(
+                f"edge/{dev}/status", status_doc(dev, hardware=hardware, tags=tags), retain=True
+            )
+            records = [metrics_record(s, now - 300 + 60 * s, 100 * (i + 1) + s, 50.0 * s) for s in (1, 2, 3)]
+            publisher.publish(f"edge/{dev}/telemetry", telemetry_doc(dev, records))
+        api = ["--api", service.url, "--token-file", str(token_file)]
+
+        def listed() -> bool:
+            out = cli("devices", *api, "--json")
+            return out.returncode == 0 and len(json.loads(out.stdout)["devices"]) == 3
+
+        wait_until(listed, 20, "three devices in the API")
+        table = cli("devices", *api, "--selector", "hardware=aarch64,tag=site=north")
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.strip().splitlines()
+        assert lines[0].split()[:3] == ["DEVICE", "STATE", "PACK"] and len(lines) == 2
+        assert lines[1].split()[:3] == ["e2e-north", "online", "tiny@0.0.1"]
+        detail = cli("device", "show", "e2e-lab", *api)
+        assert "x86_64" in detail.stdout and "gaps       none" in detail.stdout, detail.stdout + detail.stderr
+        north = ["device", "show", "e2e-north", *api]
+        wait_until(lambda: '"rss_mb": 103' in cli(*north).stdout, 10, "the last record")
+        series = cli(
+            "metrics",
+            *api,
+            "--metric",
+            "rss_mb",
+            "--selector",
+            "tag=greenhouse",
+            "--since",
+            "1h",
+            "--step",
+            "1h",
+            "--agg",
+            "max",
+            "--json",
+        )
+        assert (
+            series.returncode == 0
+            and series.stdout
+            and json.loads(series.stdout)["points"][-1]["value"] == 203.0
+        )
+        bad = cli("devices", *api, "--selector", "colour=red")
+        assert bad.returncode == 2 and "error [bad_selector]" in bad.stderr
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text("nope\n")
+        denied = cli("devices", "--api", service.url, "--token-file", str(wrong))
+        assert denied.returncode == 2 and "error [unauthorized]" in denied.stderr
+        with urllib.request.urlopen(f"{service.url}/metrics") as r:
+            scraped = r.read().decode()
+        assert (
+            "edge_fleet_ingest_records_total 9.0" in scraped
+            and "edge_fleet_db_write_seconds_count" in scraped
+        )
+    finally:
+        publisher.close()
+        assert service.stop() == 0, service.logs[-5:]
