@@ -259,6 +259,8 @@ def test_retention_rolls_up_then_prunes_and_series_still_answer(
             client.get("/api/v1/series", params={**q, "agg": agg}, headers=admin).json()["points"] == points
         )
     assert before["max"] == [{"t": t0, "value": 105.0}, {"t": t0 + HOUR, "value": 111.0}]
+    too_soon = client.post("/api/v1/retention/prune", params={"raw_days": 0.5}, headers=admin)
+    assert too_soon.status_code == 422 and too_soon.json()["error"]["code"] == "bad_parameter"
     again = client.post("/api/v1/retention/prune", params={"raw_days": 7}, headers=admin).json()
     assert again["records_pruned"] == 0
     put_records(fleet, "gh-1", [metrics_record(14, t0 + 30, 1000, 0)])  # a device back after weeks
@@ -267,6 +269,19 @@ def test_retention_rolls_up_then_prunes_and_series_still_answer(
     assert client.get("/api/v1/series", params=q2, headers=admin).json()["points"][0]["value"] == 1000.0
     summary = client.get("/api/v1/summary", params={"window": "11d"}, headers=admin).json()
     assert summary["requests"]["query"]["timeout"] == 12  # from the rollups
+
+
+def test_prune_from_the_command_line(tmp_path: Path) -> None:
+    db = str(tmp_path / "fleet.sqlite3")
+    store = TelemetryStore.open(db)
+    old = time.time() - 9 * 86_400
+    put_records(store, "gh-9", [metrics_record(1, old, 1, 1), metrics_record(2, time.time(), 1, 1)])
+    store.close()
+    done = cli("telemetry", "prune", "--db", db, "--raw-days", "7")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["records_pruned"] == 1
+    refused = cli("telemetry", "prune", "--db", db, "--raw-days", "0.1")
+    assert refused.returncode == 2 and "error [telemetry]" in refused.stderr
 
 
 def test_prometheus_metrics(

@@ -74,7 +74,7 @@ def create_app(store: TelemetryStore, tokens: TokenFile, metrics: ServiceMetrics
 
     @app.post(f"{PREFIX}/retention/prune", dependencies=[admin])
     def prune(
-        raw_days: Annotated[float, Query(ge=0.05, le=3650)] = 7,
+        raw_days: Annotated[float, Query(ge=retention.MIN_RAW_DAYS, le=3650)] = 7,
         rollup_days: Annotated[float, Query(ge=1, le=3650)] = 400,
     ) -> dict[str, Any]:
         """Roll up raw metrics records older than ``raw_days`` into hourly rows, then delete them."""

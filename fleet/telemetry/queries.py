@@ -188,11 +188,6 @@ class FleetQueries:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query).all()]
 
-    def device_ids(self, selector: Selector) -> list[str]:
-        query = select(schema.devices.c.device_id).where(selector_clause(selector))
-        with self.engine.connect() as conn:
-            return list(conn.execute(query).scalars())
-
     def _labels(self, conn: Connection, ids: list[str]) -> dict[str, dict[str, list[str]]]:
         lab = schema.device_labels.c
         found: dict[str, dict[str, list[str]]] = {}

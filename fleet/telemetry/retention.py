@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, delete, func, select
 
 from fleet.telemetry import schema
+from fleet.telemetry.errors import TelemetryError
 from fleet.telemetry.queries import HOUR, Bucket, numeric_leaves
 from fleet.telemetry.store import TelemetryStore
 
+MIN_RAW_DAYS = 1.0  # not below the broker session's expiry: a redelivered record must still be there
 MAX_METRICS_PER_RECORD = 500  # numeric fields rolled up per record; a flood of keys is cut here
 
 
@@ -38,7 +40,12 @@ class PruneResult:
 def prune(
     store: TelemetryStore, raw_days: float, rollup_days: float = 400, now: float | None = None
 ) -> PruneResult:
-    """Roll up and delete raw metrics older than ``raw_days`` (rounded down to an hour)."""
+    """Roll up and delete raw metrics older than ``raw_days`` (rounded down to an hour).
+
+    At least :data:`MIN_RAW_DAYS`: a pruned record is no longer there to make its redelivery a
+    duplicate, so it must be older than any redelivery the broker's session can still make."""
+    if raw_days < MIN_RAW_DAYS:
+        raise TelemetryError(f"raw_days: at least {MIN_RAW_DAYS} (the broker session's expiry)")
     now = time.time() if now is None else now
     cutoff = float(int((now - raw_days * 86_400) // HOUR) * HOUR)
     pruned = rows = 0
