@@ -16,16 +16,17 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine
 
 from agent.localbroker import LocalBroker
 from fleet.api.app import create_app
 from fleet.api.auth import TokenFile, TokenFileError, parse_tokens
 from fleet.metrics import ServiceMetrics
-from fleet.telemetry import selectors
+from fleet.telemetry import migrations, schema, selectors
 from fleet.telemetry.errors import InvalidPayload
 from fleet.telemetry.payloads import parse_status
 from fleet.telemetry.queries import FleetQueries, SeriesQuery
-from fleet.telemetry.store import TelemetryStore
+from fleet.telemetry.store import TelemetryStore, database_url
 from tests.fleet_api_support import (
     ServiceProcess,
     cli,
@@ -40,6 +41,10 @@ from tests.fleet_telemetry_support import Publisher, wait_until
 from tests.test_fleet_telemetry import db_url, pg_database, pg_url  # noqa: F401  (fixtures)
 
 HOUR = 3600.0
+
+
+def create_engine_for(where: str) -> Engine:
+    return create_engine(database_url(where))
 
 
 @pytest.fixture()
@@ -240,7 +245,7 @@ def test_bad_parameters_get_stable_codes(
     assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
 
 
-def test_retention_rolls_up_then_prunes_and_series_still_answer(
+def test_retention_prunes_raw_records_and_series_still_answer(
     api: tuple[TestClient, dict[str, str], dict[str, str]], fleet: TelemetryStore
 ) -> None:
     client, _, admin = api
@@ -248,27 +253,50 @@ def test_retention_rolls_up_then_prunes_and_series_still_answer(
     old = [metrics_record(i + 1, t0 + i * 600, 100 + i, 10 * i, ok=1, failed=1) for i in range(12)]  # 2 hours
     put_records(fleet, "gh-1", [*old, metrics_record(13, time.time(), 1, 1)])
     q = {"metric": "rss_mb", "since": str(t0), "until": str(t0 + 4 * HOUR), "step": "1h"}
-    before = {
-        agg: client.get("/api/v1/series", params={**q, "agg": agg}, headers=admin).json()["points"]
-        for agg in ("avg", "max", "min", "sum")
-    }
+
+    def series(**extra: str) -> list[dict[str, float]]:
+        points: list[dict[str, float]] = client.get(
+            "/api/v1/series", params={**q, **extra}, headers=admin
+        ).json()["points"]
+        return points
+
+    before = {agg: series(agg=agg) for agg in ("avg", "max", "min", "sum")}
+    assert before["max"] == [{"t": t0, "value": 105.0}, {"t": t0 + HOUR, "value": 111.0}]
+    assert len(series(step="10m")) == 12  # raw records, before the prune
     r = client.post("/api/v1/retention/prune", params={"raw_days": 7}, headers=admin).json()
     assert r["records_pruned"] == 12 and fleet.record_count("gh-1") == 1
-    for agg, points in before.items():
-        assert (
-            client.get("/api/v1/series", params={**q, "agg": agg}, headers=admin).json()["points"] == points
-        )
-    assert before["max"] == [{"t": t0, "value": 105.0}, {"t": t0 + HOUR, "value": 111.0}]
+    assert {agg: series(agg=agg) for agg in before} == before
+    assert series(step="10m", agg="max") == [{"t": t0, "value": 105.0}, {"t": t0 + HOUR, "value": 111.0}]
     too_soon = client.post("/api/v1/retention/prune", params={"raw_days": 0.5}, headers=admin)
     assert too_soon.status_code == 422 and too_soon.json()["error"]["code"] == "bad_parameter"
     again = client.post("/api/v1/retention/prune", params={"raw_days": 7}, headers=admin).json()
     assert again["records_pruned"] == 0
     put_records(fleet, "gh-1", [metrics_record(14, t0 + 30, 1000, 0)])  # a device back after weeks
-    client.post("/api/v1/retention/prune", params={"raw_days": 7}, headers=admin)
-    q2 = {**q, "agg": "max", "selector": "tag=greenhouse"}
-    assert client.get("/api/v1/series", params=q2, headers=admin).json()["points"][0]["value"] == 1000.0
+    assert series(agg="max", selector="tag=greenhouse")[0]["value"] == 1000.0
     summary = client.get("/api/v1/summary", params={"window": "11d"}, headers=admin).json()
     assert summary["requests"]["query"]["timeout"] == 12  # from the rollups
+
+
+def test_migration_2_rolls_up_records_stored_before_it(db_url: str) -> None:  # noqa: F811
+    """A version-1 database (migration 1 only) gains the rollups of its records when opened."""
+    first = TelemetryStore(create_engine_for(db_url))
+    with first.write() as conn:
+        schema.metadata.create_all(conn, tables=[schema.schema_version])
+        migrations.MIGRATIONS[0].apply(conn)
+        conn.execute(schema.schema_version.insert().values(version=1, name="v1", applied_at=0.0))
+        conn.execute(schema.devices.insert().values(device_id="old-1", first_seen=0, last_seen=0, max_seq=2))
+        for seq, rss in ((1, 10.0), (2, 30.0)):
+            data = json.dumps(metrics_record(seq, 7200.0 + seq, rss, 1)["data"])
+            conn.execute(
+                schema.records.insert().values(
+                    device_id="old-1", seq=seq, ts=7200.0 + seq, kind="metrics", data=data, received_at=0
+                )
+            )
+    first.close()
+    store = TelemetryStore.open(db_url)
+    q = SeriesQuery("rss_mb", 7200, 10800, 3600, "avg", devices=("old-1",))
+    assert FleetQueries(store.engine).series(q) == [{"t": 7200, "value": 20.0}]
+    store.close()
 
 
 def test_prune_from_the_command_line(tmp_path: Path) -> None:

@@ -3,15 +3,14 @@
 Metrics records are stored as JSON text (both dialects, one schema), so a numeric field is
 pulled out here, in Python, rather than with each dialect's JSON operators; the SQL narrows by
 device, kind and time first (index ``records_by_kind_time``) and every read is bounded
-(``MAX_SCAN`` records), so a query too wide is refused, never slow. Hours older than the
-rollup horizon (retention.py pruned their raw records) are read from ``metric_rollups``.
+(``MAX_SCAN`` records), so a query too wide is refused, never slow. Summaries and series
+with a step of whole hours read the hourly rollups (rollup.py) instead, and so does any
+series before the retention mark, where raw records were pruned.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,15 +20,13 @@ from sqlalchemy import ColumnElement, Connection, Engine, and_, exists, func, se
 
 from fleet.telemetry import schema
 from fleet.telemetry.errors import TelemetryError
+from fleet.telemetry.rollup import HOUR, METRIC, Bucket, pick
 from fleet.telemetry.selectors import Selector, Term
 
-MAX_SCAN = 200_000  # raw records one series or summary may read
+MAX_SCAN = 200_000  # raw records (or rollup rows) one series may read
 MAX_BUCKETS = 2_000
-MAX_PATH_DEPTH = 6
-METRIC = re.compile(r"[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,5}")
 AGGREGATIONS = ("avg", "max", "min", "sum")
 NOT_ERRORS = ("ok", "queued")  # request outcomes that are not failures
-HOUR = 3600
 
 
 class QueryError(TelemetryError):
@@ -57,27 +54,6 @@ class DeviceRow:
     max_seq: int
 
 
-@dataclass
-class Bucket:
-    """Running count, sum, min and max: what raw values and hourly rollups both reduce to."""
-
-    count: int = 0
-    total: float = 0.0
-    low: float = math.inf
-    high: float = -math.inf
-
-    def add(self, count: int, total: float, low: float, high: float) -> None:
-        self.count += count
-        self.total += total
-        self.low = min(self.low, low)
-        self.high = max(self.high, high)
-
-    def value(self, agg: str) -> float:
-        return {"avg": self.total / max(self.count, 1), "sum": self.total, "min": self.low, "max": self.high}[
-            agg
-        ]
-
-
 @dataclass(frozen=True)
 class SeriesQuery:
     metric: str
@@ -102,28 +78,6 @@ class SeriesQuery:
 
 
 # ---------------------------------------------------------------- pure helpers
-
-
-def numeric_leaves(data: Mapping[str, Any], prefix: str = "", depth: int = 1) -> Iterator[tuple[str, float]]:
-    """Every number in a metrics record as (dotted path, value); booleans are not numbers."""
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int | float):
-            if METRIC.fullmatch(path):
-                yield path, float(value)
-        elif isinstance(value, dict) and depth < MAX_PATH_DEPTH:
-            yield from numeric_leaves(value, path + ".", depth + 1)
-
-
-def pick(data: Mapping[str, Any], path: str) -> float | None:
-    value: Any = data
-    for name in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(name)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def selector_clause(selector: Selector) -> ColumnElement[bool]:
@@ -242,18 +196,23 @@ class FleetQueries:
     # ------------------------------------------------------------ series
 
     def series(self, q: SeriesQuery) -> list[dict[str, float]]:
-        """``[{"t": bucket start, "value": ...}]`` for buckets with data, in time order."""
+        """``[{"t": bucket start, "value": ...}]`` for buckets with data, in time order. A step
+        of whole hours reads only the rollups; a finer one reads raw records, and the rollups
+        before the retention mark (where raw records were pruned)."""
         buckets: dict[int, Bucket] = {}
         with self.engine.connect() as conn:
-            horizon = self._horizon(conn)
-            if horizon > q.since:
+            mark = q.until if q.step % HOUR == 0 else min(q.until, _raw_mark(conn))
+            if mark > q.since:
                 rollups = self._device_filter(q, schema.metric_rollups.c.device_id)
-                self._add_rollups(conn, q, rollups, min(horizon, q.until), buckets)
-            raw = self._device_filter(q, schema.records.c.device_id)
-            for ts, data in self._raw(conn, raw, max(q.since, horizon), q.until):
-                value = pick(data, q.metric)
-                if value is not None:
-                    buckets.setdefault(int((ts - q.since) // q.step), Bucket()).add(1, value, value, value)
+                self._add_rollups(conn, q, rollups, mark, buckets)
+            if mark < q.until:
+                raw = self._device_filter(q, schema.records.c.device_id)
+                for ts, data in self._raw(conn, raw, max(q.since, mark), q.until):
+                    value = pick(data, q.metric)
+                    if value is not None:
+                        buckets.setdefault(int((ts - q.since) // q.step), Bucket()).add(
+                            1, value, value, value
+                        )
         return [{"t": q.since + i * q.step, "value": b.value(q.agg)} for i, b in sorted(buckets.items())]
 
     @staticmethod
@@ -264,11 +223,6 @@ class FleetQueries:
         if not q.selector.terms:
             return None
         return column.in_(select(schema.devices.c.device_id).where(selector_clause(q.selector)))
-
-    def _horizon(self, conn: Connection) -> float:
-        """Raw records older than this were rolled up and pruned (0: nothing was)."""
-        newest = conn.execute(select(func.max(schema.metric_rollups.c.hour))).scalar()
-        return float(newest + HOUR) if newest is not None else 0.0
 
     def _raw(
         self, conn: Connection, devices: ColumnElement[bool] | None, since: float, until: float
@@ -298,7 +252,12 @@ class FleetQueries:
         )
         if devices is not None:
             query = query.where(devices)
-        for hour, count, total, low, high in conn.execute(query.limit(MAX_SCAN)).all():
+        rows = conn.execute(query.limit(MAX_SCAN + 1)).all()
+        if len(rows) > MAX_SCAN:
+            raise QueryError(
+                "range_too_large", f"over {MAX_SCAN} rollup rows: narrow the range or the selector"
+            )
+        for hour, count, total, low, high in rows:
             index = max(0, int((hour - q.since) // q.step))
             buckets.setdefault(index, Bucket()).add(count, total, low, high)
 
@@ -334,34 +293,26 @@ class FleetQueries:
         }
 
     def _outcomes(self, conn: Connection, since: float, until: float) -> Counter[tuple[str, str]]:
-        """``requests.KIND.OUTCOME`` counts summed over the window, rollups then raw records."""
+        """``requests.KIND.OUTCOME`` summed from the rollups of the hours the window touches."""
+        m = schema.metric_rollups.c
+        rows = conn.execute(
+            select(m.metric, func.sum(m.sum))
+            .where(m.metric.like("requests.%"), m.hour >= int(since // HOUR) * HOUR, m.hour < until)
+            .group_by(m.metric)
+        )
         counts: Counter[tuple[str, str]] = Counter()
-        horizon = self._horizon(conn)
-        if horizon > since:
-            m = schema.metric_rollups.c
-            rows = conn.execute(
-                select(m.metric, func.sum(m.sum))
-                .where(
-                    m.metric.like("requests.%"),
-                    m.hour >= int(since // HOUR) * HOUR,
-                    m.hour < min(horizon, until),
-                )
-                .group_by(m.metric)
-            )
-            for metric, total in rows.all():
-                _count_outcome(counts, metric, total)
-        for _, data in self._raw(conn, None, max(since, horizon), until):
-            requests = data.get("requests")
-            if isinstance(requests, dict):
-                for path, value in numeric_leaves(requests, "requests."):
-                    _count_outcome(counts, path, value)
+        for metric, total in rows.all():
+            parts = metric.split(".")
+            if len(parts) == 3:
+                counts[(parts[1], parts[2])] += int(total)
         return counts
 
 
-def _count_outcome(counts: Counter[tuple[str, str]], metric: str, value: float) -> None:
-    parts = metric.split(".")
-    if len(parts) == 3:
-        counts[(parts[1], parts[2])] += int(value)
+def _raw_mark(conn: Connection) -> float:
+    """Raw metrics records before this were pruned (0: none were); retention.py moves it."""
+    k = schema.retention_marks.c
+    value = conn.execute(select(k.value).where(k.name == schema.RAW_MARK)).scalar()
+    return float(value) if value is not None else 0.0
 
 
 def _device_row(row: Any, labels: Mapping[str, list[str]]) -> DeviceRow:

@@ -112,8 +112,9 @@ device_labels = Table(
     Index("device_labels_by_value", "kind", "value"),
 )
 
-# Migration 2: hourly rollups of each numeric field of metrics records, kept after the raw
-# records are pruned. ``hour`` is the bucket's start (Unix seconds, a multiple of 3600).
+# Migration 2: hourly rollups of each numeric field of metrics records, maintained as records
+# arrive (rollup.py) and kept after the raw records are pruned. ``hour`` is the bucket's
+# start (Unix seconds, a multiple of 3600).
 metric_rollups = Table(
     "metric_rollups",
     metadata,
@@ -127,4 +128,14 @@ metric_rollups = Table(
     Index("metric_rollups_by_metric", "metric", "hour"),
 )
 
-V2_TABLES = (device_labels, metric_rollups)
+# Migration 2: retention's marks; ``raw_metrics_before``: raw metrics records older than this
+# (Unix seconds) were pruned, so series read the rollups there.
+RAW_MARK = "raw_metrics_before"
+retention_marks = Table(
+    "retention_marks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Double, nullable=False),
+)
+
+V2_TABLES = (device_labels, metric_rollups, retention_marks)
