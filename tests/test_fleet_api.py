@@ -145,6 +145,17 @@ def test_auth_no_token_wrong_token_and_read_on_admin(
     assert client.post("/api/v1/retention/prune?raw_days=7", headers=admin).status_code == 200
     assert client.get("/api/v1/devices", headers=admin).status_code == 200  # admin includes read
     assert client.get("/openapi.json").json()["paths"]["/api/v1/devices/{device_id}/series"]
+    r = client.post("/api/v1/retention/prune", params={"raw_days": 30, "rollup_days": 7}, headers=admin)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "bad_retention"
+
+
+def test_a_token_file_that_goes_away_refuses_everyone(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], tmp_path: Path
+) -> None:
+    client, read, _ = api
+    (tmp_path / "tokens").unlink()
+    r = client.get("/api/v1/devices", headers=read)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "tokens_unavailable"
 
 
 def test_devices_and_device_detail(
@@ -309,7 +320,7 @@ def test_prune_from_the_command_line(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["records_pruned"] == 1
     refused = cli("telemetry", "prune", "--db", db, "--raw-days", "0.1")
-    assert refused.returncode == 2 and "error [telemetry]" in refused.stderr
+    assert refused.returncode == 2 and "error [bad_retention]" in refused.stderr
 
 
 def test_prometheus_metrics(

@@ -3,7 +3,9 @@
 Every error is ``{"error": {"code", "message"}}`` with a stable code: ``unauthorized`` (401,
 no or unknown token), ``forbidden`` (403, a read token on an admin call), ``not_found``
 (404), ``bad_parameter`` (422, a parameter FastAPI's own checks refuse) or the specific
-``bad_selector``, ``bad_metric``, ``bad_since``, ``bad_step``, ``range_too_large``, ... (422).
+``bad_selector``, ``bad_metric``, ``bad_since``, ``bad_step``, ``range_too_large``, ... (422);
+``store_unavailable`` (503, the database does not answer: a retry may work) and
+``tokens_unavailable`` (503, the token file cannot be read: every request is refused).
 """
 
 from __future__ import annotations
@@ -13,19 +15,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
+import structlog
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleet.api.auth import Grant, TokenFile
+from fleet.api.auth import Grant, TokenFile, TokenFileError
 from fleet.api.params import duration, time_range
 from fleet.metrics import ServiceMetrics
 from fleet.telemetry import retention, selectors
+from fleet.telemetry.errors import TelemetryError
 from fleet.telemetry.queries import FleetQueries, QueryError, SeriesQuery
 from fleet.telemetry.store import TelemetryStore
 
+log = structlog.get_logger("fleet.api")
 PREFIX = "/api/v1"
 DEVICE_ID = r"^[A-Za-z0-9._-]{1,64}$"
 SelectorParam = Annotated[str | None, Query(max_length=selectors.MAX_SELECTOR_CHARS)]
@@ -77,7 +83,8 @@ def create_app(store: TelemetryStore, tokens: TokenFile, metrics: ServiceMetrics
         raw_days: Annotated[float, Query(ge=retention.MIN_RAW_DAYS, le=3650)] = 7,
         rollup_days: Annotated[float, Query(ge=1, le=3650)] = 400,
     ) -> dict[str, Any]:
-        """Roll up raw metrics records older than ``raw_days`` into hourly rows, then delete them."""
+        """Delete raw metrics records older than ``raw_days`` (their hourly rollups stay) and
+        rollups older than ``rollup_days``."""
         return asdict(retention.prune(store, raw_days, rollup_days))
 
     @app.get("/healthz", include_in_schema=False)
@@ -183,6 +190,21 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(selectors.SelectorError)
     async def selector_error(request: Request, exc: selectors.SelectorError) -> JSONResponse:
         return _error(422, "bad_selector", exc.message)
+
+    @app.exception_handler(TelemetryError)
+    async def telemetry_error(request: Request, exc: TelemetryError) -> JSONResponse:
+        return _error(422, exc.code, exc.message)
+
+    @app.exception_handler(TokenFileError)
+    async def token_file_error(request: Request, exc: TokenFileError) -> JSONResponse:
+        log.error("api_token_file", error=exc.message)  # fail closed, and say why in the log
+        return _error(503, "tokens_unavailable", "the service cannot read its token file")
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def store_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("api_store_unavailable", error=str(exc).splitlines()[0][:300])
+        return _error(503, "store_unavailable", "the telemetry database does not answer; try again")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

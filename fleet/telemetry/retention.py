@@ -22,6 +22,11 @@ from fleet.telemetry.errors import TelemetryError
 from fleet.telemetry.rollup import HOUR
 from fleet.telemetry.store import TelemetryStore
 
+
+class RetentionError(TelemetryError):
+    code = "bad_retention"
+
+
 MIN_RAW_DAYS = 1.0  # not below the broker session's expiry: a redelivered record must still be there
 
 
@@ -40,7 +45,7 @@ def prune(
     to make its redelivery a duplicate, so it must be older than any redelivery the broker's
     session can still make."""
     if raw_days < MIN_RAW_DAYS or rollup_days < raw_days:
-        raise TelemetryError(f"raw_days: at least {MIN_RAW_DAYS}, and rollup_days at least raw_days")
+        raise RetentionError(f"raw_days: at least {MIN_RAW_DAYS}, and rollup_days at least raw_days")
     now = time.time() if now is None else now
     cutoff = float(int((now - raw_days * 86_400) // HOUR) * HOUR)
     _raise_mark(store, cutoff)
