@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine
 
@@ -45,6 +47,13 @@ HOUR = 3600.0
 
 def create_engine_for(where: str) -> Engine:
     return create_engine(database_url(where))
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_this_tests_stderr() -> None:
+    """An earlier test's in-process CLI run may have pointed structlog at a stderr pytest has
+    closed since; the API logs (a token file gone, a database down) must reach a live one."""
+    structlog.reset_defaults()
 
 
 @pytest.fixture()
@@ -352,18 +361,14 @@ def test_service_ingests_from_the_broker_and_the_cli_reads_it(
     tokens, read, _ = tokens_file(tmp_path)
     token_file = tmp_path / "read.token"
     token_file.write_text(read + "\n")
-    service = ServiceProcess(
-        [
-            "--db",
-            pg_url,
-            "--broker",
-            broker.url,
-            "--group",
-            f"svc-{tmp_path.name[-8:]}",
-            "--tokens",
-            str(tokens),
-        ]
-    )
+    prefix, group = (
+        f"e2e-{uuid.uuid4().hex[:8]}",
+        f"svc-{uuid.uuid4().hex[:8]}",
+    )  # apart from other tests' topics
+    common = ["--db", pg_url, "--broker", broker.url, "--group", group, "--topic-prefix", prefix]
+    services = [
+        ServiceProcess([*common, "--client-id", f"{group}-{n}", "--tokens", str(tokens)]) for n in (1, 2)
+    ]
     devices = {
         "e2e-north": (["aarch64", "aarch64-no-dotprod"], ["greenhouse", "site=north"]),
         "e2e-south": (["aarch64", "aarch64-dotprod"], ["greenhouse", "site=south"]),
@@ -371,14 +376,16 @@ def test_service_ingests_from_the_broker_and_the_cli_reads_it(
     }
     publisher = Publisher(broker.port)
     try:
-        service.wait_ready()
+        for service in services:
+            service.wait_ready()
         now = time.time()
         for i, (dev, (hardware, tags)) in enumerate(devices.items()):
-            publisher.publish(
-                f"edge/{dev}/status", status_doc(dev, hardware=hardware, tags=tags), retain=True
-            )
-            records = [metrics_record(s, now - 300 + 60 * s, 100 * (i + 1) + s, 50.0 * s) for s in (1, 2, 3)]
-            publisher.publish(f"edge/{dev}/telemetry", telemetry_doc(dev, records))
+            doc = status_doc(dev, hardware=hardware, tags=tags)
+            publisher.publish(f"{prefix}/{dev}/status", doc, retain=True)
+            for s in (1, 2, 3):  # one record a message: the two services share them
+                record = metrics_record(s, now - 300 + 60 * s, 100 * (i + 1) + s, 50.0 * s)
+                publisher.publish(f"{prefix}/{dev}/telemetry", telemetry_doc(dev, [record]))
+        service = services[1]
         api = ["--api", service.url, "--token-file", str(token_file)]
 
         def listed() -> bool:
@@ -421,12 +428,23 @@ def test_service_ingests_from_the_broker_and_the_cli_reads_it(
         wrong.write_text("nope\n")
         denied = cli("devices", "--api", service.url, "--token-file", str(wrong))
         assert denied.returncode == 2 and "error [unauthorized]" in denied.stderr
-        with urllib.request.urlopen(f"{service.url}/metrics") as r:
-            scraped = r.read().decode()
-        assert (
-            "edge_fleet_ingest_records_total 9.0" in scraped
-            and "edge_fleet_db_write_seconds_count" in scraped
-        )
+
+        def stored() -> list[float]:
+            return [scrape(s.url, "edge_fleet_ingest_records_total") for s in services]
+
+        wait_until(lambda: sum(stored()) == 9, 10, "nine records stored between the two services")
+        assert scrape(service.url, "edge_fleet_db_write_seconds_count") >= stored()[1]
     finally:
+        for dev in devices:
+            publisher.publish(f"{prefix}/{dev}/status", b"", retain=True)  # clear the retained documents
         publisher.close()
-        assert service.stop() == 0, service.logs[-5:]
+        assert [s.stop() for s in services] == [0, 0], [s.logs[-5:] for s in services]
+
+
+def scrape(url: str, name: str) -> float:
+    """One unlabelled sample from a Prometheus text page."""
+    with urllib.request.urlopen(f"{url}/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in {url}/metrics")
