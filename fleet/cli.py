@@ -171,6 +171,8 @@ def _service_parsers(
     )
     svc.add_argument("--tokens", type=Path, required=True, help="API token file (edge-fleet token add)")
     svc.add_argument("--api-only", action="store_true", help="no ingest worker: serve the API from the store")
+    svc.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (chain), PEM")
+    svc.add_argument("--tls-key", type=Path, help="the certificate's private key, PEM")
     tok = sub.add_parser("token").add_subparsers(dest="command", required=True)
     add = tok.add_parser("add", help="a new API token: its hash goes to the file, the token to stdout")
     add.add_argument("--role", choices=["read", "admin"], required=True)
@@ -196,6 +198,9 @@ def _service_parsers(
         cp.add_argument("--api", default="http://127.0.0.1:8090", help="the service's URL")
         cp.add_argument("--token-file", type=Path, required=True, help="file holding an API token")
         cp.add_argument("--json", action="store_true", help="the API's JSON instead of a table")
+        cp.add_argument(
+            "--api-ca", type=Path, help="CA certificate(s) to verify an https:// API (default: system's)"
+        )
     clients[0].add_argument("--selector", help="hardware=X,tag=Y,pack=NAME[@VERSION],state=S")
     clients[1].add_argument("device_id")
     met = sub.choices["metrics"]
@@ -402,7 +407,8 @@ def _service(args: argparse.Namespace) -> int:
             topic_prefix=args.topic_prefix,
             session_expiry_s=args.session_expiry,
         )
-    run(ServiceConfig(db=args.db, tokens=args.tokens, host=host, port=port, ingest=ingest))
+    tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
+    run(ServiceConfig(db=args.db, tokens=args.tokens, host=host, port=port, ingest=ingest, **tls))
     return 0
 
 
@@ -412,7 +418,7 @@ def _api_client(args: argparse.Namespace) -> int:
 
     from fleet.api import client
 
-    api = client.ApiClient(args.api, args.token_file)
+    api = client.ApiClient(args.api, args.token_file, ca_file=args.api_ca)
     if args.group == "devices":
         found = api.get("/api/v1/devices", selector=args.selector)
         text = client.devices_table(found["devices"])

@@ -51,6 +51,12 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8090
     ingest: IngestConfig | None = None  # None: the API only
+    tls_cert: Path | None = None  # HTTPS with this certificate chain and key; bearer tokens
+    tls_key: Path | None = None  # must not cross a network in clear
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise TelemetryError("--tls-cert and --tls-key go together")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -69,7 +75,17 @@ def run(cfg: ServiceConfig) -> None:
         worker.counters.snapshot if worker is not None else None, FleetQueries(store.engine).gap_counts
     )
     app = create_app(store, tokens, metrics)
-    server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False))
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_config=None,
+            access_log=False,
+            ssl_certfile=cfg.tls_cert,
+            ssl_keyfile=cfg.tls_key,
+        )
+    )
     if worker is not None:
         worker.on_write = metrics.observe_write
         worker.start()

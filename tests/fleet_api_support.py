@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -75,9 +76,12 @@ def put_records(store: TelemetryStore, device: str, records: list[dict[str, Any]
 class ServiceProcess:
     """``python -m fleet.cli service ...`` with its JSON log lines collected from stderr."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], ca: Path | None = None) -> None:
+        """``ca``: the service serves HTTPS (``--tls-cert``/``--tls-key`` in ``args``) under this CA."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
+        self.tls = ssl.create_default_context(cafile=str(ca)) if ca else None
+        self.ingest = "--api-only" not in args
         argv = [sys.executable, "-m", "fleet.cli", "service", "--listen", f"127.0.0.1:{self.port}", *args]
         self.logs: list[str] = []
         self.proc = subprocess.Popen(
@@ -94,12 +98,14 @@ class ServiceProcess:
         def up() -> bool:
             assert self.proc.poll() is None, f"service exited: {self.logs[-5:]}"
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as r:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1, context=self.tls) as r:
                     return bool(r.status == 200)
             except OSError:
                 return False
 
         wait_until(up, timeout_s, "the service to answer /healthz")
+        if not self.ingest:
+            return
         wait_until(
             lambda: any("ingest_subscribed" in line for line in self.logs), timeout_s, "ingest subscribed"
         )

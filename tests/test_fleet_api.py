@@ -29,6 +29,7 @@ from fleet.telemetry.errors import InvalidPayload
 from fleet.telemetry.payloads import parse_status
 from fleet.telemetry.queries import FleetQueries, SeriesQuery
 from fleet.telemetry.store import TelemetryStore, database_url
+from tests.certs import make_pki
 from tests.fleet_api_support import (
     ServiceProcess,
     cli,
@@ -439,6 +440,30 @@ def test_service_ingests_from_the_broker_and_the_cli_reads_it(
             publisher.publish(f"{prefix}/{dev}/status", b"", retain=True)  # clear the retained documents
         publisher.close()
         assert [s.stop() for s in services] == [0, 0], [s.logs[-5:] for s in services]
+
+
+def test_the_api_over_https(tmp_path: Path) -> None:
+    """--tls-cert/--tls-key: tokens never cross a network in clear; the client checks the CA."""
+    pki = make_pki(tmp_path)
+    tokens, read, _ = tokens_file(tmp_path)
+    (tmp_path / "read.token").write_text(read)
+    db = str(tmp_path / "fleet.sqlite3")
+    store = TelemetryStore.open(db)
+    put_status(store, "tls-1", hardware=["x86_64"], tags=["lab"])
+    store.close()
+    tls = ["--tls-cert", f"{pki['server']}.pem", "--tls-key", f"{pki['server']}.key"]
+    service = ServiceProcess(
+        ["--db", db, "--api-only", "--tokens", str(tokens), *tls], ca=Path(f"{pki['ca']}.pem")
+    )
+    try:
+        service.wait_ready()
+        api = ["--api", service.url, "--token-file", str(tmp_path / "read.token")]
+        ok = cli("devices", *api, "--api-ca", f"{pki['ca']}.pem", "--selector", "tag=lab")
+        assert ok.returncode == 0 and ok.stdout.splitlines()[1].startswith("tls-1"), ok.stderr
+        untrusted = cli("devices", *api)  # the system's CAs do not know the test CA
+        assert untrusted.returncode == 2 and "error [unreachable]" in untrusted.stderr
+    finally:
+        assert service.stop() == 0, service.logs[-5:]
 
 
 def scrape(url: str, name: str) -> float:

@@ -8,6 +8,7 @@ API's own code, so ``edge-fleet`` prints ``error [bad_selector]: ...`` like its 
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,7 +28,9 @@ class ApiClientError(FleetError):
 
 
 class ApiClient:
-    def __init__(self, base_url: str, token_file: Path, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, token_file: Path, timeout_s: float = 30.0, ca_file: Path | None = None
+    ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ApiClientError("api", f"--api {base_url!r}: expected http://HOST:PORT or https://...")
         try:
@@ -35,13 +38,17 @@ class ApiClient:
         except (OSError, IndexError):
             raise ApiClientError("api", f"cannot read a token from {token_file}") from None
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+        try:
+            self.tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ApiClientError("api", f"--api-ca {ca_file}: {exc}") from None
 
     def get(self, path: str, **params: str | None) -> Any:
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.tls) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise _api_error(exc) from None
