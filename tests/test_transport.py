@@ -191,8 +191,14 @@ def test_a_publish_the_broker_refuses_is_counted_not_taken_for_delivered(tmp_pat
     try:
         t.connect(10)
         t.publish("allowed/x", b"ok", wait_s=5)
-        t.publish("forbidden/x", b"no", wait_s=5)  # acknowledged, with a failure reason
+        with pytest.raises(MqttError, match="refused a publish to forbidden/x"):
+            t.publish("forbidden/x", b"no", wait_s=5)  # acknowledged, with a failure reason
         assert t.publish_refused == 1
+        t.publish("forbidden/x", b"no")  # not waited for: counted, never raised
+        deadline = time.monotonic() + 5
+        while t.publish_refused < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert t.publish_refused == 2
     finally:
         t.stop()
         broker.stop()
