@@ -171,6 +171,12 @@ def _service_parsers(
     )
     svc.add_argument("--tokens", type=Path, required=True, help="API token file (edge-fleet token add)")
     svc.add_argument("--api-only", action="store_true", help="no ingest worker: serve the API from the store")
+    svc.add_argument(
+        "--roll-every",
+        type=float,
+        default=60.0,
+        help="seconds between folds of new metrics into hourly rollups",
+    )
     svc.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (chain), PEM")
     svc.add_argument("--tls-key", type=Path, help="the certificate's private key, PEM")
     tok = sub.add_parser("token").add_subparsers(dest="command", required=True)
@@ -408,7 +414,8 @@ def _service(args: argparse.Namespace) -> int:
             session_expiry_s=args.session_expiry,
         )
     tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
-    run(ServiceConfig(db=args.db, tokens=args.tokens, host=host, port=port, ingest=ingest, **tls))
+    where = {"db": args.db, "tokens": args.tokens, "host": host, "port": port}
+    run(ServiceConfig(**where, ingest=ingest, roll_every_s=args.roll_every, **tls))
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,9 @@ import uvicorn
 from fleet.api.app import create_app
 from fleet.api.auth import TokenFile
 from fleet.metrics import ServiceMetrics
+from fleet.telemetry import retention
 from fleet.telemetry.errors import TelemetryError
-from fleet.telemetry.ingest import IngestConfig, IngestWorker
+from fleet.telemetry.ingest import TRANSIENT, IngestConfig, IngestWorker
 from fleet.telemetry.queries import FleetQueries
 from fleet.telemetry.store import TelemetryStore
 
@@ -51,6 +53,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8090
     ingest: IngestConfig | None = None  # None: the API only
+    roll_every_s: float = 60.0  # how often queued metrics records are folded into the rollups
     tls_cert: Path | None = None  # HTTPS with this certificate chain and key; bearer tokens
     tls_key: Path | None = None  # must not cross a network in clear
 
@@ -65,6 +68,20 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
         raise TelemetryError(f"--listen {text!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def _roll_loop(store: TelemetryStore, every_s: float, stop: threading.Event) -> None:
+    """Fold queued metrics records into the hourly rollups now and then; readers add what is
+    still queued, so a slow or failed roll delays nothing but makes queries read more."""
+    while not stop.wait(every_s):
+        try:
+            folded = retention.roll(store)
+            if folded:
+                log.debug("rollup_rolled", records=folded)
+        except TRANSIENT as exc:
+            log.warning("rollup_retry", error=str(exc).splitlines()[0][:300])
+        except Exception:  # a bug must not end the service's rolling for good
+            log.exception("rollup_failed")
 
 
 def run(cfg: ServiceConfig) -> None:
@@ -86,13 +103,18 @@ def run(cfg: ServiceConfig) -> None:
             ssl_keyfile=cfg.tls_key,
         )
     )
+    stop_rolling = threading.Event()
+    roller = threading.Thread(target=_roll_loop, args=(store, cfg.roll_every_s, stop_rolling), daemon=True)
     if worker is not None:
         worker.on_write = metrics.observe_write
         worker.start()
+    roller.start()
     log.info("service_started", listen=f"{cfg.host}:{cfg.port}", ingest=worker is not None)
     try:
         server.run()
     finally:
+        stop_rolling.set()
+        roller.join(30)
         if worker is not None:
             worker.stop()
             log.info("ingest_stopped", **worker.counters.snapshot())

@@ -9,6 +9,7 @@ that fake devices publish to and the `edge-fleet devices|device show|metrics` cl
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 import uuid
@@ -18,13 +19,13 @@ from pathlib import Path
 import pytest
 import structlog
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, func, select
 
 from agent.localbroker import LocalBroker
 from fleet.api.app import create_app
 from fleet.api.auth import TokenFile, TokenFileError, parse_tokens
 from fleet.metrics import ServiceMetrics
-from fleet.telemetry import migrations, schema, selectors
+from fleet.telemetry import migrations, retention, schema, selectors
 from fleet.telemetry.errors import InvalidPayload
 from fleet.telemetry.payloads import parse_status
 from fleet.telemetry.queries import FleetQueries, SeriesQuery
@@ -296,6 +297,44 @@ def test_retention_prunes_raw_records_and_series_still_answer(
     assert series(agg="max", selector="tag=greenhouse")[0]["value"] == 1000.0
     summary = client.get("/api/v1/summary", params={"window": "11d"}, headers=admin).json()
     assert summary["requests"]["query"]["timeout"] == 12  # from the rollups
+
+
+def test_rolling_up_changes_no_answer_and_counts_each_record_once(
+    api: tuple[TestClient, dict[str, str], dict[str, str]], fleet: TelemetryStore
+) -> None:
+    client, read, _ = api
+    t0 = (time.time() // HOUR) * HOUR - 2 * HOUR
+    for n, device in enumerate(("gh-1", "gh-2")):
+        put_records(
+            fleet, device, [metrics_record(i + 1, t0 + i * 900, 10 * n + i, i, ok=i) for i in range(8)]
+        )
+    queries = [
+        (
+            "/api/v1/series",
+            {"metric": m, "since": str(t0), "until": str(t0 + 2 * HOUR), "step": step, "agg": agg},
+        )
+        for m in ("rss_mb", "requests.query.ok")
+        for step in ("1h", "15m")
+        for agg in ("avg", "max", "min", "sum")
+    ] + [("/api/v1/summary", {"window": "3h"})]
+
+    def answers() -> list[object]:
+        found = [client.get(path, params=params, headers=read).json() for path, params in queries]
+        return [a.get("points", a.get("requests")) for a in found]
+
+    before = answers()
+    rollers = [threading.Thread(target=retention.roll, args=(fleet,)) for _ in range(2)]
+    for t in rollers:
+        t.start()
+    for t in rollers:
+        t.join(30)
+    assert retention.roll(fleet) == 0
+    with fleet.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(schema.unrolled)).scalar_one() == 0
+        m = schema.metric_rollups.c
+        counted = conn.execute(select(func.sum(m.count)).where(m.metric == "rss_mb")).scalar_one()
+    assert counted == 16  # two concurrent rollers, each record once
+    assert answers() == before
 
 
 def test_migration_2_rolls_up_records_stored_before_it(db_url: str) -> None:  # noqa: F811

@@ -8,14 +8,13 @@ migrate once. A database newer than this code is refused rather than written to.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, insert, select, text
 
-from fleet.telemetry import rollup, schema
+from fleet.telemetry import schema
 from fleet.telemetry.errors import StoreError
 
 # An arbitrary constant: the key of the PostgreSQL advisory lock that serializes migrations.
@@ -38,16 +37,10 @@ def _v2(conn: Connection) -> None:
     # Series and summaries read metrics records by time. Plain DDL: an Index object would
     # attach itself to schema.records, and migration 1 would then create it as well.
     conn.exec_driver_sql("CREATE INDEX records_by_kind_time ON records (kind, ts)")
-    _backfill_rollups(conn)
-
-
-def _backfill_rollups(conn: Connection) -> None:
-    """The rollups of the records stored before them, device by device (streamed)."""
-    r = schema.records.c
-    devices = conn.execute(select(r.device_id).where(r.kind == "metrics").group_by(r.device_id)).scalars()
-    for device in list(devices):
-        rows = conn.execute(select(r.ts, r.data).where(r.device_id == device, r.kind == "metrics"))
-        rollup.merge(conn, device, rollup.fold((ts, json.loads(data)) for ts, data in rows))
+    # The records stored before: queued for the roller, as if they had just arrived.
+    conn.exec_driver_sql(
+        "INSERT INTO unrolled (device_id, seq) SELECT device_id, seq FROM records WHERE kind = 'metrics'"
+    )
 
 
 MIGRATIONS: tuple[Migration, ...] = (

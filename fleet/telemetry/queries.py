@@ -4,8 +4,9 @@ Metrics records are stored as JSON text (both dialects, one schema), so a numeri
 pulled out here, in Python, rather than with each dialect's JSON operators; the SQL narrows by
 device, kind and time first (index ``records_by_kind_time``) and every read is bounded
 (``MAX_SCAN`` records), so a query too wide is refused, never slow. Summaries and series
-with a step of whole hours read the hourly rollups (rollup.py) instead, and so does any
-series before the retention mark, where raw records were pruned.
+with a step of whole hours read the hourly rollups (rollup.py, retention.py's roller) and the
+few records still queued for them instead, and so does any series before the retention
+mark, where raw records were pruned.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, and_, exists, func, se
 
 from fleet.telemetry import schema
 from fleet.telemetry.errors import TelemetryError
-from fleet.telemetry.rollup import HOUR, METRIC, Bucket, pick
+from fleet.telemetry.rollup import HOUR, METRIC, Bucket, numeric_leaves, pick
 from fleet.telemetry.selectors import Selector, Term
 
 MAX_SCAN = 200_000  # raw records (or rollup rows) one series may read
@@ -196,24 +197,41 @@ class FleetQueries:
     # ------------------------------------------------------------ series
 
     def series(self, q: SeriesQuery) -> list[dict[str, float]]:
-        """``[{"t": bucket start, "value": ...}]`` for buckets with data, in time order. A step
-        of whole hours reads only the rollups; a finer one reads raw records, and the rollups
-        before the retention mark (where raw records were pruned)."""
+        """``[{"t": bucket start, "value": ...}]`` for buckets with data, in time order.
+
+        Before ``split`` the rollups answer, plus the records still queued for them (every
+        metrics record is in exactly one of the two); from ``split`` on, the raw records. A
+        step of whole hours splits at the end (rollups only); a finer one at the retention
+        mark, before which raw records were pruned."""
         buckets: dict[int, Bucket] = {}
         with self.engine.connect() as conn:
-            mark = q.until if q.step % HOUR == 0 else min(q.until, _raw_mark(conn))
-            if mark > q.since:
-                rollups = self._device_filter(q, schema.metric_rollups.c.device_id)
-                self._add_rollups(conn, q, rollups, mark, buckets)
-            if mark < q.until:
-                raw = self._device_filter(q, schema.records.c.device_id)
-                for ts, data in self._raw(conn, raw, max(q.since, mark), q.until):
-                    value = pick(data, q.metric)
-                    if value is not None:
-                        buckets.setdefault(int((ts - q.since) // q.step), Bucket()).add(
-                            1, value, value, value
-                        )
+            split = q.until if q.step % HOUR == 0 else min(q.until, _raw_mark(conn))
+            raw = self._device_filter(q, schema.records.c.device_id)
+            if split > q.since:
+                self._add_rollups(
+                    conn, q, self._device_filter(q, schema.metric_rollups.c.device_id), split, buckets
+                )
+                self._add_raw(conn, q, raw, q.since, split, buckets, queued=True)
+            if split < q.until:
+                self._add_raw(conn, q, raw, max(q.since, split), q.until, buckets)
         return [{"t": q.since + i * q.step, "value": b.value(q.agg)} for i, b in sorted(buckets.items())]
+
+    def _add_raw(
+        self,
+        conn: Connection,
+        q: SeriesQuery,
+        devices: ColumnElement[bool] | None,
+        since: float,
+        until: float,
+        buckets: dict[int, Bucket],
+        queued: bool = False,
+    ) -> None:
+        for ts, data in self._raw(conn, devices, since, until, queued):
+            value = pick(data, q.metric)
+            if value is not None:
+                buckets.setdefault(max(0, int((ts - q.since) // q.step)), Bucket()).add(
+                    1, value, value, value
+                )
 
     @staticmethod
     def _device_filter(q: SeriesQuery, column: ColumnElement[str]) -> ColumnElement[bool] | None:
@@ -225,10 +243,20 @@ class FleetQueries:
         return column.in_(select(schema.devices.c.device_id).where(selector_clause(q.selector)))
 
     def _raw(
-        self, conn: Connection, devices: ColumnElement[bool] | None, since: float, until: float
+        self,
+        conn: Connection,
+        devices: ColumnElement[bool] | None,
+        since: float,
+        until: float,
+        queued: bool = False,
     ) -> Iterator[tuple[float, dict[str, Any]]]:
-        r = schema.records.c
+        """Metrics records by time; ``queued``: only those not yet in the rollups."""
+        r, u = schema.records.c, schema.unrolled.c
         query = select(r.ts, r.data).where(r.kind == "metrics", r.ts >= since, r.ts < until)
+        if queued:
+            query = query.join_from(
+                schema.records, schema.unrolled, and_(u.device_id == r.device_id, u.seq == r.seq)
+            )
         if devices is not None:
             query = query.where(devices)
         rows = conn.execute(query.limit(MAX_SCAN + 1)).all()
@@ -293,11 +321,12 @@ class FleetQueries:
         }
 
     def _outcomes(self, conn: Connection, since: float, until: float) -> Counter[tuple[str, str]]:
-        """``requests.KIND.OUTCOME`` summed from the rollups of the hours the window touches."""
-        m = schema.metric_rollups.c
+        """``requests.KIND.OUTCOME`` summed over the hours the window touches: the rollups and
+        the records still queued for them."""
+        m, first_hour = schema.metric_rollups.c, int(since // HOUR) * HOUR
         rows = conn.execute(
             select(m.metric, func.sum(m.sum))
-            .where(m.metric.like("requests.%"), m.hour >= int(since // HOUR) * HOUR, m.hour < until)
+            .where(m.metric.like("requests.%"), m.hour >= first_hour, m.hour < until)
             .group_by(m.metric)
         )
         counts: Counter[tuple[str, str]] = Counter()
@@ -305,6 +334,12 @@ class FleetQueries:
             parts = metric.split(".")
             if len(parts) == 3:
                 counts[(parts[1], parts[2])] += int(total)
+        for _, data in self._raw(conn, None, first_hour, until, queued=True):
+            requests = data.get("requests")
+            for path, value in numeric_leaves(requests if isinstance(requests, dict) else {}, "requests."):
+                parts = path.split(".")
+                if len(parts) == 3:
+                    counts[(parts[1], parts[2])] += int(value)
         return counts
 
 

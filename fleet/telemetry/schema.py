@@ -112,8 +112,8 @@ device_labels = Table(
     Index("device_labels_by_value", "kind", "value"),
 )
 
-# Migration 2: hourly rollups of each numeric field of metrics records, maintained as records
-# arrive (rollup.py) and kept after the raw records are pruned. ``hour`` is the bucket's
+# Migration 2: hourly rollups of each numeric field of metrics records, folded in by the
+# roller (rollup.py) and kept after the raw records are pruned. ``hour`` is the bucket's
 # start (Unix seconds, a multiple of 3600).
 metric_rollups = Table(
     "metric_rollups",
@@ -138,4 +138,15 @@ retention_marks = Table(
     Column("value", Double, nullable=False),
 )
 
-V2_TABLES = (device_labels, metric_rollups, retention_marks)
+# Migration 2: the metrics records not yet in metric_rollups. Ingest adds one row per new
+# metrics record (cheaper than upserting a rollup row per field on every message); the
+# roller folds them in and deletes them in one transaction, so every metrics record is
+# counted either in the rollups or here, never both.
+unrolled = Table(
+    "unrolled",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+)
+
+V2_TABLES = (device_labels, metric_rollups, retention_marks, unrolled)

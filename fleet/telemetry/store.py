@@ -5,7 +5,8 @@ dialect's INSERT (for ON CONFLICT) and the connection set-up differ. Every write
 transaction that is safe to repeat, because an MQTT worker repeats it: a message it stored
 but could not acknowledge comes back after a restart. Records are keyed by (device, seq) and
 inserted with ON CONFLICT DO NOTHING, so a redelivery inserts nothing and is counted as a
-duplicate; the gaps and the hourly rollups (rollup.py) move by the records that were really new.
+duplicate; the gaps (and the queue of records for the hourly rollups, rollup.py) move by the
+records that were really new.
 
 Several workers may write at once (shared subscriptions). Per device, a batch's transaction
 first upserts the device's registry row, which on PostgreSQL locks it until commit, so the
@@ -40,7 +41,7 @@ from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from fleet.telemetry import gaps as gap_math
-from fleet.telemetry import migrations, rollup, schema
+from fleet.telemetry import migrations, schema
 from fleet.telemetry.errors import StoreError
 from fleet.telemetry.payloads import Batch, Record, StatusDoc, UpdateStatus
 
@@ -167,7 +168,7 @@ class TelemetryStore:
             stored = self._insert_records(conn, batch, received_at)
             new = [r for r in batch.records if r.seq in stored]
             self._insert_telemetry_updates(conn, batch.device, new, received_at)
-            rollup.merge(conn, batch.device, rollup.fold((r.ts, r.data) for r in new if r.kind == "metrics"))
+            self._queue_for_rollup(conn, batch.device, new)
             self._advance_gaps(conn, batch.device, prev_max, new, received_at)
         lags = tuple(received_at - r.ts for r in new)
         return BatchResult(len(new), len(batch.records) - len(new), lags)
@@ -271,6 +272,11 @@ class TelemetryStore:
         ]
         stmt = self._insert(schema.records).values(rows).on_conflict_do_nothing()
         return set(conn.execute(stmt.returning(schema.records.c.seq)).scalars())
+
+    def _queue_for_rollup(self, conn: Connection, device: str, new: Sequence[Record]) -> None:
+        rows = [{"device_id": device, "seq": r.seq} for r in new if r.kind == "metrics"]
+        if rows:
+            conn.execute(self._insert(schema.unrolled).values(rows).on_conflict_do_nothing())
 
     def _insert_telemetry_updates(
         self, conn: Connection, device: str, new: Sequence[Record], now: float
