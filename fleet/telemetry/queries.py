@@ -292,7 +292,9 @@ class FleetQueries:
     # ------------------------------------------------------------ summary
 
     def summary(self, since: float, until: float) -> dict[str, Any]:
+        """Counts now, and request outcomes from the start of ``since``'s hour to ``until``."""
         d, lab = schema.devices.c, schema.device_labels.c
+        since = float(int(since // HOUR) * HOUR)
         with self.engine.connect() as conn:
             packs = conn.execute(
                 select(d.pack_name, d.pack_version, func.count()).group_by(d.pack_name, d.pack_version)
@@ -321,26 +323,29 @@ class FleetQueries:
         }
 
     def _outcomes(self, conn: Connection, since: float, until: float) -> Counter[tuple[str, str]]:
-        """``requests.KIND.OUTCOME`` summed over the hours the window touches: the rollups and
+        """``requests.KIND.OUTCOME`` summed from ``since`` (an hour's start): the rollups and
         the records still queued for them."""
-        m, first_hour = schema.metric_rollups.c, int(since // HOUR) * HOUR
+        m = schema.metric_rollups.c
         rows = conn.execute(
             select(m.metric, func.sum(m.sum))
-            .where(m.metric.like("requests.%"), m.hour >= first_hour, m.hour < until)
+            .where(m.metric.like("requests.%"), m.hour >= since, m.hour < until)
             .group_by(m.metric)
         )
         counts: Counter[tuple[str, str]] = Counter()
         for metric, total in rows.all():
-            parts = metric.split(".")
-            if len(parts) == 3:
-                counts[(parts[1], parts[2])] += int(total)
-        for _, data in self._raw(conn, None, first_hour, until, queued=True):
+            _count_outcome(counts, metric, total)
+        for _, data in self._raw(conn, None, since, until, queued=True):
             requests = data.get("requests")
-            for path, value in numeric_leaves(requests if isinstance(requests, dict) else {}, "requests."):
-                parts = path.split(".")
-                if len(parts) == 3:
-                    counts[(parts[1], parts[2])] += int(value)
+            for metric, value in numeric_leaves(requests if isinstance(requests, dict) else {}, "requests."):
+                _count_outcome(counts, metric, value)
         return counts
+
+
+def _count_outcome(counts: Counter[tuple[str, str]], metric: str, value: float) -> None:
+    """``requests.query.ok`` -> counts[("query", "ok")]; other shapes are not outcomes."""
+    parts = metric.split(".")
+    if len(parts) == 3:
+        counts[(parts[1], parts[2])] += int(value)
 
 
 def _raw_mark(conn: Connection) -> float:
