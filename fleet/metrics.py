@@ -2,7 +2,8 @@
 
 One :class:`ServiceMetrics` per process, on a registry of its own (tests build many). The
 ingest counters are read from the worker's :class:`Counters` when scraped, so the worker
-keeps one source of truth; the open/lost gap counts are one GROUP BY per scrape. The DB write
+keeps one source of truth; the open/lost gap counts and the rollup backlog are two small
+queries per scrape. The DB write
 latency and API request latency are histograms fed as things happen.
 """
 
@@ -28,9 +29,12 @@ class _StateCollector(Collector):
     """Reads the worker's counters and the store's gap counts at scrape time."""
 
     def __init__(
-        self, snapshot: Callable[[], dict[str, Any]] | None, gap_counts: Callable[[], dict[str, int]] | None
+        self,
+        snapshot: Callable[[], dict[str, Any]] | None,
+        gap_counts: Callable[[], dict[str, int]] | None,
+        rollup_backlog: Callable[[], int] | None,
     ) -> None:
-        self._snapshot, self._gap_counts = snapshot, gap_counts
+        self._snapshot, self._gap_counts, self._backlog = snapshot, gap_counts, rollup_backlog
 
     def collect(self) -> Iterator[Metric]:
         if self._snapshot is not None:
@@ -43,6 +47,12 @@ class _StateCollector(Collector):
             for state in ("open", "lost"):
                 gauge.add_metric([state], counts.get(state, 0))
             yield gauge
+        if self._backlog is not None:
+            yield GaugeMetricFamily(
+                "edge_fleet_rollup_backlog_records",
+                "Metrics records stored but not yet folded into the hourly rollups.",
+                value=self._backlog(),
+            )
 
 
 def _ingest_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
@@ -69,9 +79,10 @@ class ServiceMetrics:
         self,
         ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
         gap_counts: Callable[[], dict[str, int]] | None = None,
+        rollup_backlog: Callable[[], int] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StateCollector(ingest_snapshot, gap_counts))
+        self.registry.register(_StateCollector(ingest_snapshot, gap_counts, rollup_backlog))
         self.db_write = Histogram(
             "edge_fleet_db_write_seconds",
             "Time to store one broker message (one transaction).",

@@ -88,9 +88,9 @@ def run(cfg: ServiceConfig) -> None:
     tokens = TokenFile(cfg.tokens)  # a missing or broken token file stops start-up, before anything runs
     store = TelemetryStore.open(cfg.db)
     worker = IngestWorker(cfg.ingest, store) if cfg.ingest is not None else None
-    metrics = ServiceMetrics(
-        worker.counters.snapshot if worker is not None else None, FleetQueries(store.engine).gap_counts
-    )
+    queries = FleetQueries(store.engine)
+    snapshot = worker.counters.snapshot if worker is not None else None
+    metrics = ServiceMetrics(snapshot, queries.gap_counts, queries.rollup_backlog)
     app = create_app(store, tokens, metrics)
     server = _Server(
         uvicorn.Config(

@@ -83,7 +83,8 @@ def api(fleet: TelemetryStore, tmp_path: Path) -> Iterator[tuple[TestClient, dic
     from fleet.api.auth import add_token
 
     read, admin = add_token(path, "read", "ops"), add_token(path, "admin", "root")
-    metrics = ServiceMetrics(None, FleetQueries(fleet.engine).gap_counts)
+    queries = FleetQueries(fleet.engine)
+    metrics = ServiceMetrics(None, queries.gap_counts, queries.rollup_backlog)
     with TestClient(create_app(fleet, TokenFile(path), metrics)) as client:
         yield client, {"Authorization": f"Bearer {read}"}, {"Authorization": f"Bearer {admin}"}
 
@@ -380,6 +381,7 @@ def test_prometheus_metrics(
     client.get("/api/v1/devices", headers=read)
     text = client.get("/metrics").text
     assert 'edge_fleet_gaps{state="open"} 1.0' in text
+    assert "edge_fleet_rollup_backlog_records 1.0" in text
     assert (
         'edge_fleet_api_request_seconds_count{method="GET",route="/api/v1/devices",status="200"} 1.0' in text
     )

@@ -194,6 +194,11 @@ class FleetQueries:
             rows = conn.execute(select(g.state, func.count()).group_by(g.state)).all()
         return {state: int(n) for state, n in rows}
 
+    def rollup_backlog(self) -> int:
+        """Metrics records the roller has not folded yet (small while a service runs)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(schema.unrolled)).scalar_one())
+
     # ------------------------------------------------------------ series
 
     def series(self, q: SeriesQuery) -> list[dict[str, float]]:
