@@ -22,9 +22,8 @@ import uvicorn
 from fleet.api.app import create_app
 from fleet.api.auth import TokenFile
 from fleet.metrics import ServiceMetrics
-from fleet.telemetry import retention
 from fleet.telemetry.errors import TelemetryError
-from fleet.telemetry.ingest import TRANSIENT, IngestConfig, IngestWorker
+from fleet.telemetry.ingest import IngestConfig, IngestWorker, roll_quietly
 from fleet.telemetry.queries import FleetQueries
 from fleet.telemetry.store import TelemetryStore
 
@@ -74,14 +73,7 @@ def _roll_loop(store: TelemetryStore, every_s: float, stop: threading.Event) -> 
     """Fold queued metrics records into the hourly rollups now and then; readers add what is
     still queued, so a slow or failed roll delays nothing but makes queries read more."""
     while not stop.wait(every_s):
-        try:
-            folded = retention.roll(store)
-            if folded:
-                log.debug("rollup_rolled", records=folded)
-        except TRANSIENT as exc:
-            log.warning("rollup_retry", error=str(exc).splitlines()[0][:300])
-        except Exception:  # a bug must not end the service's rolling for good
-            log.exception("rollup_failed")
+        roll_quietly(store)
 
 
 def run(cfg: ServiceConfig) -> None:

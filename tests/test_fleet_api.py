@@ -407,7 +407,18 @@ def test_service_ingests_from_the_broker_and_the_cli_reads_it(
         f"e2e-{uuid.uuid4().hex[:8]}",
         f"svc-{uuid.uuid4().hex[:8]}",
     )  # apart from other tests' topics
-    common = ["--db", pg_url, "--broker", broker.url, "--group", group, "--topic-prefix", prefix]
+    common = [
+        "--db",
+        pg_url,
+        "--broker",
+        broker.url,
+        "--group",
+        group,
+        "--topic-prefix",
+        prefix,
+        "--roll-every",
+        "0.5",
+    ]
     services = [
         ServiceProcess([*common, "--client-id", f"{group}-{n}", "--tokens", str(tokens)]) for n in (1, 2)
     ]
@@ -475,6 +486,8 @@ def test_service_ingests_from_the_broker_and_the_cli_reads_it(
             return [scrape(s.url, "edge_fleet_ingest_records_total") for s in services]
 
         wait_until(lambda: sum(stored()) == 9, 10, "nine records stored between the two services")
+        backlog = "edge_fleet_rollup_backlog_records"
+        wait_until(lambda: scrape(service.url, backlog) == 0, 10, "the rollers to fold every record")
         assert scrape(service.url, "edge_fleet_db_write_seconds_count") >= stored()[1]
     finally:
         for dev in devices:

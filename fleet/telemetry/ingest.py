@@ -43,6 +43,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from fleet.telemetry import retention
 from fleet.telemetry.errors import InvalidPayload, TelemetryError
 from fleet.telemetry.payloads import parse_status, parse_telemetry, parse_update_status, split_topic
 from fleet.telemetry.store import BatchResult, TelemetryStore
@@ -311,15 +312,31 @@ class IngestWorker:
                 self._client.ack(item.mid, item.qos)
 
 
+def roll_quietly(store: TelemetryStore) -> None:
+    """One roll; a database that does not answer is retried at the next tick, and a bug is
+    logged, never allowed to stop ingest."""
+    try:
+        folded = retention.roll(store)
+        if folded:
+            log.debug("rollup_rolled", records=folded)
+    except TRANSIENT as exc:
+        log.warning("rollup_retry", error=str(exc).splitlines()[0][:300])
+    except Exception:
+        log.exception("rollup_failed")
+
+
 def serve(cfg: IngestConfig, where: str, stop: threading.Event, stats_every_s: float = 60.0) -> Counters:
     """Run one worker on store ``where`` until ``stop`` is set; logs its counters now and
-    then and at the end, and returns them."""
+    then and at the end, and returns them. At each of those ticks it also folds the queued
+    metrics records into the hourly rollups (retention.roll; one worker at a time does), so
+    a fleet run with ``edge-fleet ingest`` alone keeps its rollups current too."""
     store = TelemetryStore.open(where)
     worker = IngestWorker(cfg, store)
     worker.start()
     try:
         while not stop.wait(stats_every_s):
             log.info("ingest_stats", **worker.counters.snapshot())
+            roll_quietly(store)
     finally:
         worker.stop()
         store.close()
