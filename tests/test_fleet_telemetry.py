@@ -266,6 +266,16 @@ def test_gaps_are_exactly_the_missing_seqs_in_any_arrival_order(
 # ---------------------------------------------------------------- the worker on a real broker
 
 
+@pytest.fixture(scope="module")
+def broker() -> Iterator[LocalBroker]:
+    """This module's own mosquitto (it shadows the session's): the session's broker holds the
+    retained status documents of every agent the suite started, and a worker subscribing to
+    edge/+/status would first store all of them (measured: the tests' 15 s waits ran out late
+    in a full `make test`)."""
+    with LocalBroker() as b:
+        yield b
+
+
 def worker_config(broker: LocalBroker, **overrides: object) -> IngestConfig:
     """A group of its own per test: a stopped worker's session stays in its group."""
     base: dict[str, object] = {
