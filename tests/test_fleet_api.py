@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, func, select
 
@@ -49,13 +48,6 @@ HOUR = 3600.0
 
 def create_engine_for(where: str) -> Engine:
     return create_engine(database_url(where))
-
-
-@pytest.fixture(autouse=True)
-def _logs_to_this_tests_stderr() -> None:
-    """An earlier test's in-process CLI run may have pointed structlog at a stderr pytest has
-    closed since; the API logs (a token file gone, a database down) must reach a live one."""
-    structlog.reset_defaults()
 
 
 @pytest.fixture()
