@@ -31,7 +31,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -45,7 +46,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from fleet.telemetry import retention
 from fleet.telemetry.errors import InvalidPayload, TelemetryError
-from fleet.telemetry.payloads import parse_status, parse_telemetry, parse_update_status, split_topic
+from fleet.telemetry.payloads import Batch, parse_status, parse_telemetry, parse_update_status, split_topic
 from fleet.telemetry.store import BatchResult, TelemetryStore
 
 log = structlog.get_logger("fleet.telemetry.ingest")
@@ -53,6 +54,7 @@ log = structlog.get_logger("fleet.telemetry.ingest")
 # The database did not answer (down, restarting, locked, a deadlock): the same write later may work.
 TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_FAILED = object()  # a write that raised something other than TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class IngestConfig:
     key_file: str | None = None
     topic_prefix: str = "edge"
     session_expiry_s: int = 86_400
-    receive_maximum: int = 100
+    receive_maximum: int = 1000  # unacknowledged messages in flight: what a batch can hold
     max_packet_bytes: int = 256 * 1024  # the broker drops larger messages; up to it, we count them
     keepalive_s: int = 30
 
@@ -162,11 +164,23 @@ class _Inbound:
 class IngestWorker:
     """``start()``, then ``stop()``; :attr:`counters` any time in between."""
 
-    def __init__(self, cfg: IngestConfig, store: TelemetryStore, *, retry_max_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        store: TelemetryStore,
+        *,
+        retry_max_s: float = 5.0,
+        max_batch: int = 500,
+        max_wait_s: float = 0.005,
+    ) -> None:
+        """``max_batch`` messages at most per transaction; ``max_wait_s``: how long a batch
+        waits for more messages once the queue is empty (0: only what is queued)."""
         self.cfg, self.store = cfg, store
+        self._max_batch, self._max_wait_s = max(1, max_batch), max_wait_s
         self.counters = Counters()
         self.subscribed = threading.Event()
-        self.on_write: Callable[[float], None] | None = None  # seconds each stored message took (metrics)
+        # metrics: for each stored message, the seconds its transaction (its batch's) took
+        self.on_write: Callable[[float], None] | None = None
         self._retry_max_s = retry_max_s
         self._inbox: queue.Queue[_Inbound] = queue.Queue(maxsize=cfg.receive_maximum * 2)
         self._connection = 0
@@ -255,61 +269,126 @@ class IngestWorker:
 
     def _process_loop(self) -> None:
         while not self._stopping.is_set():
-            try:
-                item = self._inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if item.connection != self._connection:
-                continue  # its connection is gone; the broker sends it again on the new one
-            if self._handle_durably(item):
-                self._ack(item)
+            items = self._next_batch()
+            if items and self._handle_batch(items):
+                self._ack_all(items)
 
-    def _handle_durably(self, item: _Inbound) -> bool:
-        """True when the message is done with (stored, refused, or failed for good) and may
-        be acknowledged; False when the worker stops while the database is still away."""
+    def _next_batch(self) -> list[_Inbound]:
+        """The queued messages of the current connection, up to ``max_batch``: what is
+        queued now, and for at most ``max_wait_s`` more, what comes next."""
+        try:
+            first = self._inbox.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        items, deadline = [first], time.monotonic() + self._max_wait_s
+        while len(items) < self._max_batch:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    items.append(self._inbox.get(timeout=left))
+                except queue.Empty:
+                    break
+        # its connection is gone: the broker sends it again on the new one
+        return [item for item in items if item.connection == self._connection]
+
+    def _handle_batch(self, items: list[_Inbound]) -> bool:
+        """True when every message of the batch is done with (stored, refused, or failed
+        for good) and may be acknowledged; False when the worker stops while the database
+        is still away (then none is). Every message is checked before any transaction, so
+        a bad one is refused alone; the telemetry is stored in one transaction, and if the
+        database refuses that one for good, message by message."""
+        telemetry: list[tuple[_Inbound, Batch]] = []
+        others: list[tuple[_Inbound, Callable[[], object]]] = []
+        for item in items:
+            try:
+                device, leaf = split_topic(item.topic, self.cfg.topic_prefix)
+                if leaf == "telemetry":
+                    telemetry.append((item, parse_telemetry(device, item.payload)))
+                elif leaf == "status":
+                    others.append((item, self._status_write(device, item)))
+                elif leaf == "update/status":
+                    ev = parse_update_status(device, item.payload)
+                    others.append((item, partial(self.store.add_update_status, ev, item.received_at)))
+                else:
+                    raise InvalidPayload("bad_topic", f"no telemetry topic: {item.topic!r}")
+            except InvalidPayload as exc:
+                self.counters.count("invalid", exc.reason)
+                log.warning("telemetry_invalid", topic=item.topic[:200], reason=exc.reason, error=exc.message)
+            except Exception:  # a bug: never stop ingesting
+                self.counters.count("failed")
+                log.exception("telemetry_ingest_failed", topic=item.topic)
+        for item, write in others:
+            if self._durably(item.topic, write) is None:
+                return False
+        if not telemetry:
+            return True
+        pairs = [(batch, item.received_at) for item, batch in telemetry]
+        write = partial(self.store.ingest_many, pairs)
+        outcome = self._durably(telemetry[0][0].topic, write, quiet=True, messages=len(pairs))
+        if outcome is None:
+            return False
+        if outcome is not _FAILED:
+            for result in cast(list[BatchResult], outcome):
+                self.counters.batch(result)
+            return True
+        for item, batch in telemetry:  # the batch failed for good: find the message(s) at fault
+            one = self._durably(item.topic, partial(self.store.ingest, batch, item.received_at))
+            if one is None:
+                return False
+            if one is not _FAILED:
+                self.counters.batch(cast(BatchResult, one))
+        return True
+
+    def _status_write(self, device: str, item: _Inbound) -> Callable[[], object]:
+        doc = parse_status(device, item.payload)
+        if doc is None:
+            return partial(log.info, "device_status_cleared", device=device)
+        return partial(self.store.apply_status, doc, item.received_at)
+
+    def _durably(
+        self, topic: str, write: Callable[[], object], *, quiet: bool = False, messages: int = 1
+    ) -> object:
+        """``write()``'s result once it succeeded, retrying while the database does not
+        answer; ``_FAILED`` when it raised another error (logged and counted as failed unless
+        ``quiet``: the caller tries another way); None when the worker stops first. The
+        write's time is observed once for each of the ``messages`` it stored: the time each
+        of them took to store."""
         delay = 0.1
         while True:
             try:
                 started = time.perf_counter()
-                self._handle(item)
+                result = write()
                 if self.on_write is not None:
-                    self.on_write(time.perf_counter() - started)
-                return True
-            except InvalidPayload as exc:
-                self.counters.count("invalid", exc.reason)
-                log.warning("telemetry_invalid", topic=item.topic[:200], reason=exc.reason, error=exc.message)
-                return True
+                    took = time.perf_counter() - started
+                    for _ in range(messages):
+                        self.on_write(took)
+                return result
             except TRANSIENT as exc:
                 self.counters.count("retries")
-                log.warning("telemetry_store_retry", topic=item.topic, error=str(exc).splitlines()[0])
+                log.warning("telemetry_store_retry", topic=topic, error=str(exc).splitlines()[0])
                 if self._stopping.wait(delay):
-                    return False
+                    return None
                 delay = min(delay * 2, self._retry_max_s)
             except Exception:  # a bug, or data the database refuses: never stop ingesting
-                self.counters.count("failed")
-                log.exception("telemetry_ingest_failed", topic=item.topic)
-                return True
+                if quiet:
+                    log.warning("telemetry_batch_refused", exc_info=True)
+                else:
+                    self.counters.count("failed")
+                    log.exception("telemetry_ingest_failed", topic=topic)
+                return _FAILED
 
-    def _handle(self, item: _Inbound) -> None:
-        device, leaf = split_topic(item.topic, self.cfg.topic_prefix)
-        if leaf == "telemetry":
-            self.counters.batch(self.store.ingest(parse_telemetry(device, item.payload), item.received_at))
-        elif leaf == "status":
-            doc = parse_status(device, item.payload)
-            if doc is None:
-                log.info("device_status_cleared", device=device)
-            else:
-                self.store.apply_status(doc, item.received_at)
-        elif leaf == "update/status":
-            self.store.add_update_status(parse_update_status(device, item.payload), item.received_at)
-        else:
-            raise InvalidPayload("bad_topic", f"no telemetry topic: {item.topic!r}")
-
-    def _ack(self, item: _Inbound) -> None:
-        self.counters.count("messages")
+    def _ack_all(self, items: list[_Inbound]) -> None:
+        """PUBACK each, in arrival order, after the batch is done with."""
         with self._ack_lock:
-            if item.connection == self._connection:
-                self._client.ack(item.mid, item.qos)
+            for item in items:
+                if item.connection == self._connection:
+                    self._client.ack(item.mid, item.qos)
+        for _ in items:
+            self.counters.count("messages")
 
 
 def roll_quietly(store: TelemetryStore) -> None:
