@@ -25,7 +25,6 @@ HOUR = 3600
 MAX_PATH_DEPTH = 6
 MAX_METRICS_PER_RECORD = 500  # numeric fields rolled up per record; a flood of keys is cut here
 METRIC = re.compile(r"[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,5}")
-_CHUNK = 500  # rows per statement (SQLite's bound-variable limit)
 
 Hours = dict[tuple[int, str], "Bucket"]  # (hour start, metric) -> bucket
 
@@ -99,13 +98,13 @@ def merge(conn: Connection, device: str, hours: Hours) -> None:
         }
         for (h, m), b in sorted(hours.items())  # one order: concurrent writers lock rows alike
     ]
-    for start in range(0, len(rows), _CHUNK):
-        conn.execute(_upsert(conn, rows[start : start + _CHUNK]))
+    if rows:  # executemany: one cached statement, sent as multi-row pages in this order
+        conn.execute(_upsert(conn), rows)
 
 
-def _upsert(conn: Connection, rows: list[dict[str, Any]]) -> Any:
+def _upsert(conn: Connection) -> Any:
     table, pg = schema.metric_rollups, conn.dialect.name == "postgresql"
-    stmt = (postgresql.insert if pg else sqlite.insert)(table).values(rows)
+    stmt = (postgresql.insert if pg else sqlite.insert)(table)
     least, greatest = (func.least, func.greatest) if pg else (func.min, func.max)  # SQLite's min(a, b)
     new, old = stmt.excluded, table.c
     return stmt.on_conflict_do_update(
