@@ -14,7 +14,7 @@ round that stores nothing new for 30 s stops the bench with what it stored.
 The API half: ``--api-devices`` devices (status documents: pack, hardware) and
 ``--api-points`` metrics records spread evenly over the last 24 h, written straight through
 the store (``ingest_many``) into the same throwaway database after the ingest rounds, then
-folded into the hourly rollups (what the service's roller keeps up with). An
+folded into the hourly rollups (what the service's roller keeps up with) and ANALYZEd. An
 ``edge-fleet service --api-only`` process serves them; one client alternates
 ``GET /api/v1/summary`` (24 h window) and ``GET /api/v1/devices/{id}/series?metric=rss_mb&since=24h``
 (a random device's 24 h, the default step: raw records) over keep-alive HTTP, the order
@@ -80,11 +80,22 @@ def throwaway_database() -> Iterator[str]:
 
 
 def _workers(broker: LocalBroker, db: str, n: int, tag: str) -> list[subprocess.Popen[bytes]]:
-    procs = []
+    """``n`` workers, returned once each one logged that it subscribed: a message published
+    before its group's subscription exists goes to no worker (a fixed 2 s wait lost the first
+    few hundred messages of a round when the machine was busy, and the round never ended)."""
+    procs, logs = [], []
     for i in range(n):
         argv = [sys.executable, "-m", "fleet.cli", "ingest", "--broker", broker.url, "--db", db]
         argv += ["--group", f"bench-{tag}", "--client-id", f"bench-{tag}-{i}", "--stats-every", "3600"]
-        procs.append(subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        log = broker.dir / f"bench-{tag}-{i}.log"
+        with log.open("wb") as err:
+            procs.append(subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err))
+        logs.append(log)
+    deadline = time.monotonic() + 120
+    while not all(b"ingest_subscribed" in log.read_bytes() for log in logs):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise SystemExit(f"bench: the {tag} workers did not subscribe (logs in {broker.dir})")
+        time.sleep(0.05)
     return procs
 
 
@@ -125,7 +136,6 @@ def _round(
     engine = sa.create_engine(db)
     procs = _workers(broker, db, workers, f"{workers}w-{first_seq}")
     try:
-        time.sleep(2.0)  # connected and subscribed (the first round also migrates the schema)
         before = _stored(engine) if _has_records(engine) else 0
         started = time.monotonic()
         threading.Thread(target=_publish, args=(broker, args.devices, args.messages, first_seq)).start()
@@ -207,6 +217,12 @@ def _seed(db: str, devices: int, points: int) -> float:
         retention.roll(store)
     finally:
         store.close()
+    # fresh planner statistics, as autovacuum would have them: just after a million rows came
+    # and went through the rollup queue, the stale ones made every request scan the records
+    analyze = sa.create_engine(db, isolation_level="AUTOCOMMIT")
+    with analyze.connect() as c:
+        c.execute(sa.text("ANALYZE"))
+    analyze.dispose()
     return time.monotonic() - started
 
 
