@@ -20,6 +20,13 @@ they are few and small, and the store orders them by receive time.
 paho's callbacks only queue; one thread stores and acks, in arrival order (MQTT wants
 PUBACKs in the order the PUBLISHes came). The broker sends at most ``receive_maximum``
 unacknowledged messages, which bounds the queue.
+
+The thread takes the queued messages in batches (up to ``max_batch``, waiting at most
+``max_wait_s`` for more), checks every one of them first (a bad message is refused alone),
+stores a batch's telemetry in one transaction (``TelemetryStore.ingest_many``, the same
+outcome as message by message) and acks the batch's messages in arrival order only after
+that commit. A batch the database refuses for good (not a transient error) is stored again
+message by message, so only the message at fault fails.
 """
 
 from __future__ import annotations
