@@ -26,6 +26,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.logs import configure_logging
 from agent.transport import MqttError
@@ -36,6 +37,9 @@ from fleet.repository import FleetRepository
 from model_packs import instructions
 from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
+
+if TYPE_CHECKING:
+    from fleet.telemetry.ingest import IngestConfig
 
 ROOT_PASSPHRASE_ENV = "EDGE_FLEET_ROOT_PASSPHRASE"
 
@@ -345,14 +349,25 @@ def _ingest(args: argparse.Namespace) -> int:
     import socket
     import threading
 
-    from fleet.telemetry.ingest import IngestConfig, serve
+    from fleet.telemetry.ingest import serve
 
     configure_logging("info")
-    default_id = f"ingest-{args.share_group}-{socket.gethostname()}"[:64]
-    cfg = IngestConfig(
+    cfg = _ingest_config(args, f"ingest-{args.share_group}-{socket.gethostname()}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve(cfg, args.db, stop, args.stats_every)
+    return 0
+
+
+def _ingest_config(args: argparse.Namespace, default_id: str) -> IngestConfig:
+    """The worker's broker side from the options `ingest` and `service` share."""
+    from fleet.telemetry.ingest import IngestConfig
+
+    return IngestConfig(
         broker_url=args.broker,
         group=args.share_group,
-        client_id=args.client_id or default_id,
+        client_id=args.client_id or default_id[:64],
         username=args.username,
         password=args.password,
         ca_file=args.ca_file,
@@ -361,11 +376,6 @@ def _ingest(args: argparse.Namespace) -> int:
         topic_prefix=args.topic_prefix,
         session_expiry_s=args.session_expiry,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    serve(cfg, args.db, stop, args.stats_every)
-    return 0
 
 
 def _service_admin(args: argparse.Namespace) -> int:
@@ -394,25 +404,12 @@ def _service(args: argparse.Namespace) -> int:
     import socket
 
     from fleet.service import ServiceConfig, parse_listen, run
-    from fleet.telemetry.ingest import IngestConfig
 
     configure_logging("info")
     host, port = parse_listen(args.listen)
     ingest = None
     if not args.api_only:
-        default_id = f"service-{args.share_group}-{socket.gethostname()}-{port}"[:64]
-        ingest = IngestConfig(
-            broker_url=args.broker,
-            group=args.share_group,
-            client_id=args.client_id or default_id,
-            username=args.username,
-            password=args.password,
-            ca_file=args.ca_file,
-            cert_file=args.cert_file,
-            key_file=args.key_file,
-            topic_prefix=args.topic_prefix,
-            session_expiry_s=args.session_expiry,
-        )
+        ingest = _ingest_config(args, f"service-{args.share_group}-{socket.gethostname()}-{port}")
     tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     where = {"db": args.db, "tokens": args.tokens, "host": host, "port": port}
     run(ServiceConfig(**where, ingest=ingest, roll_every_s=args.roll_every, **tls))
