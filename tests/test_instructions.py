@@ -138,3 +138,17 @@ def test_operator_keys_are_created_private_encrypted_and_never_overwritten(
     monkeypatch.setenv("EDGE_FLEET_KEY_PASSPHRASE", "wrong")
     with pytest.raises(RepositoryError, match="cannot use signing key"):
         signing_key(private)
+
+
+def test_a_replayed_signed_update_is_refused(running_agent: RunningAgent) -> None:
+    """The update topic goes through the same ledger: a captured instruction sent again is
+    `replayed` (the first was authentic; this agent has no repository, so it was refused
+    after the check with bad_request)."""
+    signed = default_operator().sign(
+        "update", running_agent.cfg.device_id, rollout_id="r", target="tiny@0.0.2"
+    )
+    with running_agent.client(client="fleet") as fleet:
+        first = fleet.request("update", signed, 30)
+        again = fleet.request("update", signed, 30)
+    assert first["code"] == "bad_request" and "repository_url" in first["message"]
+    assert again["code"] == "replayed"
