@@ -10,7 +10,6 @@ threads. Nothing here does IO before :meth:`Agent.start`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from pathlib import Path
@@ -214,18 +213,30 @@ class Agent:
             t.interval_s,
             t.drain_rate,
         )
-        self.telemetry.event({"event": "boot", "pack": self.active.info(), "agent_version": __version__})
+        self.telemetry.event(self._boot_event())
         thread = threading.Thread(target=self.telemetry.run, args=(self.stopping,), name="telemetry")
         thread.daemon = True
         self._threads.append(thread)
 
-    def _update_event(self, body: bytes) -> None:
-        """An update event: published on ``update/status`` and kept as a telemetry event."""
-        self.transport.publish(self.cfg.topic("update/status"), body)
-        if self.telemetry is not None:
-            e = json.loads(body)
+    def _boot_event(self) -> dict[str, Any]:
+        """What this start found: the pack serving (or why none), and the store's last update
+        outcome, which says ``rolled_back`` when this boot's first probe or a crash loop undid one."""
+        last = self.store.state().last_outcome or None
+        return {
+            "event": "boot",
+            "pack": self.active.info(),
+            "pack_error": self.active.error,
+            "agent_version": __version__,
+            "last_update": {k: last.get(k) for k in ("state", "target", "reason_code")} if last else None,
+        }
+
+    def _update_event(self, event: dict[str, Any]) -> None:
+        """An update event: published on ``update/status``; a state change (not download
+        progress) is also kept as a telemetry event."""
+        self.transport.publish(self.cfg.topic("update/status"), encode(event))
+        if self.telemetry is not None and event["state"] != "downloading":
             keys = ("state", "target", "rollout_id", "reason_code")
-            self.telemetry.event({"event": "update", **{k: e.get(k) for k in keys}})
+            self.telemetry.event({"event": "update", **{k: event.get(k) for k in keys}})
 
     def reload_in_background(self) -> None:
         """``systemctl reload`` (SIGHUP): the same reload as the signed command, started off

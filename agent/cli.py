@@ -248,17 +248,15 @@ def _remote(args: argparse.Namespace) -> int:
 
 def _signed_reload(args: argparse.Namespace, body: dict[str, object]) -> dict[str, object]:
     """A reload is privileged: signed by an operator key for this device (agent/authority.py)."""
-    import os
     import uuid
 
     from model_packs import instructions
 
     if args.signing_key is None:
         raise AgentError("cmd reload needs --signing-key (an operator key the device trusts)")
-    secret = os.environ.get("EDGE_FLEET_KEY_PASSPHRASE")
     try:
-        key = instructions.load_private_key(args.signing_key, secret.encode() if secret else None)
-    except (OSError, ValueError, TypeError) as exc:
+        key = instructions.load_signing_key(args.signing_key)
+    except ValueError as exc:
         raise AgentError(f"cannot use signing key {args.signing_key}: {exc}") from None
     fields = {**body, "v": 1, "id": uuid.uuid4().hex[:16]}
     return {**instructions.sign(key, "reload", args.device, fields), "cmd": "reload"}

@@ -15,9 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.errors import RepositoryError
-from model_packs.instructions import key_id, load_private_key
-
-PASSPHRASE_ENV = "EDGE_FLEET_KEY_PASSPHRASE"
+from model_packs.instructions import PASSPHRASE_ENV, key_id, load_signing_key
 
 
 def passphrase() -> bytes | None:
@@ -50,10 +48,8 @@ def create_operator_key(out: Path, name: str) -> tuple[Path, Path, str]:
 
 
 def signing_key(path: Path) -> Ed25519PrivateKey:
-    """An operator's private key, decrypted with ``EDGE_FLEET_KEY_PASSPHRASE`` when encrypted."""
+    """An operator's private key (model_packs.instructions.load_signing_key), as a fleet error."""
     try:
-        return load_private_key(path, passphrase())
-    except (OSError, ValueError, TypeError) as exc:
-        raise RepositoryError(
-            f"cannot use signing key {path}: {exc} (passphrase in ${PASSPHRASE_ENV}?)"
-        ) from None
+        return load_signing_key(path)
+    except ValueError as exc:
+        raise RepositoryError(f"cannot use signing key {path}: {exc}") from None

@@ -30,6 +30,7 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,6 +82,20 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an Ed25519 private key")
     return key
+
+
+PASSPHRASE_ENV = "EDGE_FLEET_KEY_PASSPHRASE"
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """An operator's private key, decrypted with ``$EDGE_FLEET_KEY_PASSPHRASE`` when it is
+    encrypted: what `edge-fleet update send` and `edge-agent cmd reload` sign with. Raises
+    ValueError (with the reason) when it cannot be used."""
+    secret = os.environ.get(PASSPHRASE_ENV)
+    try:
+        return load_private_key(path, secret.encode() if secret else None)
+    except (OSError, TypeError, ValueError) as exc:
+        raise ValueError(f"{exc} (passphrase in ${PASSPHRASE_ENV}?)") from None
 
 
 def sign(

@@ -19,7 +19,7 @@ from typing import Any
 from agent.localbroker import free_port
 from fleet.telemetry.payloads import parse_status, parse_telemetry
 from fleet.telemetry.store import TelemetryStore
-from tests.fleet_telemetry_support import REPO, wait_until
+from tests.fleet_telemetry_support import REPO, status, wait_until
 
 
 def status_doc(
@@ -29,20 +29,7 @@ def status_doc(
     hardware: list[str] | None = None,
     tags: list[str] | None = None,
 ) -> bytes:
-    doc: dict[str, Any] = {
-        "v": 1,
-        "state": state,
-        "device_id": device,
-        "pack": {"name": pack[0], "version": pack[1]} if pack else None,
-        "capabilities": ["query", "read", "cmd", "stream"],
-        "agent_version": "0.1.0",
-        "ts": time.time(),
-    }
-    if hardware is not None:
-        doc["hardware"] = hardware
-    if tags is not None:
-        doc["tags"] = tags
-    return json.dumps(doc).encode()
+    return status(device, state, pack, hardware, tags)
 
 
 def metrics_record(

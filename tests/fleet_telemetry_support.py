@@ -38,8 +38,16 @@ def telemetry(device: str, records: list[dict[str, Any]]) -> bytes:
     return json.dumps({"v": 1, "device": device, "records": records}).encode()
 
 
-def status(device: str, state: str, pack: tuple[str, str] | None = ("tiny", "0.0.1")) -> bytes:
-    doc = {
+def status(
+    device: str,
+    state: str,
+    pack: tuple[str, str] | None = ("tiny", "0.0.1"),
+    hardware: list[str] | None = None,
+    tags: list[str] | None = None,
+) -> bytes:
+    """A status document as the agent publishes it; ``hardware`` and ``tags`` only when given
+    (an older agent sends neither)."""
+    doc: dict[str, Any] = {
         "v": 1,
         "state": state,
         "device_id": device,
@@ -48,6 +56,10 @@ def status(device: str, state: str, pack: tuple[str, str] | None = ("tiny", "0.0
         "agent_version": "0.1.0",
         "ts": time.time(),
     }
+    if hardware is not None:
+        doc["hardware"] = hardware
+    if tags is not None:
+        doc["tags"] = tags
     return json.dumps(doc).encode()
 
 

@@ -135,7 +135,9 @@ class Collector:
             CallbackAPIVersion.VERSION2, client_id=f"fleet-{time.monotonic_ns()}", protocol=mqtt.MQTTv5
         )
         self.client.on_message = self._on_message
+        self.subscribed = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, codes, p: self.subscribed.set()
         props = mqtt.Properties(mqtt.PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         self.client.reconnect_delay_set(0.1, 0.5)
@@ -147,6 +149,9 @@ class Collector:
         with self.lock:
             self.messages += 1
             self.records.extend(body["records"])
+
+    def wait_subscribed(self) -> None:
+        assert self.subscribed.wait(10), "the fleet subscriber's SUBSCRIBE was not acknowledged"
 
     def wait_for(self, predicate: Any, timeout_s: float = 30) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout_s
@@ -165,12 +170,15 @@ class Collector:
 
 def _telemetry_agent(
     tiny_pack_path: Path, start_agent: Any, broker: LocalBroker, **telemetry: Any
-) -> RunningAgent:
+) -> tuple[RunningAgent, Collector]:
+    """The fleet's subscriber first, then the agent: its boot record (seq 1) goes out at once."""
     cfg = agent_config(
         broker.url, tiny_pack_path, telemetry={"interval_s": 0.2, "drain_rate": 50.0, **telemetry}
     )
+    fleet = Collector(broker, cfg.topic("telemetry"))
+    fleet.wait_subscribed()
     ra: RunningAgent = start_agent(cfg, broker)
-    return ra
+    return ra, fleet
 
 
 def test_records_survive_a_broker_outage_and_arrive_once_in_order(
@@ -178,8 +186,7 @@ def test_records_survive_a_broker_outage_and_arrive_once_in_order(
 ) -> None:
     (tmp_path / "broker").mkdir()
     with LocalBroker(workdir=tmp_path / "broker") as broker:
-        ra = _telemetry_agent(tiny_pack_path, start_agent, broker)
-        fleet = Collector(broker, ra.cfg.topic("telemetry"))
+        ra, fleet = _telemetry_agent(tiny_pack_path, start_agent, broker)
         with ra.client() as op:
             assert op.request("query", {"question": "warm?", "max_tokens": 3}, 30)["type"] == "final"
         before = fleet.wait_for(lambda rs: len(rs) >= 5)
@@ -195,7 +202,9 @@ def test_records_survive_a_broker_outage_and_arrive_once_in_order(
     assert seqs == list(range(1, max(seqs) + 1)), seqs  # exactly once, in order, no gap
     kinds = {r["kind"] for r in records}
     assert kinds == {"event", "metrics"}
-    assert records[0]["data"]["event"] == "boot"
+    boot = records[0]["data"]
+    assert boot["event"] == "boot" and boot["pack"] == {"name": "tiny", "version": "0.0.1"}
+    assert boot["pack_error"] is None and boot["last_update"] is None  # a fresh store: nothing undone
     answered = [r for r in records if r["kind"] == "metrics" and r["data"]["answers"]["count"]]
     assert answered and answered[0]["data"]["requests"]["query"] == {"queued": 1}
     assert any(r["kind"] == "metrics" and r["data"]["reconnects"] >= 1 for r in records)
@@ -206,8 +215,7 @@ def test_a_small_spool_reports_what_it_dropped_during_an_outage(
 ) -> None:
     (tmp_path / "broker").mkdir()
     with LocalBroker(workdir=tmp_path / "broker") as broker:
-        ra = _telemetry_agent(tiny_pack_path, start_agent, broker, max_records=5)
-        fleet = Collector(broker, ra.cfg.topic("telemetry"))
+        _, fleet = _telemetry_agent(tiny_pack_path, start_agent, broker, max_records=5)
         fleet.wait_for(lambda rs: len(rs) >= 2)
         broker.stop()
         time.sleep(3.0)  # about 15 metrics records into a spool of 5

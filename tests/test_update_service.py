@@ -51,7 +51,7 @@ class Device:
             self.active,
             lambda: UpdatesConfig(repository_url=BASE),
             root / "tuf",
-            lambda body: self.events.append(json.loads(body)),
+            self.events.append,
             self.fetcher,
         )
 

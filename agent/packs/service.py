@@ -4,7 +4,6 @@ adopts or rolls back; the :class:`PackUpdater` verifies, fetches and switches.""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -53,13 +52,13 @@ class UpdateService:
         active: ActivePack,
         updates: Callable[[], UpdatesConfig],
         tuf_dir: Path,
-        publish: Callable[[bytes], None],
+        publish: Callable[[dict[str, Any]], None],
         fetcher: PackFetcher | None = None,
     ) -> None:
         self.active = active
         self._updates = updates
         self.tuf_dir = tuf_dir
-        self._publish_bytes = publish
+        self._publish_event = publish
         self._fetcher = fetcher
         self._busy = threading.Lock()
         self._seq = 0
@@ -116,7 +115,7 @@ class UpdateService:
             "reason": e.reason,
             "ts": time.time(),
         }
-        self._publish_bytes(json.dumps(body).encode())
+        self._publish_event(body)
 
     def _run(self, inst: Instruction) -> None:
         try:

@@ -41,7 +41,6 @@ class TelemetryService:
         self.spool, self.device_id, self.topic = spool, device_id, topic
         self.collect, self.publish, self.connected = collect, publish, connected
         self.interval_s, self.drain_rate = interval_s, drain_rate
-        self.sent_batches = 0
 
     def event(self, data: dict[str, Any]) -> None:
         """Spool an event record; a full disk is logged, never raised into the caller."""
@@ -65,7 +64,6 @@ class TelemetryService:
         body = {"v": 1, "device": self.device_id, "records": [r.to_json() for r in batch]}
         self.publish(self.topic, json.dumps(body, separators=(",", ":")).encode(), 10.0)
         self.spool.ack(batch[-1].seq)
-        self.sent_batches += 1
         return len(batch)
 
     def run(self, stopping: threading.Event) -> None:
