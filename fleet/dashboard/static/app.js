@@ -1,0 +1,1 @@
+// The dashboard: filled in by the next commit.
