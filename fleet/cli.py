@@ -16,6 +16,9 @@ edge-fleet token add --role read|admin --tokens FILE [--name NAME]   (prints a n
 edge-fleet telemetry prune --db URL|PATH --raw-days 7       (hourly rollups, then raw metrics deleted)
 edge-fleet devices [--selector S] | device show ID | metrics --metric M (--device ID | --selector S)
     --api URL --token-file FILE [--json]                    (the API's clients)
+edge-fleet rollout start --target NAME@VERSION [--selector S] [--waves 1%,10%,50%,100%] [--canary ID,...]
+edge-fleet rollout status [ID] [--watch] | pause ID | resume ID | abort ID | rollback ID
+    --api URL --token-file FILE                             (the service drives it: --signing-key)
 """
 
 from __future__ import annotations
@@ -135,7 +138,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     _ingest_parser(sub)
     _service_parsers(sub, dev)
+    _rollout_parsers(sub)
     return p
+
+
+def _rollout_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """edge-fleet rollout ...: the API's rollout routes (fleet/api/rollouts.py)."""
+    ro = sub.add_parser("rollout").add_subparsers(dest="command", required=True)
+    start = ro.add_parser("start", help="roll a published pack out in health-gated waves")
+    start.add_argument("--target", required=True, help="NAME@VERSION, published with edge-fleet pack publish")
+    start.add_argument("--selector", help="which devices (default all): hardware=X,tag=Y,pack=NAME,state=S")
+    start.add_argument(
+        "--waves", default="1%,10%,50%,100%", help="cumulative: 1%%,10%%,50%%,100%% or 10,100,all"
+    )
+    start.add_argument("--canary", default="", help="named devices first, as wave 0: ID,ID,...")
+    rule_help = {
+        "max-failure-rate": "failed or rolled back over a wave's devices that halts it (0.1)",
+        "tokens-per-s-drop": "halt when updated devices' tokens/s fall by more than this share (0.2)",
+        "ttft-rise": "... or time to first token rises by more than this share (0.5)",
+        "error-rate-rise": "... or the error rate rises by more than this (absolute, 0.05)",
+        "validation-rise": "... or answers with ungrounded numbers rise by more than this (0.05)",
+        "soak": "seconds a settled wave is watched before the next starts (600)",
+        "deadline": "seconds offline devices may still get their instruction (7 days)",
+    }
+    for name, text in rule_help.items():
+        start.add_argument(f"--{name}", type=float, help=text)
+    status = ro.add_parser("status", help="one rollout (or the recent ones) with per-wave progress")
+    status.add_argument("rollout_id", nargs="?")
+    status.add_argument("--watch", action="store_true", help="redraw every --every seconds until it ends")
+    status.add_argument("--every", type=float, default=2.0)
+    for action in ("pause", "resume", "abort", "rollback"):
+        ro.add_parser(action, help=f"{action} a rollout").add_argument("rollout_id")
+    for cp in ro.choices.values():
+        cp.add_argument("--api", default="http://127.0.0.1:8090", help="the service's URL")
+        cp.add_argument("--token-file", type=Path, required=True, help="file holding an API token")
+        cp.add_argument("--json", action="store_true", help="the API's JSON instead of text")
+        cp.add_argument("--api-ca", type=Path, help="CA certificate(s) to verify an https:// API")
 
 
 def _ingest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -181,6 +219,13 @@ def _service_parsers(
         default=60.0,
         help="seconds between folds of new metrics into hourly rollups",
     )
+    svc.add_argument(
+        "--signing-key",
+        type=Path,
+        help="operator key that signs rollout instructions: with it, this service drives rollouts "
+        "(an encrypted key's passphrase from EDGE_FLEET_KEY_PASSPHRASE)",
+    )
+    svc.add_argument("--driver-tick", type=float, default=1.0, help="seconds between rollout driver passes")
     svc.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (chain), PEM")
     svc.add_argument("--tls-key", type=Path, help="the certificate's private key, PEM")
     tok = sub.add_parser("token").add_subparsers(dest="command", required=True)
@@ -245,6 +290,8 @@ def _run(args: argparse.Namespace) -> int:
         return _service_admin(args)
     if args.group in ("devices", "metrics") or (args.group == "device" and args.command == "show"):
         return _api_client(args)
+    if args.group == "rollout":
+        return _rollout(args)
     if args.group == "serve":
         from fleet.serve import make_server
 
@@ -412,7 +459,8 @@ def _service(args: argparse.Namespace) -> int:
         ingest = _ingest_config(args, f"service-{args.share_group}-{socket.gethostname()}-{port}")
     tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     where = {"db": args.db, "tokens": args.tokens, "host": host, "port": port}
-    run(ServiceConfig(**where, ingest=ingest, roll_every_s=args.roll_every, **tls))
+    driver = {"signing_key": args.signing_key, "driver_tick_s": args.driver_tick}
+    run(ServiceConfig(**where, ingest=ingest, roll_every_s=args.roll_every, **tls, **driver))
     return 0
 
 
@@ -437,6 +485,51 @@ def _api_client(args: argparse.Namespace) -> int:
             found = api.get("/api/v1/series", selector=args.selector, agg=args.agg, **common)
         text = client.series_table(found)
     print(json.dumps(found, indent=2) if args.json else text)
+    return 0
+
+
+_RULE_OPTIONS = {
+    "max_failure_rate": "max_failure_rate",
+    "tokens_per_s_drop": "tokens_per_s_drop",
+    "ttft_rise": "ttft_rise",
+    "error_rate_rise": "error_rate_rise",
+    "validation_rise": "validation_rise",
+    "soak": "soak_s",
+    "deadline": "deadline_s",
+}
+_ENDED = ("completed", "aborted", "rolled_back")
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    """edge-fleet rollout start | status | pause | resume | abort | rollback."""
+    import time
+
+    from fleet.api import client
+    from fleet.rollouts.view import rollout_text
+
+    api = client.ApiClient(args.api, args.token_file, ca_file=args.api_ca)
+    if args.command == "start":
+        rules = {
+            key: getattr(args, opt) for opt, key in _RULE_OPTIONS.items() if getattr(args, opt) is not None
+        }
+        canary = [c for c in args.canary.split(",") if c]
+        body = {"target": args.target, "selector": args.selector, "waves": args.waves, "canary": canary}
+        found = api.post("/api/v1/rollouts", {**body, "rules": rules})
+    elif args.command == "status" and args.rollout_id is None:
+        found = api.get("/api/v1/rollouts")
+        text = "\n\n".join(rollout_text(r) for r in found["rollouts"]) or "no rollouts"
+        print(json.dumps(found, indent=2) if args.json else text)
+        return 0
+    elif args.command == "status":
+        path = f"/api/v1/rollouts/{args.rollout_id}"
+        found = api.get(path)
+        while args.watch and not args.json and found["state"] not in _ENDED:
+            print("\x1b[2J\x1b[H" + rollout_text(found), flush=True)  # clear, home: a live view
+            time.sleep(args.every)
+            found = api.get(path)
+    else:
+        found = api.post(f"/api/v1/rollouts/{args.rollout_id}/{args.command}")
+    print(json.dumps(found, indent=2) if args.json else rollout_text(found))
     return 0
 
 

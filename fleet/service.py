@@ -10,6 +10,7 @@ message in hand stored and acked) after uvicorn has finished its requests.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,10 @@ import uvicorn
 from fleet.api.app import create_app
 from fleet.api.auth import TokenFile
 from fleet.metrics import ServiceMetrics
+from fleet.operators import signing_key
+from fleet.rollouts.driver import RolloutDriver
+from fleet.rollouts.sender import Publisher, Signer
+from fleet.rollouts.store import RolloutStore
 from fleet.telemetry.errors import TelemetryError
 from fleet.telemetry.ingest import IngestConfig, IngestWorker, roll_quietly
 from fleet.telemetry.queries import FleetQueries
@@ -55,10 +60,14 @@ class ServiceConfig:
     roll_every_s: float = 60.0  # how often queued metrics records are folded into the rollups
     tls_cert: Path | None = None  # HTTPS with this certificate chain and key; bearer tokens
     tls_key: Path | None = None  # must not cross a network in clear
+    signing_key: Path | None = None  # drive rollouts, signing their instructions with this key
+    driver_tick_s: float = 1.0
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise TelemetryError("--tls-cert and --tls-key go together")
+        if self.signing_key is not None and self.ingest is None:
+            raise TelemetryError("--signing-key drives rollouts over the broker: not with --api-only")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -76,9 +85,23 @@ def _roll_loop(store: TelemetryStore, every_s: float, stop: threading.Event) -> 
         roll_quietly(store)
 
 
+def _driver(cfg: ServiceConfig, store: TelemetryStore) -> tuple[RolloutDriver, Publisher] | None:
+    """The rollout driver when a signing key is given; the key is loaded before anything runs."""
+    if cfg.signing_key is None or cfg.ingest is None:
+        return None
+    signer = Signer(signing_key(cfg.signing_key))
+    publisher = Publisher(cfg.ingest, f"{cfg.ingest.client_id}-driver"[:64])
+    owner = f"{cfg.ingest.client_id}-{os.getpid()}"
+    driver = RolloutDriver(
+        RolloutStore(store), signer, publisher.publish, owner, cfg.ingest.topic_prefix, cfg.driver_tick_s
+    )
+    return driver, publisher
+
+
 def run(cfg: ServiceConfig) -> None:
     tokens = TokenFile(cfg.tokens)  # a missing or broken token file stops start-up, before anything runs
     store = TelemetryStore.open(cfg.db)
+    driving = _driver(cfg, store)
     worker = IngestWorker(cfg.ingest, store) if cfg.ingest is not None else None
     queries = FleetQueries(store.engine)
     snapshot = worker.counters.snapshot if worker is not None else None
@@ -101,12 +124,25 @@ def run(cfg: ServiceConfig) -> None:
         worker.on_write = metrics.observe_write
         worker.start()
     roller.start()
-    log.info("service_started", listen=f"{cfg.host}:{cfg.port}", ingest=worker is not None)
+    driver_thread = None
+    if driving is not None:
+        driving[1].start()
+        driver_thread = threading.Thread(target=driving[0].run, args=(stop_rolling,), daemon=True)
+        driver_thread.start()
+    log.info(
+        "service_started",
+        listen=f"{cfg.host}:{cfg.port}",
+        ingest=worker is not None,
+        driver=driving is not None,
+    )
     try:
         server.run()
     finally:
         stop_rolling.set()
         roller.join(30)
+        if driving is not None and driver_thread is not None:
+            driver_thread.join(30)
+            driving[1].stop()
         if worker is not None:
             worker.stop()
             log.info("ingest_stopped", **worker.counters.snapshot())

@@ -23,9 +23,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fleet.api import rollouts as rollout_routes
 from fleet.api.auth import Grant, TokenFile, TokenFileError
 from fleet.api.params import duration, time_range
 from fleet.metrics import ServiceMetrics
+from fleet.rollouts.store import RolloutStore
 from fleet.telemetry import retention, selectors
 from fleet.telemetry.errors import TelemetryError
 from fleet.telemetry.queries import FleetQueries, QueryError, SeriesQuery
@@ -77,6 +79,7 @@ def create_app(store: TelemetryStore, tokens: TokenFile, metrics: ServiceMetrics
     reader, admin = Depends(Auth(tokens, "read")), Depends(Auth(tokens, "admin"))
     _device_routes(app, queries, reader)
     _fleet_routes(app, queries, reader)
+    rollout_routes.install(app, RolloutStore(store), reader, admin)
 
     @app.post(f"{PREFIX}/retention/prune", dependencies=[admin])
     def prune(

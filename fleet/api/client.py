@@ -46,7 +46,15 @@ class ApiClient:
     def get(self, path: str, **params: str | None) -> Any:
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+        return self._send(urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"}))
+
+    def post(self, path: str, body: Any = None) -> Any:
+        """A JSON body (or none); the API's JSON answer."""
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        return self._send(urllib.request.Request(f"{self.base_url}{path}", data, headers, method="POST"))
+
+    def _send(self, request: urllib.request.Request) -> Any:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.tls) as response:
                 return json.loads(response.read())

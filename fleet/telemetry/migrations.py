@@ -43,9 +43,16 @@ def _v2(conn: Connection) -> None:
     )
 
 
+def _v3(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=list(schema.V3_TABLES))
+    # The rollout driver reads a rollout's update events by its id (and its rollback's).
+    conn.exec_driver_sql("CREATE INDEX update_events_by_rollout ON update_events (rollout_id, received_at)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, records, gaps, update events", _v1),
     Migration(2, "device labels (hardware, tags), hourly metric rollups, records by time", _v2),
+    Migration(3, "rollouts, their waves and devices; update events by rollout", _v3),
 )
 LATEST = MIGRATIONS[-1].version
 

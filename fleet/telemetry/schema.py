@@ -150,3 +150,70 @@ unrolled = Table(
 )
 
 V2_TABLES = (device_labels, metric_rollups, retention_marks, unrolled)
+
+# Migration 3: rollouts (fleet/rollouts/). One row per rollout: its spec (JSON text), its state
+# (running, paused, halted, aborted, completed, rolling_back, rolled_back), the wave in progress,
+# why it halted, and the lease of the one driver that may act on it (``lease_owner`` until
+# ``lease_until``, the fleet's clock): every write a driver makes renews the lease in the same
+# transaction and fails when another holds it (fleet/rollouts/store.py).
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("rollout_id", String(64), primary_key=True),
+    Column("target", String(256), nullable=False),
+    Column("selector", Text),
+    Column("spec", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("current_wave", Integer, nullable=False),
+    Column("halt", Text),
+    Column("overridden_waves", Text, nullable=False),
+    Column("created_by", String(64), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("deadline", Double, nullable=False),
+    Column("lease_owner", String(128)),
+    Column("lease_until", Double),
+)
+
+# Migration 3: a rollout's waves: the canary first, then the percentages or counts of its spec.
+rollout_waves = Table(
+    "rollout_waves",
+    metadata,
+    Column("rollout_id", String(64), primary_key=True),
+    Column("wave", Integer, primary_key=True, autoincrement=False),
+    Column("size", Integer, nullable=False),
+    Column("started_at", Double),
+    Column("completed_at", Double),
+    Column("soak_until", Double),
+)
+
+# Migration 3: each device of a rollout: its wave, its state, the pack it had when the rollout
+# began (what a rollback sends it back to), and the signed instruction as it was committed
+# before it was published (``envelope``; ``published_at`` is set once the broker acknowledged
+# it): a driver that takes over republishes exactly those bytes, which a device that already
+# has them refuses as replayed, so no device acts on an instruction twice. ``rb_*``: the same
+# for the rollback instruction.
+rollout_devices = Table(
+    "rollout_devices",
+    metadata,
+    Column("rollout_id", String(64), primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("wave", Integer, nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("reason_code", String(64)),
+    Column("reason", Text),
+    Column("from_pack", String(300)),
+    Column("envelope", Text),
+    Column("sent_at", Double),
+    Column("published_at", Double),
+    Column("activated_at", Double),
+    Column("confirmed_at", Double),
+    Column("updated_at", Double, nullable=False),
+    Column("rb_state", String(24)),
+    Column("rb_envelope", Text),
+    Column("rb_sent_at", Double),
+    Column("rb_published_at", Double),
+    Index("rollout_devices_by_state", "rollout_id", "state"),
+)
+
+V3_TABLES = (rollouts, rollout_waves, rollout_devices)
