@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fleet.api import rollouts as rollout_routes
 from fleet.api.auth import Grant, TokenFile, TokenFileError
 from fleet.api.params import duration, time_range
+from fleet.dashboard import install as install_dashboard
 from fleet.metrics import ServiceMetrics
 from fleet.rollouts.store import RolloutStore
 from fleet.telemetry import retention, selectors
@@ -80,6 +81,7 @@ def create_app(store: TelemetryStore, tokens: TokenFile, metrics: ServiceMetrics
     _device_routes(app, queries, reader)
     _fleet_routes(app, queries, reader)
     rollout_routes.install(app, RolloutStore(store), reader, admin)
+    install_dashboard(app)
 
     @app.post(f"{PREFIX}/retention/prune", dependencies=[admin])
     def prune(
