@@ -226,6 +226,12 @@ def _service_parsers(
         "(an encrypted key's passphrase from EDGE_FLEET_KEY_PASSPHRASE)",
     )
     svc.add_argument("--driver-tick", type=float, default=1.0, help="seconds between rollout driver passes")
+    svc.add_argument(
+        "--lease",
+        type=float,
+        default=15.0,
+        help="seconds a rollout driver's lease lasts: how soon another service takes over a dead one's",
+    )
     svc.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (chain), PEM")
     svc.add_argument("--tls-key", type=Path, help="the certificate's private key, PEM")
     tok = sub.add_parser("token").add_subparsers(dest="command", required=True)
@@ -459,7 +465,7 @@ def _service(args: argparse.Namespace) -> int:
         ingest = _ingest_config(args, f"service-{args.share_group}-{socket.gethostname()}-{port}")
     tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     where = {"db": args.db, "tokens": args.tokens, "host": host, "port": port}
-    driver = {"signing_key": args.signing_key, "driver_tick_s": args.driver_tick}
+    driver = {"signing_key": args.signing_key, "driver_tick_s": args.driver_tick, "lease_s": args.lease}
     run(ServiceConfig(**where, ingest=ingest, roll_every_s=args.roll_every, **tls, **driver))
     return 0
 

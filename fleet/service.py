@@ -62,6 +62,7 @@ class ServiceConfig:
     tls_key: Path | None = None  # must not cross a network in clear
     signing_key: Path | None = None  # drive rollouts, signing their instructions with this key
     driver_tick_s: float = 1.0
+    lease_s: float = 15.0  # a dead driver's rollouts wait this long for another
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -93,7 +94,12 @@ def _driver(cfg: ServiceConfig, store: TelemetryStore) -> tuple[RolloutDriver, P
     publisher = Publisher(cfg.ingest, f"{cfg.ingest.client_id}-driver"[:64])
     owner = f"{cfg.ingest.client_id}-{os.getpid()}"
     driver = RolloutDriver(
-        RolloutStore(store), signer, publisher.publish, owner, cfg.ingest.topic_prefix, cfg.driver_tick_s
+        RolloutStore(store, cfg.lease_s),
+        signer,
+        publisher.publish,
+        owner,
+        cfg.ingest.topic_prefix,
+        cfg.driver_tick_s,
     )
     return driver, publisher
 

@@ -65,10 +65,13 @@ def rollback_id(rollout_id: str) -> str:
     return f"{rollout_id}.rollback"
 
 
-def in_soak(waves: Sequence[Wave], current: int, now: float) -> bool:
-    """Whether the current wave is settled and its metrics are being watched."""
+def judging(waves: Sequence[Wave], current: int, now: float, last_judged: float, every_s: float) -> bool:
+    """Whether the current wave's metrics are to be judged now: while it soaks, every
+    ``every_s``, and always on the tick its soak ends (the one that would start the next wave)."""
     w = waves[current] if current < len(waves) else None
-    return w is not None and w.completed_at is not None and (w.soak_until or 0) > now
+    if w is None or w.completed_at is None:
+        return False
+    return (w.soak_until or 0) <= now or now - last_judged >= every_s
 
 
 def decide(

@@ -137,11 +137,11 @@ class RolloutDriver:
     def _samples_if_due(
         self, conn: Connection, rollout: Rollout, waves: list[Wave], devices: list[DeviceRow], now: float
     ) -> dict[str, Samples] | None:
-        """The current wave's confirmed devices' metrics before and after, while it soaks,
-        at most every REGRESSION_EVERY_S."""
-        if rollout.state != RUNNING or not decide.in_soak(waves, rollout.current_wave, now):
-            return None
-        if now - self._judged.get(rollout.rollout_id, 0.0) < REGRESSION_EVERY_S:
+        """The current wave's confirmed devices' metrics before and after, while it soaks
+        (at most every REGRESSION_EVERY_S, and once more when the soak ends)."""
+        last = self._judged.get(rollout.rollout_id, 0.0)
+        every = min(REGRESSION_EVERY_S, rollout.spec.rules.soak_s / 4)
+        if rollout.state != RUNNING or not decide.judging(waves, rollout.current_wave, now, last, every):
             return None
         self._judged[rollout.rollout_id] = now
         wave = [

@@ -1,0 +1,136 @@
+"""Rollouts end to end: a real broker, simulated devices (fleet/simulator) that verify every
+signed instruction and answer with a real agent's update events, the real ingest worker and
+store, the rollout driver with its real publisher, and the API to start and steer them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.localbroker import LocalBroker
+from fleet.simulator.config import Shares
+from fleet.simulator.fleet import Fleet
+from tests.rollout_support import FleetService, sim_config
+
+
+@pytest.fixture()
+def prefix() -> str:
+    return f"ro{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture()
+def service(broker: LocalBroker, tmp_path: Path, prefix: str) -> Iterator[FleetService]:
+    s = FleetService(broker.url, str(tmp_path / "fleet.sqlite3"), tmp_path, prefix)
+    yield s
+    s.close()
+
+
+def instructed(sim: Fleet, rollout_id: str) -> dict[str, int]:
+    """Verified instructions of this rollout each device received."""
+    return {
+        v.id: v.counters.rollouts.get(rollout_id, 0)
+        for v in sim.devices()
+        if v.counters.rollouts.get(rollout_id)
+    }
+
+
+def test_a_failing_canary_halts_the_rollout_and_nothing_more_is_sent(
+    broker: LocalBroker, service: FleetService, prefix: str
+) -> None:
+    with Fleet(sim_config(broker.url, prefix, 20, shares=Shares(fail=0.2))) as sim:
+        failing = sim.with_fate("fail")[:2]
+        canary = failing + [d for d in sim.ids if sim.fates[d] == "ok"][:8]  # 2 of 10 fail: 20 %
+        service.devices_known(sim.ids)
+        rid = service.start(canary=canary, waves="50%,100%", rules={"soak_s": 1})
+        doc = service.wait(rid, lambda d: d["state"] != "running", 30)
+        assert doc["state"] == "halted"
+        halt = doc["halt"]
+        assert (
+            halt["rule"] == "failure_rate"
+            and halt["wave"] == 0
+            and sorted(halt["devices"]) == sorted(failing)
+        )
+        assert halt["figures"]["devices"] == 10 and halt["figures"]["failed"] >= 2
+        assert "failed or rolled back" in halt["message"]
+        time.sleep(2.0)  # the driver keeps ticking: a halted rollout sends nothing more
+        assert set(instructed(sim, rid)) <= set(canary)
+        states = service.device_states(rid)
+        assert {states[d] for d in failing} == {"failed"}
+        assert {states[d] for d in sim.ids if d not in canary} == {"pending"}
+        assert service.doc(rid)["state"] == "halted"
+
+
+def test_a_tokens_per_s_regression_halts_the_rollout(
+    broker: LocalBroker, service: FleetService, prefix: str
+) -> None:
+    config = sim_config(broker.url, prefix, 8, shares=Shares(regress=1.0), regress_factor=0.5)
+    with Fleet(config) as sim:
+        service.devices_known(sim.ids)
+        time.sleep(1.5)  # a few metrics records before the instruction: the devices' baseline
+        rules = {"soak_s": 3, "min_samples": 2, "baseline_s": 60}
+        rid = service.start(canary=sim.ids[:4], waves="100%", rules=rules)
+        doc = service.wait(rid, lambda d: d["state"] != "running", 40)
+        assert doc["state"] == "halted", doc
+        halt = doc["halt"]
+        assert halt["rule"] == "tokens_per_s" and halt["wave"] == 0
+        assert sorted(halt["devices"]) == sorted(sim.ids[:4])
+        assert 0.4 <= halt["figures"]["median_ratio"] <= 0.6  # the simulator halves tokens/s
+        assert set(instructed(sim, rid)) == set(sim.ids[:4])
+
+
+def test_pause_resume_then_rollback(broker: LocalBroker, service: FleetService, prefix: str) -> None:
+    with Fleet(sim_config(broker.url, prefix, 12, step_delay_s=0.2)) as sim:
+        service.devices_known(sim.ids)
+        rid = service.start(waves="25%,50%,100%", rules={"soak_s": 0.5})
+        service.wait(rid, lambda d: d["waves"][0]["started_at"] is not None, 20)
+        paused = service.act(rid, "pause")
+        assert paused["state"] == "paused"
+        sent = instructed(sim, rid)
+        time.sleep(2.5)  # long enough for wave 0 to settle and its soak to end
+        assert instructed(sim, rid) == sent, "a paused rollout sent instructions"
+        assert len(sent) == 3 and service.doc(rid)["current_wave"] == 0
+        service.act(rid, "resume")
+        doc = service.wait(rid, lambda d: d["state"] == "completed", 40)
+        assert doc["counts"] == {"confirmed": 12}
+        assert instructed(sim, rid) == dict.fromkeys(sim.ids, 1)
+        assert {v.pack["version"] for v in sim.devices()} == {"0.0.2"}
+        service.act(rid, "rollback")
+        doc = service.wait(rid, lambda d: d["state"] == "rolled_back", 40)
+        assert {d.rb_state for d in service.rollouts.devices(rid)} == {"confirmed"}
+        assert {v.pack["version"] for v in sim.devices()} == {"0.0.1"}
+        assert instructed(sim, f"{rid}.rollback") == dict.fromkeys(sim.ids, 1)
+
+
+def test_abort_stops_for_good(broker: LocalBroker, service: FleetService, prefix: str) -> None:
+    with Fleet(sim_config(broker.url, prefix, 10)) as sim:
+        service.devices_known(sim.ids)
+        rid = service.start(waves="2,all", rules={"soak_s": 60})
+        service.wait(rid, lambda d: d["waves"][0]["completed_at"] is not None, 20)
+        doc = service.act(rid, "abort")
+        assert doc["state"] == "aborted" and doc["counts"] == {"confirmed": 2, "aborted": 8}
+        time.sleep(1.5)
+        assert len(instructed(sim, rid)) == 2
+        assert service.client.post(f"/api/v1/rollouts/{rid}/resume", headers=service.admin).status_code == 409
+
+
+def test_devices_offline_when_their_wave_starts_are_updated_when_they_return(
+    broker: LocalBroker, service: FleetService, prefix: str
+) -> None:
+    with Fleet(sim_config(broker.url, prefix, 10)) as sim:
+        service.devices_known(sim.ids)
+        away = sim.ids[:3]
+        sim.take_offline(away)  # the broker publishes their wills: offline
+        sim.wait_offline(away)
+        time.sleep(1.0)
+        rid = service.start(waves="100%", rules={"soak_s": 0.5})
+        doc = service.wait(rid, lambda d: d["counts"].get("confirmed") == 7, 30)
+        assert doc["counts"] == {"offline_waiting": 3, "confirmed": 7} and doc["state"] == "running"
+        assert not set(instructed(sim, rid)) & set(away)
+        sim.bring_online(away)
+        doc = service.wait(rid, lambda d: d["state"] == "completed", 30)
+        assert doc["counts"] == {"confirmed": 10}
+        assert instructed(sim, rid) == dict.fromkeys(sim.ids, 1)
