@@ -4,17 +4,23 @@ store, the rollout driver with its real publisher, and the API to start and stee
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.localbroker import LocalBroker
 from fleet.simulator.config import Shares
 from fleet.simulator.fleet import Fleet
-from tests.rollout_support import FleetService, sim_config
+from tests.fleet_api_support import ServiceProcess, cli, tokens_file
+from tests.operators import default_operator
+from tests.rollout_support import FleetService, sim_config, wait_for
+from tests.test_fleet_telemetry import pg_database, pg_url  # noqa: F401  (fixtures)
 
 
 @pytest.fixture()
@@ -134,3 +140,71 @@ def test_devices_offline_when_their_wave_starts_are_updated_when_they_return(
         doc = service.wait(rid, lambda d: d["state"] == "completed", 30)
         assert doc["counts"] == {"confirmed": 10}
         assert instructed(sim, rid) == dict.fromkeys(sim.ids, 1)
+
+
+def test_the_driver_killed_mid_rollout_another_service_takes_over_without_a_duplicate(
+    broker: LocalBroker,
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    """Two `edge-fleet service` processes on one PostgreSQL and one broker, both with the
+    signing key: one holds the rollout's lease; SIGKILL it mid-rollout and the other finishes
+    the rollout, and every device acted on exactly one instruction of it."""
+    tokens, _, admin = tokens_file(tmp_path)
+    (tmp_path / "admin.token").write_text(admin)
+    common = ["--db", pg_url, "--broker", broker.url, "--topic-prefix", prefix, "--group", f"g{prefix}"]
+    driving = ["--signing-key", str(default_operator().private), "--lease", "2", "--driver-tick", "0.2"]
+    services = {
+        n: ServiceProcess([*common, *driving, "--client-id", f"{prefix}-svc{n}", "--tokens", str(tokens)])
+        for n in (1, 2)
+    }
+    try:
+        for s in services.values():
+            s.wait_ready()
+        with Fleet(sim_config(broker.url, prefix, 30, step_delay_s=0.15)) as sim:
+            api = ["--api", services[1].url, "--token-file", str(tmp_path / "admin.token")]
+            wait_for(lambda: _registry_size(services[1].url, admin) == 30, 30, "devices in the registry")
+            started = cli(
+                "rollout",
+                "start",
+                *api,
+                "--target",
+                "tiny@0.0.2",
+                "--waves",
+                "20%,60%,100%",
+                "--soak",
+                "0.5",
+                "--json",
+            )
+            assert started.returncode == 0, started.stderr
+            rid = json.loads(started.stdout)["id"]
+
+            def doc() -> dict[str, Any]:
+                shown = cli("rollout", "status", rid, *api, "--json")
+                assert shown.returncode == 0, shown.stderr
+                return dict(json.loads(shown.stdout))
+
+            wait_for(lambda: doc()["current_wave"] >= 1, 30, "wave 1 to start")
+            owner = doc()["driver"]["owner"]
+            victim = next(n for n in services if owner.startswith(f"{prefix}-svc{n}-"))
+            services[victim].proc.kill()  # SIGKILL: no lease released, maybe mid-publish
+            services[victim].proc.wait(10)
+            survivor = 3 - victim
+            wait_for(lambda: doc()["state"] == "completed", 60, lambda: str(doc()))
+            final = doc()
+            assert final["counts"] == {"confirmed": 30}
+            assert final["driver"]["owner"].startswith(f"{prefix}-svc{survivor}-")
+            assert instructed(sim, rid) == dict.fromkeys(sim.ids, 1)  # acted on once, each
+            text = cli("rollout", "status", rid, *api)
+            assert "[completed]" in text.stdout and "confirmed 30" in text.stdout
+    finally:
+        for s in services.values():
+            if s.proc.poll() is None:
+                s.stop()
+
+
+def _registry_size(url: str, token: str) -> int:
+    request = urllib.request.Request(f"{url}/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return int(json.loads(r.read())["count"])
