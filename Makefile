@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-installed
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
-.PHONY: install pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt mosquitto clean-cache
+.PHONY: install pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt mosquitto browser clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,15 @@ mosquitto:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto) >/dev/null; \
 	  else echo "mosquitto is missing: sudo apt-get install -y mosquitto"; exit 1; fi; }
 
-test: pack mosquitto
+# Debian's chromium and its chromedriver, for tests/test_dashboard.py (a headless browser that
+# Selenium drives through /usr/bin/chromedriver; nothing is downloaded at test time).
+browser:
+	@command -v chromium >/dev/null 2>&1 && [ -x /usr/bin/chromedriver ] || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; \
+	  else echo "chromium is missing: sudo apt-get install -y chromium chromium-driver"; exit 1; fi; }
+
+test: pack mosquitto browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The device side on emulated arm64 boards (Pi 4: Cortex-A72, Pi 5: Cortex-A76) under qemu-user:
