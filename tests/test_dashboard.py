@@ -50,7 +50,7 @@ def test_the_shell_is_served_without_a_token_with_a_strict_csp(client: TestClien
     assert client.get("/dashboard", follow_redirects=False).headers["location"] == "/dashboard/"
     page = client.get("/dashboard/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for name in ("", "app.js", "api.js", "charts.js", "style.css", "favicon.svg"):
+    for name in ("", "app.js", "api.js", "view.js", "device.js", "charts.js", "style.css", "favicon.svg"):
         r = client.get(f"/dashboard/{name}")
         assert r.status_code == 200, name
         assert r.headers["content-security-policy"] == CSP
@@ -64,7 +64,8 @@ def test_the_shell_is_served_without_a_token_with_a_strict_csp(client: TestClien
 
 def test_the_static_files_hold_no_inline_script_and_reach_no_other_host() -> None:
     files = static_files()
-    assert {"index.html", "app.js", "api.js", "charts.js", "style.css"} <= set(files)
+    pages = {"app.js", "api.js", "view.js", "summary.js", "rollout.js", "device.js", "charts.js"}
+    assert {"index.html", "style.css", *pages} <= set(files)
     html = files["index.html"][0].decode()
     scripts = re.findall(r"<script\b[^>]*>", html)
     assert scripts and all(" src=" in s for s in scripts)  # no inline script (CSP refuses it)
@@ -92,6 +93,13 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 15.0) -> An
             last = exc
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} ({last!r})")
+
+
+def click(driver: Any, css: str) -> None:
+    """Click what ``css`` finds, finding it again if the page redrew it in between."""
+    from selenium.webdriver.common.by import By
+
+    wait_for(lambda: driver.find_element(By.CSS_SELECTOR, css).click() or True, f"to click {css}")
 
 
 def table_counts(driver: Any, table_id: str) -> dict[str, int]:
@@ -146,14 +154,14 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
         assert driver.current_url == f"{service.url}/dashboard/"
         field = wait_for(lambda: driver.find_element(By.NAME, "token"), "the token form")
         field.send_keys("not-a-token")
-        driver.find_element(By.CSS_SELECTOR, "form.token button").click()
+        click(driver, "form.token button")
         message = wait_for(
             lambda: driver.find_element(By.CSS_SELECTOR, "form.token [data-role=message]:not([hidden])"),
             "the API's 401 on the token form",
         )
         assert message.text.startswith("unauthorized: "), message.text
         driver.find_element(By.NAME, "token").send_keys(admin)
-        driver.find_element(By.CSS_SELECTOR, "form.token button").click()
+        click(driver, "form.token button")
 
         # ------------------------------------------------ #/ : the figures the store holds
         wait_for(
@@ -225,7 +233,7 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
         )
         assert {r.get_attribute("data-id") for r in listed} == {"gh-1", "gh-2", "gh-3"}
         assert driver.find_element(By.CSS_SELECTOR, "[data-action=resume]").get_attribute("disabled")
-        driver.find_element(By.CSS_SELECTOR, "[data-action=pause]").click()
+        click(driver, "[data-action=pause]")
         wait_for(lambda: api.get(f"/rollouts/{rollout['id']}")["state"] == "paused", "the API to say paused")
         wait_for(
             lambda: driver.find_element(By.ID, "rollout-state").text == "paused", "the page to say paused"
@@ -236,13 +244,13 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
 
         # ------------------------------------------------ a refused action shows the API's error
         driver.execute_script("document.querySelector('[data-action=pause]').disabled = false")
-        driver.find_element(By.CSS_SELECTOR, "[data-action=pause]").click()
+        click(driver, "[data-action=pause]")
         banner = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#error:not([hidden])"), "the 409")
         assert banner.text.startswith("bad_state: "), banner.text
-        driver.find_element(By.CSS_SELECTOR, "[data-action=resume]").click()
+        click(driver, "[data-action=resume]")
         wait_for(lambda: api.get(f"/rollouts/{rollout['id']}")["state"] == "running", "resumed")
         wait_for(lambda: driver.find_element(By.ID, "rollout-state").text == "running", "the page resumed")
-        driver.find_element(By.CSS_SELECTOR, "[data-action=pause]").click()
+        click(driver, "[data-action=pause]")
         wait_for(lambda: api.get(f"/rollouts/{rollout['id']}")["state"] == "paused", "paused again")
 
         # ------------------------------------------------ start one from the form, abort it (a confirm)
@@ -263,7 +271,7 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
             "root",
         )
         assert started["counts"] == {"pending": 2}
-        driver.find_element(By.CSS_SELECTOR, "[data-action=abort]").click()
+        click(driver, "[data-action=abort]")
         driver.switch_to.alert.accept()
         wait_for(
             lambda: api.get(f"/rollouts/{started['id']}")["state"] == "aborted", "the API to say aborted"
@@ -273,11 +281,11 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
         # ------------------------------------------------ a read token sees everything, may change nothing
         driver.find_element(By.ID, "forget").click()
         wait_for(lambda: driver.find_element(By.NAME, "token"), "the token form").send_keys(read)
-        driver.find_element(By.CSS_SELECTOR, "form.token button").click()
+        click(driver, "form.token button")
         wait_for(
             lambda: driver.find_element(By.ID, "rollout-state").text == "paused", "the rollout, read-only"
         )
-        driver.find_element(By.CSS_SELECTOR, "[data-action=resume]").click()
+        click(driver, "[data-action=resume]")
         banner = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#error:not([hidden])"), "the 403")
         assert banner.text.startswith("forbidden: "), banner.text
         assert api.get(f"/rollouts/{rollout['id']}")["state"] == "paused"
