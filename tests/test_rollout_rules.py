@@ -144,6 +144,14 @@ def test_a_tokens_per_s_drop_halts_with_the_figures() -> None:
 
 def test_no_regression_without_enough_samples_or_change() -> None:
     r = Rules(min_samples=2)
+    one_of_three = {
+        "slow": rules.Samples([metrics(100)] * 2, [metrics(10)] * 2),
+        "quiet": rules.Samples([metrics(100)] * 2, []),
+        "new": rules.Samples([], [metrics(100)] * 2),
+    }
+    assert rules.regression(0, one_of_three, r) is None  # one of three judged: too few to say
+    one_of_two = {"slow": one_of_three["slow"], "quiet": one_of_three["quiet"]}
+    assert rules.regression(0, one_of_two, r) is not None
     assert rules.regression(0, {"d": rules.Samples([metrics(100)], [metrics(10), metrics(10)])}, r) is None
     steady = {"d": rules.Samples([metrics(100)] * 3, [metrics(95)] * 3)}
     assert rules.regression(0, steady, r) is None

@@ -107,8 +107,13 @@ def test_a_huge_or_broken_body_is_refused(api: Api) -> None:
     client, _, admin = api
     r = client.post("/api/v1/rollouts", content=b"{" + b" " * 70_000, headers=admin)
     assert r.json()["error"]["code"] == "too_large"
-    r = client.post("/api/v1/rollouts", content=b"\xff", headers=admin)
-    assert r.json()["error"]["code"] == "bad_request"
+    for bad in (
+        b"\xff",
+        b"[" * 60_000,
+        b'{"target": "tiny@0.0.2", "rules": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ):
+        r = client.post("/api/v1/rollouts", content=bad, headers=admin)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "bad_request")  # not a 500
 
 
 def test_transitions_and_their_refusals(api: Api, store: TelemetryStore) -> None:

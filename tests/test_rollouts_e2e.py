@@ -83,7 +83,8 @@ def test_a_tokens_per_s_regression_halts_the_rollout(
         assert doc["state"] == "halted", doc
         halt = doc["halt"]
         assert halt["rule"] == "tokens_per_s" and halt["wave"] == 0
-        assert sorted(halt["devices"]) == sorted(sim.ids[:4])
+        assert set(halt["devices"]) <= set(sim.ids[:4]) and halt["figures"]["devices_judged"] >= 2
+        assert len(halt["devices"]) == halt["figures"]["devices_judged"]  # every one judged got slower
         assert 0.4 <= halt["figures"]["median_ratio"] <= 0.6  # the simulator halves tokens/s
         assert set(instructed(sim, rid)) == set(sim.ids[:4])
 

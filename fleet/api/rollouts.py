@@ -101,7 +101,7 @@ async def _json_body(request: Request) -> Any:
             raise RolloutError("too_large", f"the request body is over {MAX_BODY} bytes")
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nesting
         raise RolloutError("bad_request", "the body must be a JSON object") from None
 
 

@@ -65,7 +65,7 @@ class RolloutDriver:
         """One pass over the rollouts; returns those whose lease this driver holds."""
         held: set[str] = set()
         try:
-            driven = self.rollouts.driven()
+            driven = self.rollouts.tracked()
         except TRANSIENT as exc:
             log.warning("rollout_store_retry", error=str(exc).splitlines()[0][:200])
             return held

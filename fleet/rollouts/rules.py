@@ -5,11 +5,13 @@ Regressions compare each updated device with itself: its metrics records in the 
 its instruction against those after it confirmed the new pack (so a slow board is compared
 with its own past, not with a fast one). A device needs ``min_samples`` records carrying the
 figure on each side to count. The fleet-level figure is the median over devices of each
-device's change, so one noisy board neither halts a rollout nor hides a real regression.
+device's change, so one noisy board neither halts a rollout nor hides a real regression, and
+no verdict is given before half of the wave's updated devices can be judged.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +21,9 @@ from fleet.rollouts import states
 from fleet.rollouts.spec import Rules
 
 NOT_ERRORS = ("ok", "queued")  # request outcomes that are not failures
+# A verdict needs this share of the wave's updated devices to have the figure on both sides:
+# the first one to report must not halt (or pass) a wave alone.
+MIN_JUDGED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,8 @@ def _judge(
             continue
         change = after / before if how == "ratio" else after - before
         changes[device] = (before, after, change)
-    if not changes:
-        return None
+    if not changes or len(changes) < math.ceil(MIN_JUDGED_SHARE * len(samples)):
+        return None  # too few of the wave's updated devices reported it yet to say
     median = statistics.median(c for _, _, c in changes.values())
     broken = median < limit if bad == "below" else median > limit
     if not broken:

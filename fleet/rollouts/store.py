@@ -32,7 +32,8 @@ from fleet.telemetry.store import TelemetryStore
 RUNNING, PAUSED, HALTED, ABORTED, COMPLETED = "running", "paused", "halted", "aborted", "completed"
 ROLLING_BACK, ROLLED_BACK = "rolling_back", "rolled_back"
 ROLLOUT_STATES = (RUNNING, PAUSED, HALTED, ABORTED, COMPLETED, ROLLING_BACK, ROLLED_BACK)
-DRIVEN = (RUNNING, ROLLING_BACK)  # a driver acts on these only
+# a driver follows these rollouts' devices (and sends for running and rolling_back ones only)
+TRACKED = (RUNNING, ROLLING_BACK, PAUSED, HALTED)
 # what a person may ask, and from which states
 TRANSITIONS = {
     "pause": ((RUNNING,), PAUSED),
@@ -210,10 +211,18 @@ class RolloutStore:
             rows = conn.execute(select(schema.rollouts).order_by(R.created_at.desc()).limit(limit)).all()
         return [_rollout(r._mapping) for r in rows]
 
-    def driven(self) -> list[str]:
-        """The rollouts a driver acts on now."""
+    def tracked(self) -> list[str]:
+        """The rollouts a driver tracks now: those it may send for, those a person may carry
+        on (paused, halted: their devices in flight still report), and aborted ones while a
+        device is in flight. Completed and rolled back ones are done."""
+        in_flight = (
+            select(D.device_id)
+            .where(D.rollout_id == R.rollout_id, D.state.in_(sorted(states.IN_FLIGHT)))
+            .exists()
+        )
+        live = or_(R.state.in_(TRACKED), and_(R.state == ABORTED, in_flight))
         with self.engine.connect() as conn:
-            return list(conn.execute(select(R.rollout_id).where(R.state.in_(DRIVEN))).scalars())
+            return list(conn.execute(select(R.rollout_id).where(live)).scalars())
 
     def waves(self, rollout_id: str) -> list[Wave]:
         with self.engine.connect() as conn:
@@ -281,12 +290,12 @@ class RolloutStore:
     # ------------------------------------------------------------------ the driver's lease
 
     def acquire(self, rollout_id: str, owner: str, now: float) -> bool:
-        """Take (or keep) the lease of a driven rollout whose lease is free or expired."""
+        """Take (or keep) the lease of a tracked rollout whose lease is free or expired."""
         stmt = (
             update(schema.rollouts)
             .where(
                 R.rollout_id == rollout_id,
-                R.state.in_(DRIVEN),
+                R.state.in_((*TRACKED, ABORTED)),
                 or_(R.lease_owner.is_(None), R.lease_owner == owner, R.lease_until < now),
             )
             .values(lease_owner=owner, lease_until=now + self.lease_s)
