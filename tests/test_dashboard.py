@@ -110,12 +110,12 @@ def table_counts(driver: Any, table_id: str) -> dict[str, int]:
 
 
 def browser_errors(driver: Any) -> list[str]:
-    """Console errors but the failed API calls the test makes on purpose (401, 409)."""
+    """Console errors but the failed API calls the test makes on purpose (401, 409, 422)."""
     entries = driver.get_log("browser")
     return [
         e["message"]
         for e in entries
-        if e["level"] == "SEVERE" and not re.search(r"status of (401|409)", e["message"])
+        if e["level"] == "SEVERE" and not re.search(r"status of (401|409|422)", e["message"])
     ]
 
 
@@ -186,7 +186,22 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
         full_page_screenshot(driver, shots / "summary.png")
 
         # ------------------------------------------------ #/devices/gh-1 : charts over six hours, gaps
-        driver.find_element(By.LINK_TEXT, "gh-1").click()
+        # the registry by selector; a bad one shows the API's error in place
+        def listed_ids() -> list[str]:
+            rows = driver.find_elements(By.CSS_SELECTOR, "#device-list tbody tr[data-id]")
+            return [r.get_attribute("data-id") for r in rows]
+
+        driver.find_element(By.CSS_SELECTOR, "#device-selector input").send_keys("tag=lab")
+        click(driver, "#device-selector button")
+        wait_for(lambda: listed_ids() == ["lab-1", "lab-2"], "the devices tag=lab selects")
+        field = driver.find_element(By.CSS_SELECTOR, "#device-selector input")
+        field.clear()
+        field.send_keys("colour=red")
+        click(driver, "#device-selector button")
+        refused = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#devices p.error"), "bad_selector")
+        assert refused.text.startswith("bad_selector: "), refused.text
+        driver.get(f"{service.url}/dashboard/#/")
+        wait_for(lambda: driver.find_element(By.LINK_TEXT, "gh-1"), "the registry").click()
         wait_for(lambda: "Device gh-1" in driver.find_element(By.TAG_NAME, "h1").text, "the device page")
         chart = wait_for(
             lambda: driver.find_element(By.CSS_SELECTOR, "#chart-rss svg.chart"), "the RSS chart"

@@ -20,7 +20,9 @@ import {
   when,
 } from "./view.js";
 
-export async function summaryPage() {
+const DEVICES_SHOWN = 500;
+
+export async function summaryPage(_, params) {
   setCrumbs(link("#/", "Fleet"));
   const summary = await api("/summary", { params: { window: "24h" } });
   const counted = (title, what, id, counts) => {
@@ -67,7 +69,16 @@ export async function summaryPage() {
       { class: "card" }),
     ),
     section("Rollouts", () => api("/rollouts"), (r) => h("div", {}, rolloutsTable(r.rollouts), startForm()), { id: "rollouts" }),
-    section("Devices", () => api("/devices", { params: { limit: 500 } }), (d) => devicesTable(d.devices), { id: "devices" }),
+    h(
+      "section",
+      { id: "devices" },
+      h("h2", {}, "Devices ", selectorForm(params.get("selector") ?? "")),
+      section(
+        null,
+        () => api("/devices", { params: { selector: params.get("selector"), limit: DEVICES_SHOWN } }),
+        (d) => devicesTable(d.devices, summary.devices),
+      ),
+    ),
   );
 }
 
@@ -119,7 +130,24 @@ function startForm() {
   return h("details", { class: "start" }, h("summary", {}, "Start a rollout (admin token)"), form);
 }
 
-function devicesTable(devices) {
+// The registry by selector (docs/fleet.md#registry-and-selectors), kept in the route: #/?selector=S
+function selectorForm(value) {
+  const input = h("input", {
+    name: "selector",
+    value,
+    placeholder: "selector: tag=greenhouse,state=online",
+    spellcheck: "false",
+  });
+  const form = h("form", { class: "selector", id: "device-selector" }, input, h("button", { type: "submit" }, "Filter"));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const selector = input.value.trim();
+    location.hash = selector ? `#/?selector=${encodeURIComponent(selector)}` : "#/";
+  });
+  return form;
+}
+
+function devicesTable(devices, total) {
   const rows = devices.map((d) =>
     h(
       "tr",
@@ -133,5 +161,7 @@ function devicesTable(devices) {
       h("td", { title: when(d.last_seen) }, ago(d.last_seen)),
     ),
   );
-  return table(["device", "state", "pack", "agent", "hardware", "tags", "last seen"], rows, { id: "device-list" });
+  const listed = table(["device", "state", "pack", "agent", "hardware", "tags", "last seen"], rows, { id: "device-list" });
+  const more = devices.length === DEVICES_SHOWN && total > DEVICES_SHOWN;
+  return h("div", {}, listed, more ? h("p", { class: "muted" }, `the first ${DEVICES_SHOWN} of ${total}: narrow with a selector`) : null);
 }
