@@ -97,6 +97,7 @@ def _driver(cfg: ServiceConfig, store: TelemetryStore) -> tuple[RolloutDriver, P
         RolloutStore(store, cfg.lease_s),
         signer,
         publisher.publish,
+        publisher.refusals,
         owner,
         cfg.ingest.topic_prefix,
         cfg.driver_tick_s,

@@ -62,7 +62,13 @@ class FleetService:
         self.rollouts = RolloutStore(self.store, lease_s)
         signer = Signer(signing_key(default_operator().private))
         self.driver = RolloutDriver(
-            self.rollouts, signer, self.publisher.publish, f"driver-{tag}", prefix, 0.2
+            self.rollouts,
+            signer,
+            self.publisher.publish,
+            self.publisher.refusals,
+            f"driver-{tag}",
+            prefix,
+            0.2,
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.driver.run, args=(self._stop,), daemon=True)

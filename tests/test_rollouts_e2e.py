@@ -18,7 +18,7 @@ from agent.localbroker import LocalBroker
 from fleet.simulator.config import Shares
 from fleet.simulator.fleet import Fleet
 from tests.fleet_api_support import ServiceProcess, cli, tokens_file
-from tests.operators import default_operator
+from tests.operators import Operator, default_operator
 from tests.rollout_support import FleetService, sim_config, wait_for
 from tests.test_fleet_telemetry import pg_database, pg_url  # noqa: F401  (fixtures)
 
@@ -209,3 +209,22 @@ def _registry_size(url: str, token: str) -> int:
     request = urllib.request.Request(f"{url}/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=5) as r:
         return int(json.loads(r.read())["count"])
+
+
+def test_devices_that_refuse_the_fleets_key_fail_at_once_with_the_reason(
+    broker: LocalBroker, service: FleetService, prefix: str, tmp_path: Path
+) -> None:
+    """Devices provisioned with another operator key answer `unauthorized`; the driver reads
+    that reply (its own response topic) instead of waiting for the response timeout."""
+    stranger = Operator(tmp_path)
+    with Fleet(sim_config(broker.url, prefix, 4, operator_keys=(stranger.pub,))) as sim:
+        service.devices_known(sim.ids)
+        rid = service.start(canary=sim.ids[:2], waves="100%")
+        doc = service.wait(rid, lambda d: d["state"] != "running", 20)
+        assert doc["state"] == "halted" and doc["halt"]["rule"] == "failure_rate"
+        rows = service.rollouts.devices(rid)
+        assert {(r.state, r.reason_code) for r in rows if r.wave == 0} == {("failed", "unauthorized")}
+        assert all(r.reason and r.reason.startswith("refused: ") for r in rows if r.wave == 0)
+        assert {v.id: v.counters.refusals["unauthorized"] for v in sim.devices()} == {
+            d: 1 if d in sim.ids[:2] else 0 for d in sim.ids
+        }

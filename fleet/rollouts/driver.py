@@ -24,7 +24,7 @@ from sqlalchemy import Connection, and_, select
 from fleet.rollouts import decide, states
 from fleet.rollouts.errors import LeaseLost
 from fleet.rollouts.rules import Samples
-from fleet.rollouts.sender import Signer
+from fleet.rollouts.sender import Refusal, Signer
 from fleet.rollouts.store import ROLLING_BACK, RUNNING, DeviceRow, Rollout, RolloutStore, Wave
 from fleet.telemetry import schema
 from fleet.telemetry.ingest import TRANSIENT
@@ -32,7 +32,11 @@ from fleet.telemetry.ingest import TRANSIENT
 log = structlog.get_logger("fleet.rollouts.driver")
 EVENT_SLACK_S = 30.0  # events are re-read this far back: workers commit out of receive order
 REGRESSION_EVERY_S = 5.0  # how often a soaking wave's metrics are read again
-Publish = Callable[[Sequence[tuple[str, str]]], list[bool]]  # (topic, payload) -> acknowledged
+# (topic, payload, "ROLLOUT_ID DEVICE_ID") -> acknowledged by the broker
+Publish = Callable[[Sequence[tuple[str, str, str]]], list[bool]]
+# the devices' error replies to this driver's instructions since the last call
+Refusals = Callable[[], list[Refusal]]
+IGNORED_REFUSALS = ("replayed",)  # a republished instruction the device had already acted on
 
 
 class RolloutDriver:
@@ -41,12 +45,15 @@ class RolloutDriver:
         rollouts: RolloutStore,
         signer: Signer,
         publish: Publish,
+        refusals: Refusals,
         owner: str,
         topic_prefix: str = "edge",
         tick_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rollouts, self.signer, self.publish, self.owner = rollouts, signer, publish, owner
+        self.refusals = refusals
+        self._refused: dict[str, list[decide.Event]] = {}  # rollout -> refusals not yet folded in
         self.prefix, self.tick_s, self.clock = topic_prefix.strip("/"), tick_s, clock
         self._cursor: dict[str, float] = {}  # rollout -> newest event received_at folded
         self._judged: dict[str, float] = {}  # rollout -> when its metrics were last judged
@@ -86,8 +93,18 @@ class RolloutDriver:
                 log.exception("rollout_step_failed", rollout=rollout_id)
         return held
 
+    def _take_refusals(self) -> None:
+        for r in self.refusals():
+            if r.code in IGNORED_REFUSALS:
+                continue
+            rollback = r.rollout_id.endswith(".rollback")
+            rid = r.rollout_id.removesuffix(".rollback")
+            event = decide.Event(r.device_id, rollback, "rejected", r.code, f"refused: {r.message}")
+            self._refused.setdefault(rid, []).append(event)
+
     def step(self, rollout_id: str) -> None:
-        events = self._events(rollout_id)
+        self._take_refusals()
+        events = self._events(rollout_id) + self._refused.pop(rollout_id, [])
         seen = self._seen(rollout_id)
         now = self.clock()
         with self.rollouts.fenced(rollout_id, self.owner, now) as conn:
@@ -218,7 +235,13 @@ class RolloutDriver:
             log.info("rollout_changed", rollout=rid, **{k: str(v)[:300] for k, v in decision.rollout.items()})
 
     def _publish(self, rollout_id: str, outgoing: list[tuple[str, str, bool]]) -> None:
-        acked = self.publish([(f"{self.prefix}/{device}/update", env) for device, env, _ in outgoing])
+        back = decide.rollback_id(rollout_id)
+        acked = self.publish(
+            [
+                (f"{self.prefix}/{device}/update", env, f"{back if rb else rollout_id} {device}")
+                for device, env, rb in outgoing
+            ]
+        )
         now = self.clock()
         done = [
             {"device_id": device, ("rb_published_at" if rb else "published_at"): now}
