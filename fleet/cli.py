@@ -19,6 +19,7 @@ edge-fleet devices [--selector S] | device show ID | metrics --metric M (--devic
 edge-fleet rollout start --target NAME@VERSION [--selector S] [--waves 1%,10%,50%,100%] [--canary ID,...]
 edge-fleet rollout status [ID] [--watch] | pause ID | resume ID | abort ID | rollback ID
     --api URL --token-file FILE                             (the service drives it: --signing-key)
+edge-fleet simulate --devices N --broker URL --operator-key PUB ...   (simulated devices, until SIGTERM)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from agent.transport.options import add_broker_options, request_client
 from fleet.errors import FleetError
 from fleet.operators import create_operator_key, signing_key
 from fleet.repository import FleetRepository
+from fleet.simulator import cli as simulator
 from model_packs import instructions
 from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
@@ -139,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     _ingest_parser(sub)
     _service_parsers(sub, dev)
     _rollout_parsers(sub)
+    simulator.register(sub)
     return p
 
 
@@ -298,6 +301,8 @@ def _run(args: argparse.Namespace) -> int:
         return _api_client(args)
     if args.group == "rollout":
         return _rollout(args)
+    if args.group == "simulate":
+        return simulator.run(args)
     if args.group == "serve":
         from fleet.serve import make_server
 

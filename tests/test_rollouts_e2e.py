@@ -228,3 +228,4 @@ def test_devices_that_refuse_the_fleets_key_fail_at_once_with_the_reason(
         assert {v.id: v.counters.refusals["unauthorized"] for v in sim.devices()} == {
             d: 1 if d in sim.ids[:2] else 0 for d in sim.ids
         }
+        assert sim.totals()["refusals"] == {"unauthorized": 2}

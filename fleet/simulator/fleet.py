@@ -170,7 +170,10 @@ class Fleet:
         """Every counter summed over the fleet (Counters merged), plus how many are connected."""
         out: dict[str, Any] = {}
         for view in self.devices():
-            for name, value in dataclasses.asdict(view.counters).items():
+            # not dataclasses.asdict: it rebuilds a Counter from its (key, count) pairs,
+            # counting the pairs instead of copying the counts
+            for name in (f.name for f in dataclasses.fields(view.counters)):
+                value = getattr(view.counters, name)
                 if isinstance(value, dict):
                     out[name] = out.get(name, Counter()) + Counter(value)
                 else:
