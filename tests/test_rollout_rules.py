@@ -3,6 +3,7 @@ and one driver tick decided from a store snapshot (fleet/rollouts/{spec,plan,sta
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -270,3 +271,31 @@ def test_rollback_sends_the_devices_that_took_the_new_pack_back() -> None:
     events = [decide.Event("took", True, "activated", None, None)]
     out = decide.decide(rollout("rolling_back"), waves, done, events, {"took": ONLINE}, 6.0)
     assert out.devices["took"]["rb_state"] == states.CONFIRMED and out.rollout == {"state": "rolled_back"}
+
+
+# ---------------------------------------------------------------- the contract in docs/rollouts.md
+
+
+def test_docs_name_every_device_state_rollout_state_and_rule() -> None:
+    from dataclasses import fields
+
+    from fleet.rollouts.store import ROLLOUT_STATES
+    from tests.test_docs import ROOT, rows_of
+
+    text = (ROOT / "docs" / "rollouts.md").read_text()
+    assert [r[0].strip("`") for r in rows_of(text, ["state", "meaning"])] == list(states.STATES)
+    assert [r[0].strip("`") for r in rows_of(text, ["state", "the driver", "a person may"])] == list(
+        ROLLOUT_STATES
+    )
+    documented = {r[0].split("`")[1] for r in rows_of(text, ["rule", "default", "halts when"])}
+    assert documented == {
+        "max_failure_rate",
+        "tokens_per_s_drop",
+        "ttft_rise",
+        "error_rate_rise",
+        "validation_rise",
+    }
+    for name in documented:
+        row = next(r for r in rows_of(text, ["rule", "default", "halts when"]) if f"`{name}`" in r[0])
+        assert float(row[1]) == getattr(Rules(), name)
+    assert {f.name for f in fields(Rules)} <= set(re.findall(r"`(\w+)`", text))
