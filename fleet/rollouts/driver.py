@@ -232,7 +232,8 @@ class RolloutDriver:
             decision.rollout["halt"] = decision.halt
         if decision.rollout:
             self.rollouts.set_rollout(conn, rid, now, **decision.rollout)
-            log.info("rollout_changed", rollout=rid, **{k: str(v)[:300] for k, v in decision.rollout.items()})
+            changed = {k: str(v)[:300] for k, v in decision.rollout.items() if k != "halt"}  # logged apart
+            log.info("rollout_changed", rollout=rid, **changed)
 
     def _publish(self, rollout_id: str, outgoing: list[tuple[str, str, bool]]) -> None:
         back = decide.rollback_id(rollout_id)
