@@ -8,6 +8,7 @@ sessions of one test never reach another.
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import statistics
@@ -266,7 +267,7 @@ def test_telemetry_numbers_records_from_one_and_the_ingest_accepts_every_batch(
             answers = record.data["answers"]
             assert answers["tokens_per_s_p50"] > 0 and set(answers["ttft_ms"]) == {"p50", "p95"}
             assert answers["latency_ms"]["p95"] >= answers["latency_ms"]["p50"] > answers["ttft_ms"]["p50"]
-            assert set(record.data["spool"]) == {"records", "oldest_ts", "dropped_total"}
+            assert set(record.data["spool"]) == {"records", "unacked", "oldest_ts", "dropped_total"}
         assert {r.data["pack"]["version"] for r in records} == {"1.0.0"}
 
 
@@ -472,10 +473,12 @@ def test_acks_are_accepted_ignored_or_refused_and_what_is_unacked_is_resent_afte
     rec.wait(lambda: fleet.device(device).acked == 4, "the ack")
     rec.publish(f"{root}/telemetry/ack", {"v": 1, "through_seq": 2})  # lower: ignored
     rec.publish(f"{root}/telemetry/ack", {"v": 1, "through_seq": 10**9})  # never sent: refused
-    rec.publish(f"{root}/telemetry/ack", {"v": 1, "through_seq": "5"})  # not an ack
-    rec.wait(lambda: sum(fleet.device(device).counters.acks.values()) == 4, "four acks handled")
+    rec.publish(f"{root}/telemetry/ack", {"v": 1, "through_seq": "5"})  # not acks
+    rec.publish(f"{root}/telemetry/ack", {"v": True, "through_seq": 5})
+    rec.publish(f"{root}/telemetry/ack", {"v": 1, "through_seq": -1})
+    rec.wait(lambda: sum(fleet.device(device).counters.acks.values()) == 6, "six acks handled")
     view = fleet.device(device)
-    assert view.counters.acks == {"accepted": 1, "ignored": 1, "refused": 1, "invalid": 1} and view.acked == 4
+    assert view.counters.acks == {"accepted": 1, "ignored": 1, "ahead": 1, "invalid": 3} and view.acked == 4
 
     fleet.take_offline([device])
     fleet.wait_offline([device])
@@ -495,6 +498,48 @@ def test_acks_are_accepted_ignored_or_refused_and_what_is_unacked_is_resent_afte
     assert fleet.device(fleet.ids[1]).counters.acks == {}
 
 
+def test_when_acks_stop_the_backlog_is_sent_again_and_broker_mode_forgets_at_puback(
+    broker: LocalBroker, fleets: Callable[..., Fleet], recorders: Callable[..., Recorder]
+) -> None:
+    cfg = config(broker, devices=1, interval_s=0.1, ack_timeout_s=0.6)
+    rec = recorders(f"{cfg.topic_prefix}/+/telemetry")
+    fleet = fleets(cfg)
+    topic = f"{cfg.root(fleet.ids[0])}/telemetry"
+    rec.wait(lambda: seqs_of(rec, topic).count(1) >= 2, "record 1 sent again without an ack")
+    assert fleet.device(fleet.ids[0]).counters.records_resent > 0
+    assert fleet.device(fleet.ids[0]).counters.connects == 1  # no reconnect: the ack timeout did it
+
+    quiet = fleets(config(broker, devices=1, interval_s=0.1, ack_timeout_s=0.3, ack_mode="broker"))
+    time.sleep(1.5)
+    view = quiet.device(quiet.ids[0])
+    assert view.next_seq > 10 and view.backlog <= 2 and view.counters.records_resent == 0
+
+
+def test_after_a_broker_restart_every_device_reconnects_and_resends_above_its_ack(tmp_path: Path) -> None:
+    (tmp_path / "broker").mkdir()
+    with LocalBroker(workdir=tmp_path / "broker") as own:
+        fleet = Fleet(
+            SimConfig(broker=own.url, devices=3, id_prefix="rs-", interval_s=0.1, resend_delay_s=1.0)
+        )
+        try:
+            fleet.start(wait_s=20)
+            time.sleep(1.6)  # past the resend delay: records went out on the first connection
+            own.stop(kill=True)  # nothing it held survives but its persistence file
+            time.sleep(0.5)
+            own.start()
+            fleet.wait_ready(timeout_s=20)
+            rec = Recorder(own, "edge/+/telemetry")
+            try:
+                rec.wait(lambda: len({s.topic for s in rec.seen}) == 3, "telemetry from all three")
+                assert all(seqs_of(rec, s.topic)[0] == 1 for s in rec.seen)  # no ack: from 1 again
+            finally:
+                rec.close()
+            views = fleet.devices()
+            assert all(v.counters.connects == 2 and v.counters.records_resent > 0 for v in views), views
+        finally:
+            fleet.stop()
+
+
 def test_the_outbox_is_bounded_and_names_what_it_dropped() -> None:
     box = Outbox(max_records=10)
     for i in range(10):
@@ -504,15 +549,15 @@ def test_the_outbox_is_bounded_and_names_what_it_dropped() -> None:
     for i in range(4):  # the fourth does not fit: 4 and 5 go, record 14 says so, 15 is the new one
         box.add("metrics", {"i": i})
     assert [r.seq for r in box.records] == list(range(6, 16)) and box.stats()["dropped_total"] == 2
-    [dropped] = [r for r in box.records if r.kind == "dropped"]
-    assert (dropped.seq, dropped.data) == (
+    [dropped] = [r.to_json() for r in box.records if r.kind == "dropped"]
+    assert (dropped["seq"], dropped["data"]) == (
         14,
         {"from_seq": 4, "to_seq": 5, "count": 2, "reason": "spool_full"},
     )
     for i in range(5):  # until record 14 itself goes: the next drop record covers its range too
         box.add("metrics", {"i": i})
-    last = [r for r in box.records if r.kind == "dropped"][-1]
-    assert (last.data["from_seq"], last.data["to_seq"]) == (4, 15) and len(box.records) == 10
+    last = [r.to_json()["data"] for r in box.records if r.kind == "dropped"][-1]
+    assert (last["from_seq"], last["to_seq"]) == (4, 15) and len(box.records) == 10
     assert box.stats()["dropped_total"] == 11  # 4..13 and 15: the records lost, each once
 
 
@@ -574,6 +619,24 @@ def test_the_cli_runs_a_fleet_for_a_while_and_prints_its_totals(
     assert args.group == "simulate" and run(args) == 0
     bad = parser.parse_args(["simulate", "--fail-share", "1.5"])
     assert run(bad) == 2
+
+
+def test_every_code_the_simulator_sends_is_one_the_protocol_documents() -> None:
+    """Error codes (``Refusal("code", ...)``) and reason codes (``Step(state, percent, code,
+    ...)``) written in fleet/simulator must be the agent's documented ones."""
+    root = Path(__file__).resolve().parents[1]
+    protocol = (root / "docs" / "protocol.md").read_text(encoding="utf-8")
+    codes: set[str] = set()
+    for path in sorted((root / "fleet" / "simulator").glob("*.py")):
+        for call in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)):
+            name = getattr(call.func, "id", getattr(call.func, "attr", ""))
+            index = {"Refusal": 0, "Step": 2}.get(name)
+            arg = call.args[index] if index is not None and len(call.args) > index else None
+            if isinstance(arg, ast.Constant):
+                codes.add(str(arg.value))
+    codes.discard("None")
+    assert {"forbidden", "replayed", "busy", "health_gate", "health_probe", "incompatible"} <= codes
+    assert sorted(c for c in codes if f"| `{c}` |" not in protocol) == []
 
 
 # ---------------------------------------------------------------- scale

@@ -63,6 +63,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-rate", type=float, default=d.connect_rate, help="connections a second")
     p.add_argument("--keepalive", type=int, default=d.keepalive_s)
     p.add_argument("--max-records", type=int, default=d.max_records, help="unacknowledged records kept")
+    p.add_argument(
+        "--ack", choices=("fleet", "broker"), default=d.ack_mode, help="telemetry.ack of the agent"
+    )
+    p.add_argument("--ack-timeout", type=float, default=d.ack_timeout_s, help="resend when acks stop")
     p.add_argument("--duration", type=float, default=0.0, help="seconds to run; 0: until SIGINT/SIGTERM")
     p.add_argument("--stats-every", type=float, default=30.0, help="seconds between stats lines")
     p.add_argument("--connect-timeout", type=float, default=120.0, help="seconds for all to connect")
@@ -97,6 +101,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         connect_rate=args.connect_rate,
         keepalive_s=args.keepalive,
         max_records=args.max_records,
+        ack_mode=args.ack,
+        ack_timeout_s=args.ack_timeout,
     )
 
 
@@ -146,11 +152,23 @@ def _serve(fleet: Fleet, stopping: threading.Event, duration_s: float, stats_eve
                 {
                     "event": "stats",
                     "cpu_pct": cpu_pct,
+                    "rss_mb": _rss_mb(),
                     "connected": totals["connected"],
                     "records_sent": totals["records_sent"],
                 }
             )
         wall, cpu = now_wall, now_cpu
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory (Linux), for the stats line."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _on_signals(stopping: threading.Event) -> dict[int, Any]:

@@ -69,7 +69,9 @@ class SimConfig:
     connect_rate: float = 500.0  # new connections a second, to spare the broker a storm
     keepalive_s: int = 60
     session_expiry_s: int = 3600
-    max_records: int = 1000  # unacknowledged telemetry records a device keeps
+    max_records: int = 200  # unacknowledged telemetry records a device keeps (~700 bytes each)
+    ack_mode: str = "fleet"  # telemetry.ack: "fleet" (the fleet's acks) or "broker" (PUBACK)
+    ack_timeout_s: float = 120.0  # sent, and no ack advanced for this long: send again
     resend_delay_s: float = 0.5  # after a (re)connect: time for the retained ack to arrive
     reply_topics: tuple[str, ...] = ("edge-ops/#",)  # replies.allowed_topics
 
@@ -79,8 +81,10 @@ class SimConfig:
             raise ConfigError("devices must be at least 1")
         if not (self.interval_s > 0 and self.step_delay_s >= 0 and self.resend_delay_s >= 0):
             raise ConfigError("interval must be positive, step delay and resend delay not negative")
-        if self.download_steps < 0 or self.max_records < 2 or self.connect_rate <= 0:
-            raise ConfigError("download steps >= 0, max records >= 2, connect rate > 0")
+        if self.download_steps < 0 or self.max_records < 3 or self.connect_rate <= 0:
+            raise ConfigError("download steps >= 0, max records >= 3, connect rate > 0")
+        if self.ack_mode not in ("fleet", "broker") or not self.ack_timeout_s > 0:
+            raise ConfigError("ack mode is 'fleet' or 'broker'; the ack timeout must be positive")
         if not 0.0 < self.regress_factor <= 1.0:
             raise ConfigError("regress factor must be in (0, 1]: it makes the device slower")
         _check_share("offline", self.offline_share)

@@ -58,7 +58,7 @@ class Counters:
     records_sent: int = 0  # every record published, resends included
     records_resent: int = 0
     telemetry_batches: int = 0
-    acks: Counter[str] = field(default_factory=Counter)  # accepted, ignored, refused, invalid
+    acks: Counter[str] = field(default_factory=Counter)  # accepted, ignored, ahead, invalid
     connects: int = 0
     disconnects: int = 0
     connect_failures: int = 0
@@ -89,6 +89,7 @@ class DeviceView:
     installing: str | None  # the target of the install in progress
     regressed: bool
     acked: int
+    backlog: int  # records kept: not yet acknowledged
     next_seq: int
     event_seq: int
     counters: Counters
@@ -142,6 +143,7 @@ class SimDevice:
         self._backoff_s = BACKOFF_MIN_S
         self._reconnect: Timer | None = None
         self._settle: Timer | None = None
+        self._in_flight: dict[int, int] = {}  # broker ack mode: publish mid -> last seq of the batch
         self.client = self._make_client()
 
     # ------------------------------------------------------------ the MQTT client
@@ -154,6 +156,7 @@ class SimDevice:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         client.on_socket_open = lambda c, u, sock: self.loop.watch(sock, self)
         client.on_socket_close = lambda c, u, sock: self.loop.unwatch(sock)
         client.on_socket_register_write = lambda c, u, sock: self.loop.want_write(sock, True)
@@ -244,7 +247,10 @@ class SimDevice:
         self.counters.connects += 1
         if self.counters.connects > 1:
             self.interval.reconnects += 1
-        client.subscribe([(self.topics["update"], 1), (self.topics["telemetry/ack"], 1)])
+        topics = [self.topics["update"]]
+        if self.cfg.ack_mode == "fleet":
+            topics.append(self.topics["telemetry/ack"])
+        client.subscribe([(t, 1) for t in topics])
         self.publish_status()
 
     @_guarded
@@ -295,6 +301,9 @@ class SimDevice:
         )
         self.interval = telemetry.Interval.fresh()
         self.add_record("metrics", data)
+        if self.settled and self.cfg.ack_mode == "fleet" and self.outbox.stalled(self.cfg.ack_timeout_s):
+            self.counters.records_resent += self.outbox.rewind()  # acks stopped: send again
+            self.flush()
 
     def add_record(self, kind: str, data: Mapping[str, Any]) -> None:
         self.outbox.add(kind, data)
@@ -306,8 +315,7 @@ class SimDevice:
         self._settle = None
         if not self.connected:
             return
-        self.counters.records_resent += sum(1 for r in self.outbox.records if r.seq <= self.outbox.max_sent)
-        self.outbox.rewind()
+        self.counters.records_resent += self.outbox.rewind()
         self.settled = True
         self.flush()
 
@@ -316,26 +324,34 @@ class SimDevice:
         if not (self.connected and self.settled):
             return
         while batch := self.outbox.unsent():
-            body = {"v": 1, "device": self.id, "records": [r.to_json() for r in batch]}
-            info = self.client.publish(self.topics["telemetry"], messages.encode(body), qos=1)
+            payload = telemetry.encode_batch(self.id, batch)
+            info = self.client.publish(self.topics["telemetry"], payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return
             self.outbox.mark_sent(batch[-1].seq)
+            if self.cfg.ack_mode == "broker":
+                self._in_flight[info.mid] = batch[-1].seq
             self.counters.telemetry_batches += 1
             self.counters.records_sent += len(batch)
 
+    @_guarded
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        """``broker`` ack mode: a batch the broker acknowledged is forgotten (agents before the
+        fleet's ack did this)."""
+        through = self._in_flight.pop(mid, None)
+        if through is not None and not reason.is_failure:
+            self.outbox.forget(through)
+
     def _on_ack(self, payload: bytes) -> None:
         try:
-            doc = json.loads(payload)
-            through = doc["through_seq"]
-            if doc.get("v") != 1 or not isinstance(through, int) or isinstance(through, bool):
-                raise ValueError("not a v1 ack")
-        except (ValueError, TypeError, KeyError):
+            through = telemetry.parse_ack(payload)
+        except telemetry.BadAck as exc:
             self.counters.acks["invalid"] += 1
+            log.warning("telemetry_ack_refused", device=self.id, reason=str(exc))
             return
         outcome = self.outbox.ack(through)
         self.counters.acks[outcome] += 1
-        if outcome == "refused":
+        if outcome == "ahead":
             sent = self.outbox.max_sent
             log.warning("telemetry_ack_refused", device=self.id, through_seq=through, sent=sent)
 
@@ -474,6 +490,7 @@ class SimDevice:
             installing=self.installing.target if self.installing else None,
             regressed=self.fate == REGRESS and self.pack != self.original_pack,
             acked=self.outbox.acked,
+            backlog=len(self.outbox.records),
             next_seq=self.outbox.next_seq,
             event_seq=self.event_seq,
             counters=self.counters.copy(),
