@@ -370,6 +370,7 @@ def test_refusals_carry_the_agents_codes_and_spend_nothing(
     assert counters.refusals == {"wrong_device": 1, "unauthorized": 3, "bad_json": 1, "update_rejected": 1,
                                  "replayed": 2}  # fmt: skip
     assert (counters.instructions_received, counters.instructions_accepted) == (10, 1)
+    assert fleet.totals()["refusals"] == dict(counters.refusals)  # merged counts, not (key, count) pairs
     assert states(rec, cfg, device)[0] == "downloading"  # only the good one started an install
 
     no_keys = fleets(config(broker, devices=1))

@@ -7,11 +7,15 @@ knob, and a device's behaviour follows from (config, device id) alone.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from model_packs import layout
+
+DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # what the fleet's ingest accepts as a device id
+TOPIC_PREFIX = re.compile(r"[^#+\x00]{1,128}")
 
 
 class ConfigError(ValueError):
@@ -77,8 +81,10 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         host_port(self.broker)
-        if self.devices < 1:
-            raise ConfigError("devices must be at least 1")
+        if self.devices < 1 or self.id_start < 0:
+            raise ConfigError("devices must be at least 1, the first number not negative")
+        if not DEVICE_ID.fullmatch(self.device_ids()[-1]) or not TOPIC_PREFIX.fullmatch(self.topic_prefix):
+            raise ConfigError("device ids are [A-Za-z0-9._-], at most 64; the topic prefix has no + or #")
         if not (self.interval_s > 0 and self.step_delay_s >= 0 and self.resend_delay_s >= 0):
             raise ConfigError("interval must be positive, step delay and resend delay not negative")
         if self.download_steps < 0 or self.max_records < 3 or self.connect_rate <= 0:

@@ -38,6 +38,7 @@ from model_packs import layout
 log = structlog.get_logger("edge_fleet.simulator")
 F = TypeVar("F", bound=Callable[..., None])
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 10.0
+CONNECT_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -150,6 +151,7 @@ class SimDevice:
 
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id, protocol=mqtt.MQTTv5)
+        client.connect_timeout = CONNECT_TIMEOUT_S  # paho's TCP connect blocks the one loop thread
         if self.cfg.password is not None:
             client.username_pw_set(self.id, self.cfg.password)
         client.on_connect = self._on_connect
