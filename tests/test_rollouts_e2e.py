@@ -182,6 +182,8 @@ def test_the_driver_killed_mid_rollout_another_service_takes_over_without_a_dupl
             rid = json.loads(started.stdout)["id"]
 
             def doc() -> dict[str, Any]:
+                alive = next(s for s in services.values() if s.proc.poll() is None)  # ask one that runs
+                api = ["--api", alive.url, "--token-file", str(tmp_path / "admin.token")]
                 shown = cli("rollout", "status", rid, *api, "--json")
                 assert shown.returncode == 0, shown.stderr
                 return dict(json.loads(shown.stdout))
@@ -197,6 +199,7 @@ def test_the_driver_killed_mid_rollout_another_service_takes_over_without_a_dupl
             assert final["counts"] == {"confirmed": 30}
             assert final["driver"]["owner"].startswith(f"{prefix}-svc{survivor}-")
             assert instructed(sim, rid) == dict.fromkeys(sim.ids, 1)  # acted on once, each
+            api = ["--api", services[survivor].url, "--token-file", str(tmp_path / "admin.token")]
             text = cli("rollout", "status", rid, *api)
             assert "[completed]" in text.stdout and "confirmed 30" in text.stdout
     finally:
