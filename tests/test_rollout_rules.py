@@ -97,6 +97,8 @@ def test_tiny_percentages_round_up_to_one_device() -> None:
         (states.SENT, "rejected", "incompatible", states.SKIPPED),
         (states.CONFIRMED, "rejected", "busy", states.CONFIRMED),  # final stays
         (states.SENT, "something_new", None, states.SENT),
+        (states.PENDING, "activated", None, states.PENDING),  # never sent to: not its answer
+        (states.OFFLINE_WAITING, "rejected", "health_gate", states.OFFLINE_WAITING),
     ],
 )
 def test_update_events_move_a_device_forward_only(

@@ -63,9 +63,10 @@ NOT_FOR_THIS_DEVICE = frozenset({"incompatible"})
 
 def after_event(state: str, event_state: str, reason_code: str | None) -> str:
     """The state once an update event of this rollout arrived. Events only move forward:
-    a late ``downloading`` after ``activated`` changes nothing, and a final state stays."""
-    if state in FINAL:
-        return state
+    a late ``downloading`` after ``activated`` changes nothing, a final state stays, and a
+    device that was sent nothing yet is not moved by one."""
+    if state in FINAL or state in (PENDING, OFFLINE_WAITING):
+        return state  # nothing was sent to it: an event naming this rollout is not its answer
     if event_state == "rejected":
         return SKIPPED if reason_code in NOT_FOR_THIS_DEVICE else FAILED
     new = _EVENT_STATES.get(event_state)
