@@ -182,6 +182,7 @@ class Intent:
     yes_no: bool = False  # the question wants a Yes or No for this sensor
     op: str | None = None  # compare: > >= < <=
     threshold: float | None = None  # compare: in the sensor's unit
+    threshold_text: str | None = None  # compare: the number and unit as asked ("2.5 bar", "30")
     asked: str | None = None  # the words asked, as written ("2.5 bar", "too dry", "rising")
     side: str | None = None  # band: low | high | ok | not_ok | not_low | not_high
     labels: tuple[str, ...] = ()  # band: the band labels asked ("too_dry"), when a label word was used
@@ -197,6 +198,7 @@ class Intent:
             "yes_no": self.yes_no,
             "op": self.op,
             "threshold": self.threshold,
+            "threshold_text": self.threshold_text,
             "asked": self.asked,
             "side": self.side,
             "labels": list(self.labels),
@@ -375,6 +377,12 @@ def _threshold(ask: Ask, pick: Pick) -> tuple[float | None, str | None]:
         return None, f"{ask.text!r} cannot be compared with {pick.name} in {sensor_unit or 'no unit'}: {exc}"
 
 
+def _threshold_text(ask: Ask) -> str:
+    words = ask.text.split()
+    number = next(w for w in words if w[:1].isdigit() or w[:1] in "+-\u2212")
+    return number if ask.unit in (None, units.DEGREES) else f"{number} {ask.unit}"
+
+
 def _band_ask(ask: Ask, pick: Pick, meaning: Meaning | None) -> Intent | None:
     """The band intent for an ask, None when the ask does not apply to this sensor."""
     if meaning is None or not meaning.bands:
@@ -417,6 +425,7 @@ def _intent(pick: Pick, asks: list[Ask], q: Question, meaning: Meaning | None) -
             yes_no=q.yes_no,
             op=compare.op,
             threshold=threshold,
+            threshold_text=_threshold_text(compare),
             asked=compare.text,
             reason=reason,
         )

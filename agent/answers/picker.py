@@ -201,12 +201,13 @@ def asks_for_all(question: str) -> bool:
     return any(find_phrase(toks, p, plural=False) for p in _ALL_PHRASES)
 
 
-def pick_sensors(question: str, sensors: Sequence[SensorConfig]) -> list[Pick]:
-    """The sensors the question is about, in the order the question names them."""
+def pick_sensors(question: str, sensors: Sequence[SensorConfig], all_words: bool = True) -> list[Pick]:
+    """The sensors the question is about, in the order the question names them (``all_words``
+    False: "everything", "status" ... do not pick every sensor; used on answer texts)."""
     tokens = tokenize(question)
     toks, kinds = [t.text for t in tokens], [t.kind for t in tokens]
     matches = _matches(sensors, toks, kinds)
-    if asks_for_all(question):
+    if all_words and asks_for_all(question):
         return [Pick(s, "all", ALL, WEIGHTS[ALL], 0) for s in sensors]
     totals: dict[int, int] = {}
     for m in matches:

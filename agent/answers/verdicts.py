@@ -66,6 +66,7 @@ class Verdict:
     stale: bool
     op: str | None = None
     threshold: float | None = None
+    threshold_text: str | None = None  # as asked: "2.5 bar"
     asked: str | None = None
     side: str | None = None  # the band's side: low | high | ok | None
     band_info: Band | None = None
@@ -114,6 +115,7 @@ class Verdict:
             "stale": self.stale,
             "op": self.op,
             "threshold": self.threshold,
+            "threshold_text": self.threshold_text,
             "asked": self.asked,
             "side": self.side,
             "limit": self.limit,
@@ -185,6 +187,7 @@ def decide(
         stale=fact.stale if fact else True,
         op=intent.op,
         threshold=intent.threshold,
+        threshold_text=intent.threshold_text,
         asked=intent.asked,
         age_s=None if age is None else max(age, 0.0),
     )
