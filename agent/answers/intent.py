@@ -449,10 +449,15 @@ def _intent(pick: Pick, asks: list[Ask], q: Question, meaning: Meaning | None) -
     return base
 
 
+def label_words(meanings: Mapping[str, Meaning]) -> frozenset[str]:
+    """Words of the non-ok band labels ("too_dry" -> "dry"; "too" is not one)."""
+    return frozenset(w for m in meanings.values() for b in m.bands if not b.ok for w in b.words) - {"too"}
+
+
 def intents_for(
     question: str | Question, picks: Sequence[Pick], meanings: Mapping[str, Meaning]
 ) -> list[Intent]:
-    """One intent per pick, in the picks' order."""
-    q = question if isinstance(question, Question) else parse_question(question)
+    """One intent per pick, in the picks' order (a ``str`` is parsed with the meanings' label words)."""
+    q = question if isinstance(question, Question) else parse_question(question, label_words(meanings))
     bound = _bind(picks, q.asks) if picks else {}
     return [_intent(p, bound[p.name], q, meanings.get(p.name)) for p in picks]
