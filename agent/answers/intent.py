@@ -7,9 +7,10 @@ intent is a plain value and no verdict is guessed.
 
 Rules:
 
-- Yes/no shape: the first word (after "hey", "so", "please", "tell me" ...) is is, are, was,
-  does, do, should, has, can, will, must, need ... A band or action ask needs that shape or
-  "too" (so "how hot is it?" is a value question, "is it too hot?" a band question).
+- Yes/no shape: the first word (after "hey", "so", "please", "tell me" ...) of the question or
+  of its last sentence is is, are, was, does, do, should, has, can, will, must, need ... A band
+  or action ask needs that shape or "too" ("how hot is it?" is a value question, "is it too
+  hot?" a band question).
 - Comparison: an operator phrase right before a number, optionally followed by a unit:
   above/over/exceeds/more than/greater than/higher than/warmer than/hotter than/">" -> ``>``;
   below/under/less than/lower than/colder than/cooler than/"<" -> ``<``; at least/not below/
@@ -22,10 +23,11 @@ Rules:
   window and no aggregate ("was the CO2 above 1000 ppm in the last hour?") compares the max
   (for > and >=) or the min (for < and <=).
 - Bands: "problem", "issue", "concern", "alarm", "dangerous" -> not ok; "ok", "normal",
-  "fine", "in range", "acceptable" -> ok; a word of one of the sensor's band labels ("dry" for
-  ``too_dry``, "critical") -> those bands; else high/low, and adjectives that fit the sensor's
-  dimension (hot/warm/cold/cool/freezing for temperatures; dry/wet/humid/damp for shares;
-  full/empty for levels) -> a side. "X enough" asks for "not the opposite side".
+  "fine", "in range", "acceptable" -> ok; "high"/"low" -> that side (also when a band is
+  labelled ``low``: an empty tank is low too); a word of one of the sensor's band labels ("dry"
+  for ``too_dry``, "critical") -> those bands; else adjectives that fit the sensor's dimension
+  (hot/warm/cold/cool/freezing for temperatures; dry/wet/humid/damp for shares; full/empty for
+  levels) -> a side. "X enough" asks for "not the opposite side".
 - Actions (yes/no with should/need/must/"time to"): water/irrigate, charge, refill/fill/top up,
   heat -> the low side; ventilate/open the vents/cool -> the high side.
 - Trend: rising/increasing/climbing/going up; falling/dropping/decreasing/declining/going down;
@@ -38,6 +40,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -210,11 +213,19 @@ class Intent:
 # ------------------------------------------------------------------ the question
 
 
-def _is_yes_no(words: list[str]) -> bool:
+def _starts_yes_no(words: list[str]) -> bool:
     i = 0
     while i < len(words) and words[i] in _PREAMBLE:
         i += 1
     return i < len(words) and words[i] in YES_NO_STARTS
+
+
+def _is_yes_no(question: str, words: list[str]) -> bool:
+    """The question starts like a yes/no question, or its last sentence does ("The CO2 sensor
+    is broken. Is the CO2 ok?")."""
+    sentences = [s for s in re.split(r"[.!?;:\n]+(?!\d)", question) if s.strip()]
+    last = [t.text for t in tokenize(sentences[-1])] if sentences else []
+    return _starts_yes_no(words) or _starts_yes_no(last)
 
 
 def _unit_at(tokens: Sequence[Token], i: int) -> tuple[str | None, int]:
@@ -315,7 +326,7 @@ def parse_question(question: str, label_words: frozenset[str] = frozenset()) -> 
     are the words of the configured band labels ("dry", "critical"), see ``label_words()``."""
     tokens = tokenize(question)
     words = [t.text for t in tokens]
-    yes_no = _is_yes_no(words)
+    yes_no = _is_yes_no(question, words)
     window_s, window_text = _window(words)
     compares = _comparisons(tokens, words)
     used = {i for a in compares for i in range(a.position, a.position + len(a.text.split()))}
@@ -391,7 +402,12 @@ def _band_ask(ask: Ask, pick: Pick, meaning: Meaning | None) -> Intent | None:
         return None
     if ask.kind == "action" or ask.word is None:
         return Intent(pick.name, BAND, asked=ask.text, side=ask.side)
-    labels = tuple(b.label for b in meaning.bands if ask.word in b.words and not b.ok)
+    # "low"/"high" always ask for the side ("is the tank low?" is yes when it is empty too)
+    labels = (
+        ()
+        if ask.word in _SIDE_ANY
+        else tuple(b.label for b in meaning.bands if ask.word in b.words and not b.ok)
+    )
     side = _SIDE_ANY.get(ask.word) or _SIDE_BY_DIMENSION.get(_dimension(pick.sensor.unit) or "", {}).get(
         ask.word
     )

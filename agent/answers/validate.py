@@ -260,10 +260,10 @@ def _band_claims(words: list[str], label_words: frozenset[str], dims: set[str]) 
         dim_words.update(_DIMENSION_WORDS.get(d, {}))
     for i, w in enumerate(words):
         kind, what = "", ""
-        if w in label_words:
-            kind, what = "label", w
-        elif w in _HIGH or w in _LOW:
+        if w in _HIGH or w in _LOW:  # before labels: a band labelled "low" is not the only low one
             kind, what = "side", "high" if w in _HIGH else "low"
+        elif w in label_words:
+            kind, what = "label", w
         elif w in dim_words:
             kind, what = "side", dim_words[w]
         elif w in _OK:
