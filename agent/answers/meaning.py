@@ -269,12 +269,14 @@ def _bands_from_limits(low: float | None, high: float | None) -> tuple[Band, ...
 
 
 def parse_meaning(data: Mapping[str, Any] | str, where: str = "meaning") -> Meaning:
-    """The config's ``meaning`` of a sensor: a band chain string, or a mapping with ``bands``
+    """The config's ``meaning`` of a sensor: a band chain string, a band list, or a mapping with ``bands``
     (chain or list), ``target``, ``limits``, ``description``, ``steady_per_min``."""
     if isinstance(data, str):
         return Meaning(bands=parse_chain(data, f"{where}.bands"))
+    if isinstance(data, list):
+        return Meaning(bands=parse_band_list(data, f"{where}.bands"))
     if not isinstance(data, Mapping):
-        raise MeaningError(f"{where}: expected a mapping or a band chain string, got {data!r}")
+        raise MeaningError(f"{where}: expected a mapping, a band list or a band chain string, got {data!r}")
     unknown = sorted(set(data) - {"bands", "target", "limits", "description", "steady_per_min"})
     if unknown:
         raise MeaningError(f"{where}: unknown keys {unknown}")

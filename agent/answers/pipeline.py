@@ -14,7 +14,7 @@ from agent.answers.meaning import Meaning
 from agent.answers.picker import Pick, pick_sensors
 from agent.answers.template import template_answer
 from agent.answers.validate import Checks, validate
-from agent.answers.verdicts import Verdict, decide, overall_answer
+from agent.answers.verdicts import Verdict, decide, needs_level, overall_answer
 from agent.config import SensorConfig
 from agent.sensors.windows import Fact
 
@@ -73,9 +73,7 @@ def ground(
         fact = read(intent.sensor, intent.agg, intent.window_s)
         facts.append(fact)
         level = None
-        if intent.kind == TREND and (
-            meaning is None or (meaning.steady_per_min is None and not meaning.ok_range())
-        ):
+        if intent.kind == TREND and needs_level(meaning):
             current = read(intent.sensor, "last", None)
             facts.append(current)
             level = current.value

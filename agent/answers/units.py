@@ -88,12 +88,13 @@ _UNITS: tuple[tuple[Unit, tuple[str, ...]], ...] = (
 )
 
 _BY_SPELLING: dict[str, Unit] = {}
+_NOT_SPELLINGS = frozenset({"a", "t", "in"})  # symbols that are English words when lower-cased
 for _unit, _spellings in _UNITS:
-    for _s in (_unit.symbol.lower(), *_spellings):
+    for _s in {_unit.symbol.lower()} - _NOT_SPELLINGS | set(_spellings):
         _BY_SPELLING[_s] = _unit
 
 # Spellings accepted only exactly as written: a lone "A" is an ampere, a lone "a" is English.
-_CASE_SENSITIVE = {"A": "A"}
+_CASE_SENSITIVE = {"A": "amp"}
 
 # "degrees" alone names no scale: it means the sensor's own temperature unit (see intent.py).
 DEGREES = "°"
@@ -104,7 +105,7 @@ def lookup(text: str) -> Unit | None:
     """The unit a spelling names (``"degC"``, ``"celsius"``, ``"%RH"``, ``"kPa"``), else None."""
     stripped = " ".join(text.strip().split())
     if stripped in _CASE_SENSITIVE:
-        return _BY_SPELLING[_CASE_SENSITIVE[stripped].lower()]
+        return _BY_SPELLING[_CASE_SENSITIVE[stripped]]
     return _BY_SPELLING.get(stripped.lower())
 
 

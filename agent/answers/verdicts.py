@@ -143,6 +143,14 @@ def trend_tolerance(meaning: Meaning | None, level: float | None = None) -> floa
     return 0.0
 
 
+def needs_level(meaning: Meaning | None) -> bool:
+    """True when a trend's tolerance depends on the current value (see trend_tolerance)."""
+    if meaning is not None and meaning.steady_per_min is not None:
+        return False
+    ok = meaning.ok_range() if meaning else None
+    return not (ok and math.isfinite(ok[0]) and math.isfinite(ok[1]) and ok[1] > ok[0])
+
+
 def _band_answer(intent: Intent, band: Band) -> bool:
     side = intent.side
     if intent.labels:
