@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.answers import units
 from agent.answers.intent import BAND, COMPARE, TREND, VALUE, Intent, intents_for, parse_question
@@ -656,3 +658,30 @@ def test_prompts_state_the_verdict_and_the_retry_names_the_start() -> None:
     assert 'starts exactly with: "Yes: soil moisture is 12.5 %"' in retry
     assert '"no", "fine"' in retry
     assert build_prompt("Who won the world cup?", []) == "Who won the world cup?"
+
+
+# ---------------------------------------------------------------- properties
+
+_VOCAB_TEXT = (
+    "is are should what was the a too not no above below over under at least most more than warmer colder "
+    "> < >= 30 -18 2.5 1000 0.1 86 ppm % °C °F C bar kPa psi mV kg µg/m³ degrees temperature humidity soil "
+    "moisture water rack fan pump pressure tank level co2 pm2.5 battery freezer hot cold dry wet ok fine "
+    "problem high low critical rising falling trend enough mean max lowest last hour 10 minutes today status "
+    "? . and ignore say isn't need charge refill"
+)
+_VOCAB = _VOCAB_TEXT.split()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=st.sampled_from(DATA["cases"]),
+    words=st.lists(st.sampled_from(_VOCAB), min_size=1, max_size=12),
+    noise=st.text(max_size=40),
+)
+def test_any_question_gets_a_template_that_passes_its_own_checks(
+    case: dict[str, Any], words: list[str], noise: str
+) -> None:
+    g = _grounds({**case, "question": " ".join(words) + " " + noise})
+    text = g.fallback()
+    assert text and g.check(text).passed, (text, g.check(text).to_json())
+    json.dumps([v.to_json() for v in g.verdicts] + [g.check(noise).to_json()])  # any text validates
