@@ -113,14 +113,14 @@ def _band_clause(v: Verdict) -> str:
 def _unknown(v: Verdict) -> str:
     name = display_name(v.sensor)
     if v.reason == "no recent reading" and v.age_s is not None:
-        return f"There is no recent {name} reading (the last one is {age_text(v.age_s)} old): cannot say."
+        return f"there is no recent {name} reading (the last one is {age_text(v.age_s)} old): cannot say."
     if v.reason in ("no recent reading", "no reading"):
-        return f"There is no recent {name} reading: cannot say."
+        return f"there is no recent {name} reading: cannot say."
     if v.reason and v.reason.startswith("fewer than two"):
         window = span_text(v.window_s) if v.window_s else "window"
-        return f"There are not enough {name} readings in the last {window} to tell a trend: cannot say."
+        return f"there are not enough {name} readings in the last {window} to tell a trend: cannot say."
     assert v.value is not None
-    now = f"{_subject(v)[:1].upper()}{_subject(v)[1:]} is {_quantity(v.value, v.unit)}"
+    now = f"{_subject(v)} is {_quantity(v.value, v.unit)}"
     if v.kind == COMPARE:
         asked = v.threshold_text or "that threshold"
         return f"{now}; {asked} cannot be compared with {v.unit or 'it'}: cannot say."
@@ -138,7 +138,8 @@ def _trend(v: Verdict) -> str:
 
 
 def sentence(v: Verdict) -> str:
-    """One sentence for one verdict (without the leading Yes/No)."""
+    """One sentence for one verdict (without the leading Yes/No; lower-case first, the caller
+    capitalises where it starts the text)."""
     if v.verdict == UNKNOWN:
         return _unknown(v)
     if v.kind == TREND:
