@@ -9,6 +9,7 @@ row per token, because that table is the LM head's weights too.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -44,6 +45,10 @@ class Usage:
     time_to_first_token_s: float
     decode_tokens_per_s: float
     total_s: float
+    # mean natural-log probability, under the model's raw distribution (before temperature,
+    # top-k/p and repetition penalty), of each sampled token, a final EOS included; None when
+    # nothing was sampled. A confidence signal: 0 is certain, lower is less sure.
+    mean_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,15 @@ class _Run:
         self.stops = StopMatcher(list(req.stop))
         self.pieces: list[str] = []
         self.generated: list[int] = []
+        self.logprob_sum, self.sampled = 0.0, 0
+
+    def _pick(self, logits: np.ndarray) -> int:
+        """Sample the next token and add its log-softmax under the raw logits to the sum."""
+        token = self.sampler.pick(logits)
+        top = float(logits.max())
+        self.logprob_sum += float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
+        self.sampled += 1
+        return token
 
     def _emit(self, text: str) -> None:
         if text:
@@ -229,12 +243,12 @@ class _Run:
             return self._finish("cancelled", t0, t0)
         logits = self._forward(prompt, 0)
         self.sampler.remember(prompt)
-        token = self.sampler.pick(logits[-1])
+        token = self._pick(logits[-1])
         t_first = time.perf_counter()
         reason = self._step(token)
         while reason is None:
             logits = self._forward([token], len(prompt) + len(self.generated) - 1)
-            token = self.sampler.pick(logits[-1])
+            token = self._pick(logits[-1])
             reason = self._step(token)
         if reason != "stop":
             self._emit(self.stops.feed(self.decoder.flush()))
@@ -251,5 +265,6 @@ class _Run:
             time_to_first_token_s=t_first - t0,
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=end - t0,
+            mean_logprob=self.logprob_sum / self.sampled if self.sampled else None,
         )
         return Completion("".join(self.pieces), list(self.generated), reason, usage)
