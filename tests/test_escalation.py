@@ -259,6 +259,15 @@ def test_privacy_facts_without_facts_sends_nothing(server: OpenAIServer) -> None
     assert failed.reason == "disabled" and server.requests == []
 
 
+def test_privacy_facts_refuses_a_facts_block_that_holds_the_question(server: OpenAIServer) -> None:
+    """The likely integration slip: the local prompt (facts, then the question) passed as facts."""
+    whole = f"{PROMPT.facts}\n\nQuestion: {PROMPT.question}"
+    failed = fails(
+        escalator(server.url, privacy="facts"), prompt=EscalationPrompt(whole, (), PROMPT.question)
+    )
+    assert failed.reason == "disabled" and server.requests == []
+
+
 # ---------------------------------------------------------------- the key
 
 

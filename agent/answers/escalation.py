@@ -19,7 +19,8 @@ call; at most ``MAX_STRAGGLERS`` such workers may exist, then calls fail ``offli
 
 Failures raise :class:`EscalationFailed` with a stable ``reason``:
 
-    disabled      privacy is ``none``, or privacy ``facts`` and no facts to send
+    disabled      privacy is ``none``, or privacy ``facts`` and no facts to send (or a facts block
+                  that holds the question itself: the whole local prompt passed as facts)
     offline       the upstream could not be reached or the connection was lost: refused,
                   unreachable, name not resolved, reset, or closed before the whole answer came
     timeout       the deadline passed before the whole answer came
@@ -247,12 +248,14 @@ def build_messages(prompt: EscalationPrompt, privacy: Privacy) -> list[dict[str,
     verdicts = [v.strip() for v in prompt.verdicts if v.strip()]
     if privacy == "facts" and not facts and not verdicts:
         raise EscalationFailed("disabled", "privacy is facts and there are no facts to send")
+    question = prompt.question.strip()
+    if privacy == "facts" and len(question) >= 12 and question in "\n".join([facts, *verdicts]):
+        # a caller that passed the whole local prompt (facts and question) as the facts block
+        raise EscalationFailed("disabled", "privacy is facts and the facts block holds the question")
     parts = [f"Facts:\n{facts or '(no sensor readings)'}"]
     if verdicts:
         parts.append("Verdicts:\n" + "\n".join(f"- {v}" for v in verdicts))
-    parts.append(
-        f"Question: {prompt.question.strip()}" if privacy == "facts_and_question" else QUESTION_WITHHELD
-    )
+    parts.append(f"Question: {question}" if privacy == "facts_and_question" else QUESTION_WITHHELD)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
