@@ -345,6 +345,8 @@ def test_a_shared_name_part_goes_to_the_better_match() -> None:
 def test_units_pick_only_when_nothing_else_names_a_sensor() -> None:
     assert _names("Is it above 30 °C?", GREENHOUSE) == ["temperature"]
     assert _names("Is it above 30 C or higher?", GREENHOUSE) == ["temperature"]
+    assert _names("Is it above 30 degrees?", GREENHOUSE) == ["temperature"]
+    assert _names("Turn it 90 degrees", (SensorConfig("tilt", "%"),)) == []
     assert _names("What is the humidity in %?", GREENHOUSE) == ["humidity"]
     assert _names("what is a value", RACK) == []  # "a" is not an ampere
 

@@ -9,8 +9,9 @@ Rules (tokens from text.py, so ``pm2.5`` and ``°c`` are whole tokens):
 - Evidence for a sensor, strongest first: its full name as a phrase (``soil moisture``,
   ``soil_moisture``) 100; an alias phrase 80; consecutive parts of its name (``rack fan`` of
   ``rack_fan_rpm``) 30 per part; a *descriptor* alias (an adjective such as ``hot``, ``dry``,
-  ``wet`` that describes a value rather than names a sensor) 20; its unit
-  (or one convertible to it) as a standalone token 10. The last word of a phrase may take a plural s/es.
+  ``wet`` that describes a value rather than names a sensor) 20; its unit (or one convertible
+  to it; "degrees" after a number for a temperature) as a standalone token 10. The last word of
+  a phrase may take a plural s/es.
 - A token covered by several sensors' matches belongs to the sensor(s) with the strongest match
   there; a tie goes to the sensor with more evidence in the whole question, then to the one
   whose unit the question names; a remaining tie keeps all ("the rack" with two rack sensors).
@@ -143,11 +144,20 @@ def _unit_matches(i: int, s: SensorConfig, toks: list[str], kinds: list[str]) ->
             j += 2
             continue
         tok = toks[j]
+        if after_number and units.normalize(tok) == units.DEGREES and _is_temperature(s.unit):
+            out.append(_Match(i, UNIT, j, j + 1))  # "30 degrees": the sensor's own scale
+            j += 1
+            continue
         long_enough = len(tok.strip("°")) > 1 or tok.startswith("°") or tok == "%"
         if units.lookup(tok) and units.compatible(tok, s.unit) and (long_enough or after_number):
             out.append(_Match(i, UNIT, j, j + 1))
         j += 1
     return out
+
+
+def _is_temperature(unit: str) -> bool:
+    found = units.lookup(unit)
+    return found is not None and found.dimension == "temperature"
 
 
 def _unit_nouns(matches: list[_Match], kinds: list[str], n_sensors: int) -> list[_Match]:
