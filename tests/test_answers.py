@@ -439,6 +439,7 @@ def test_band_questions_need_a_yes_no_shape_or_too() -> None:
     assert _intent("Is the soil ok?").side == "ok"
     assert _intent("Is the humidity a problem?").side == "not_ok"
     assert _intent("Is the humidity no problem?").side == "ok"
+    assert _intent("Isn't soil too dry?").side is None and _intent("Is soil not too dry?").side == "not"
     assert _intent("Is the soil wet enough?").side == "not_low"
     assert _intent("Should I water?").side == "low"
     assert _intent("Hey, quick question. Is the soil ok?").yes_no

@@ -281,7 +281,8 @@ def _band_asks(words: list[str], gated: bool, label_words: frozenset[str]) -> li
     adjectives = _ADJECTIVES | label_words
     for i, w in enumerate(words):
         prev = words[i - 1] if i else ""
-        negated = any(is_negation(x) for x in words[max(0, i - 3) : i])
+        # "isn't it too dry?" asks the same as "is it too dry?": a yes/no opener never negates
+        negated = any(is_negation(x) and x not in YES_NO_STARTS for x in words[max(0, i - 3) : i])
         nxt = words[i + 1] if i + 1 < len(words) else ""
         too = prev == "too"
         if not (gated or too):
