@@ -14,7 +14,7 @@ from agent.answers.meaning import Meaning
 from agent.answers.picker import Pick, pick_sensors
 from agent.answers.template import template_answer
 from agent.answers.validate import Checks, validate
-from agent.answers.verdicts import Verdict, decide, needs_level, overall_answer
+from agent.answers.verdicts import Verdict, decide, overall_answer
 from agent.config import SensorConfig
 from agent.sensors.windows import Fact
 
@@ -61,8 +61,9 @@ def ground(
     read: Reader,
     now: float | None = None,
 ) -> Grounds:
-    """Pick the sensors, read one fact per intent, decide. A trend without a configured
-    tolerance or ok range also reads the current value (its tolerance is relative to it)."""
+    """Pick the sensors, read one fact per intent, decide. A trend also reads the current value
+    (listed as a fact after the trend): the answer may quote it, and without a configured
+    tolerance or a finite ok range the trend's tolerance is relative to it."""
     picks = pick_sensors(question, sensors)
     parsed = parse_question(question, label_words(meanings))
     intents = intents_for(parsed, picks, meanings)
@@ -73,7 +74,7 @@ def ground(
         fact = read(intent.sensor, intent.agg, intent.window_s)
         facts.append(fact)
         level = None
-        if intent.kind == TREND and needs_level(meaning):
+        if intent.kind == TREND:
             current = read(intent.sensor, "last", None)
             facts.append(current)
             level = current.value

@@ -132,6 +132,8 @@ def _trend(v: Verdict) -> str:
     rate = f"{'+' if v.value > 0 else ''}{fmt(v.value)} {v.unit} per minute".replace("  ", " ")
     window = f" over the last {span_text(v.window_s)}" if v.window_s else ""
     name = display_name(v.sensor)
+    if v.level is not None:
+        name = f"{name} is {_quantity(v.level, v.unit)} and"
     if v.direction == "steady":
         return f"{name} is steady ({rate}{window}, within {fmt(v.tolerance or 0)} per minute)."
     return f"{name} is {v.direction} ({rate}{window})."

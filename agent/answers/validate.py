@@ -260,8 +260,11 @@ def _band_claims(words: list[str], label_words: frozenset[str], dims: set[str]) 
         dim_words.update(_DIMENSION_WORDS.get(d, {}))
     for i, w in enumerate(words):
         kind, what = "", ""
+        enough = i + 1 < len(words) and words[i + 1] == "enough"
         if w in _HIGH or w in _LOW:  # before labels: a band labelled "low" is not the only low one
             kind, what = "side", "high" if w in _HIGH else "low"
+        elif enough and w in dim_words:  # "cold enough" is about sides even where "cold" is a label word
+            kind, what = "side", dim_words[w]
         elif w in label_words:
             kind, what = "label", w
         elif w in dim_words:
@@ -274,9 +277,9 @@ def _band_claims(words: list[str], label_words: frozenset[str], dims: set[str]) 
             continue
         start = _start_of_claim(words, i)
         neg = _negated(words, start)
-        text = " ".join(words[max(0, start - (1 if neg else 0)) : i + 1])
-        if neg:
-            text = _negation_text(words, start, i)
+        text = _negation_text(words, start, i) if neg else " ".join(words[start : i + 1])
+        if kind == "side" and enough:  # "cold enough" claims "not too warm": the other side, negated
+            what, neg, text = ("low" if what == "high" else "high"), not neg, f"{text} enough"
         out.append(_Claim(text, kind, what, neg))
     for p in _OK_PHRASES:
         for h in find_phrase(words, p, plural=False):

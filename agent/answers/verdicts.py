@@ -73,6 +73,7 @@ class Verdict:
     ok_range: tuple[float, float] | None = None
     direction: str | None = None  # trend: rising | falling | steady
     tolerance: float | None = None  # trend: units per minute
+    level: float | None = None  # trend: the current value, when the caller read it
     age_s: float | None = None
     reason: str | None = None
 
@@ -88,7 +89,11 @@ class Verdict:
 
     def figures(self) -> list[float]:
         """Every number this verdict may put in a text (values a checked text may quote)."""
-        out = [x for x in (self.value, self.threshold, self.limit, self.tolerance) if x is not None]
+        out = [
+            x for x in (self.value, self.threshold, self.limit, self.tolerance, self.level) if x is not None
+        ]
+        if self.value is not None and self.kind != TREND:  # "450 ppm above the limit"
+            out += [abs(self.value - x) for x in (self.threshold, self.limit) if x is not None]
         if self.value is not None and self.kind == TREND:
             out.append(abs(self.value))
         if self.ok_range:
@@ -122,6 +127,7 @@ class Verdict:
             "ok_range": _range_json(self.ok_range),
             "direction": self.direction,
             "tolerance_per_min": self.tolerance,
+            "level": self.level,
             "age_s": None if self.age_s is None else round(self.age_s, 1),
             "reason": self.reason,
         }
@@ -141,14 +147,6 @@ def trend_tolerance(meaning: Meaning | None, level: float | None = None) -> floa
     if level is not None and math.isfinite(level):
         return abs(level) * 0.001
     return 0.0
-
-
-def needs_level(meaning: Meaning | None) -> bool:
-    """True when a trend's tolerance depends on the current value (see trend_tolerance)."""
-    if meaning is not None and meaning.steady_per_min is not None:
-        return False
-    ok = meaning.ok_range() if meaning else None
-    return not (ok and math.isfinite(ok[0]) and math.isfinite(ok[1]) and ok[1] > ok[0])
 
 
 def _band_answer(intent: Intent, band: Band) -> bool:
@@ -235,6 +233,7 @@ def _trend(
     base: Verdict, slope: float, intent: Intent, meaning: Meaning | None, level: float | None
 ) -> Verdict:
     tol = trend_tolerance(meaning, level)
+    base = replace(base, level=level if level is not None and math.isfinite(level) else None)
     direction = "rising" if slope > tol else "falling" if slope < -tol else "steady"
     base = replace(base, direction=direction, tolerance=tol)
     if intent.direction is None:
