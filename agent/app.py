@@ -96,6 +96,7 @@ class Agent:
             self.active.info,
             self._refused,
             self.metrics.request,
+            self._telemetry_ack,
         )
         self.router = Router(lambda: self.cfg, self.hub, self.scheduler, self.limiter, handlers)
         self.answerer = Answerer(
@@ -212,11 +213,19 @@ class Agent:
             self.transport.connected.is_set,
             t.interval_s,
             t.drain_rate,
+            connections=lambda: self.transport.connects,
+            ack=t.ack,
+            ack_timeout_s=t.ack_timeout_s,
         )
         self.telemetry.event(self._boot_event())
         thread = threading.Thread(target=self.telemetry.run, args=(self.stopping,), name="telemetry")
         thread.daemon = True
         self._threads.append(thread)
+
+    def _telemetry_ack(self, payload: bytes) -> None:
+        """The fleet's ack (router: ``{root}/telemetry/ack``), to the spool's owner."""
+        if self.telemetry is not None:
+            self.telemetry.handle_ack(payload)
 
     def _boot_event(self) -> dict[str, Any]:
         """What this start found: the pack serving (or why none), and the store's last update
@@ -280,6 +289,12 @@ class Agent:
             transport.publish(self.cfg.topic("status"), self._status_doc(self.active.state), retain=True)
             transport.set_will(self._will())
 
+    def _acks_refused(self) -> int:
+        """Acks on ``{root}/telemetry/ack`` that were malformed or ahead of what was sent."""
+        if self.telemetry is None:
+            return 0
+        return sum(n for outcome, n in self.telemetry.acks.items() if outcome not in ("advanced", "stale"))
+
     def status_report(self, client: str) -> dict[str, Any]:
         """Everything a client may see; request ids only of its own requests."""
         return {
@@ -298,5 +313,6 @@ class Agent:
                 "reply": self.reply_failures,
                 "inbox_dropped": self.transport.dropped,
                 "publish_refused": self.transport.publish_refused,
+                "telemetry_acks_refused": self._acks_refused(),
             },
         }

@@ -147,6 +147,10 @@ class TelemetryConfig:
     max_records: int = 100_000  # spool bound (records waiting for the broker)
     max_age_s: float = 7 * 86400.0  # older undelivered records are dropped (and reported)
     drain_rate: float = 20.0  # batches per second at most while a backlog drains
+    # "fleet": a record is deleted when the fleet's ack ({root}/telemetry/ack) covers it;
+    # "broker": at the broker's PUBACK (no fleet service; a broker restart can lose records)
+    ack: str = "fleet"
+    ack_timeout_s: float = 120.0  # records sent and no ack advanced for this long: send again
 
 
 @dataclass(frozen=True)
@@ -274,10 +278,19 @@ def _check(cfg: AgentConfig) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._:=-]{1,64}", tag):
             raise ConfigError(f"tags[{i}]: {tag[:80]!r} must be 1-64 letters, digits or . _ : = -")
     t = cfg.telemetry
-    if t.interval_s <= 0 or t.max_age_s <= 0 or t.drain_rate <= 0 or t.max_records < 3:
+    if (
+        t.interval_s <= 0
+        or t.max_age_s <= 0
+        or t.drain_rate <= 0
+        or t.ack_timeout_s <= 0
+        or t.max_records < 3
+    ):
         raise ConfigError(
-            "telemetry: interval_s, max_age_s and drain_rate must be positive, max_records >= 3"
+            "telemetry: interval_s, max_age_s, drain_rate and ack_timeout_s must be positive, "
+            "max_records >= 3"
         )
+    if t.ack not in ("fleet", "broker"):
+        raise ConfigError(f"telemetry.ack: {t.ack[:40]!r} must be fleet or broker")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.device_id):
         raise ConfigError("device_id: 1-64 characters of letters, digits, '.', '_' or '-'")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

@@ -55,6 +55,8 @@ class Handlers:
     pack_info: Callable[[], dict[str, str] | None]
     refused: Callable[[str, str], None]  # a reply topic the policy refused: logged, counted
     counted: Callable[[str, str], None] = lambda kind, outcome: None  # telemetry: each request
+    # the fleet's ack on {root}/telemetry/ack (raw payload): never a request; None: not subscribed
+    telemetry_ack: Callable[[bytes], None] | None = None
 
 
 def reply_policy(cfg: AgentConfig) -> ReplyPolicy:
@@ -77,11 +79,20 @@ class Router:
         self.hub, self.scheduler, self.limiter, self.h = hub, scheduler, limiter, handlers
         self.kinds = {cfg.topic(k): k for k in REQUEST_KINDS}
         self.fallback = cfg.topic("replies")
+        self.ack_topic = cfg.topic("telemetry/ack")
+        t = cfg.telemetry
+        self._acks = handlers.telemetry_ack is not None and t.enabled and t.ack == "fleet"
 
     def subscriptions(self) -> list[str]:
-        return list(self.kinds) + sorted(self.hub.topics)
+        """The request topics, the sensors', and the fleet's telemetry ack when the spool
+        waits for it (``telemetry.ack: fleet``)."""
+        acks = [self.ack_topic] if self._acks else []
+        return list(self.kinds) + acks + sorted(self.hub.topics)
 
     def handle(self, msg: Inbound) -> None:
+        if msg.topic == self.ack_topic:  # first: retained on purpose, and never a request or a reading
+            self._telemetry_ack(msg)
+            return
         if self.hub.ingest(msg.topic, msg.payload):
             return
         kind = self.kinds.get(msg.topic)
@@ -126,6 +137,17 @@ class Router:
             outcome=outcome,
             ms=round((time.monotonic() - started) * 1000, 2),
         )
+
+    def _telemetry_ack(self, msg: Inbound) -> None:
+        """Handed over as raw bytes (the telemetry service parses it strictly and counts what
+        is wrong); a session subscribed under an older config may still deliver one: dropped."""
+        if self.h.telemetry_ack is None or not self._acks:
+            log.info("telemetry_ack_ignored", reason="not subscribed (telemetry.ack is not fleet)")
+            return
+        try:
+            self.h.telemetry_ack(msg.payload)
+        except Exception:  # the handler counts its refusals; a bug here must not stop the dispatcher
+            log.exception("telemetry_ack_failed")
 
     def _dispatch(self, kind: str, data: dict[str, Any], target: ReplyTo, client: str, started: float) -> str:
         cfg = self._settings()

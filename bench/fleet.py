@@ -9,7 +9,9 @@ and two workers (interleaved, this machine is shared and noisy); the median and 
 are reported. Lag is the p95 of (stored at - record ts) over the last round of each kind.
 The broker queues a whole round for the workers (no ``max_queued_messages`` limit: with the
 default 10,000 it dropped what a slow worker had not taken yet, and the round never ended); a
-round that stores nothing new for 30 s stops the bench with what it stored.
+round that stores nothing new for 30 s stops the bench with what it stored. The workers ack
+each batch's devices (``acks_per_message``: telemetry acks published per message stored; one
+record per message from many devices makes it close to 1, the worst case for their cost).
 
 The API half: ``--api-devices`` devices (status documents: pack, hardware) and
 ``--api-points`` metrics records spread evenly over the last 24 h, written straight through
@@ -157,7 +159,19 @@ def _round(
         for p in procs:
             p.wait(30)
         engine.dispose()
-    return {"msg_per_s": args.messages / elapsed, "lag_p95_s": lag}
+    acks = _acks_sent(broker, f"{workers}w-{first_seq}", workers)
+    return {"msg_per_s": args.messages / elapsed, "lag_p95_s": lag, "acks": acks}
+
+
+def _acks_sent(broker: LocalBroker, tag: str, n: int) -> float:
+    """The telemetry acks the round's workers published (their ``ingest_stopped`` counters;
+    0 from a worker that sends none): shows the acks' cost is in the rate measured."""
+    total = 0
+    for i in range(n):
+        for line in (broker.dir / f"bench-{tag}-{i}.log").read_text(errors="replace").splitlines():
+            if '"ingest_stopped"' in line:
+                total += int(json.loads(line).get("acks", 0))
+    return float(total)
 
 
 def _has_records(engine: sa.Engine) -> bool:
@@ -358,6 +372,8 @@ def main() -> None:
         out[f"ingest_msg_per_s_{workers}w_spread"] = [round(min(rates), 1), round(max(rates), 1)]
         out[f"lag_p95_s_{workers}w"] = round(runs[-1]["lag_p95_s"], 3)
     out["scaling_2w_over_1w"] = round(medians[2] / medians[1], 2)
+    sent = sum(r["acks"] for runs in results.values() for r in runs)
+    out["acks_per_message"] = round(sent / (args.messages * 2 * args.rounds), 3)  # telemetry acks to devices
     out["rounds"] = args.rounds
     out["api"] = api
     print(json.dumps(out))

@@ -12,7 +12,9 @@ requests to any device and read their own replies. Privileged actions are additi
   to the broker's password file (mosquitto's PBKDF2-SHA512 ``$7$`` format).
 - :func:`revoke` removes the entry (send the broker SIGHUP to apply it) and records the device
   as revoked, so a later provision under the same id is a deliberate ``--force``.
-- :func:`write_acl` writes the ACL file the broker config names (``acl_file``).
+- :func:`write_acl` writes the ACL file the broker config names (``acl_file``), with a block
+  for each operator and for each fleet ingest login (reads the devices' telemetry, status and
+  update events; writes only the telemetry acks, ``edge/+/telemetry/ack``).
 """
 
 from __future__ import annotations
@@ -159,15 +161,30 @@ pattern write edge-ops/#
 """
 
 
-def write_acl(path: Path, operators: list[str]) -> None:
-    """The ACL file: the patterns above, and for each operator requests to any device."""
+def ingest_acl(user: str) -> str:
+    """The ACL block of a fleet ingest worker's login (``edge-fleet ingest``/``service``): it
+    reads what devices publish for the fleet (its shared subscriptions are checked against the
+    topic after ``$share/GROUP/``) and writes the retained telemetry acks, which tell a device
+    it may delete records. Nothing else in a device's tree: no requests, no updates."""
+    return (
+        f"\nuser {user}\n"
+        + "".join(f"topic read edge/+/{leaf}\n" for leaf in ("telemetry", "status", "update/status"))
+        + "topic write edge/+/telemetry/ack\n"
+    )
+
+
+def write_acl(path: Path, operators: list[str], ingest: list[str] | tuple[str, ...] = ()) -> None:
+    """The ACL file: the patterns above, for each operator requests to any device, and for
+    each fleet ingest login (``ingest``) :func:`ingest_acl`."""
     lines = [ACL_HEADER]
+    for name in (*operators, *ingest):
+        if not _DEVICE_ID.fullmatch(name):
+            raise RepositoryError(f"broker user {name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-'")
     for op in operators:
-        if not _DEVICE_ID.fullmatch(op):
-            raise RepositoryError(f"operator name {op[:80]!r} must be 1-64 letters, digits, '.', '_' or '-'")
         lines.append(
             f"\nuser {op}\n"
             + "".join(f"topic write edge/+/{leaf}\n" for leaf in ("query", "read", "cmd", "update"))
             + "topic read edge/+/status\ntopic read edge/+/update/status\n"
         )
+    lines += [ingest_acl(user) for user in ingest]
     path.write_text("".join(lines))

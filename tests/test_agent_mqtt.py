@@ -312,7 +312,8 @@ def test_model_output_only_ever_reaches_the_reply_topic(running_agent: RunningAg
     finally:
         spy.stop()
     live = {m.topic for m in seen if not m.retain}  # retained: the broker replaying older status documents
-    ours = {running_agent.cfg.topic("query"), running_agent.cfg.topic("cmd")}
+    # and its telemetry (the boot record, and again while no fleet acks it): counts, no model text
+    ours = {running_agent.cfg.topic(leaf) for leaf in ("query", "cmd", "telemetry")}
     assert live - ours == {reply_topic}
     probe = _listen(running_agent.broker, reply_topic)  # a retained message would come right after SUBACK
     try:

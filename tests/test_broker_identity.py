@@ -22,6 +22,8 @@ from agent.localbroker import LocalBroker
 from agent.transport.client import RequestClient
 from fleet import devices
 from fleet.repository import FleetRepository
+from fleet.telemetry.ingest import IngestConfig, IngestWorker
+from fleet.telemetry.store import TelemetryStore
 from tests.conftest import RunningAgent
 from tests.operators import default_operator
 
@@ -139,6 +141,49 @@ def test_an_operator_cannot_read_another_users_replies(
     time.sleep(0.3)
     c.loop_stop()
     assert not [t for t in seen if t.startswith("edge-ops/ops/")], seen
+
+
+def test_the_ingest_login_reads_telemetry_and_acks_it_and_a_device_cannot_ack_for_another(
+    site: dict[str, Any], tiny_pack_path: Path, start_agent: Any, tmp_path: Path
+) -> None:
+    """The fleet's ingest login (``write_acl(..., ingest=[...])``) takes the devices' telemetry
+    through its shared subscription and writes the retained ack into the device's tree; the
+    device (its own tree, readwrite) takes it; another device's forged ack never arrives."""
+    passwd, acl, broker = site["passwd"], site["dir"] / "acl", site["broker"]
+    before = passwd.read_text(), acl.read_text()
+    store = TelemetryStore.open(str(tmp_path / "fleet.sqlite3"))
+    devices.add_user(passwd, "fleet", "fleet-pw")
+    devices.write_acl(acl, ["ops"], ingest=["fleet"])
+    broker.proc.send_signal(1)  # SIGHUP: mosquitto reloads both files
+    time.sleep(0.5)
+    cfg = IngestConfig(broker.url, "acl-test", "acl-w1", username="fleet", password="fleet-pw")
+    worker = IngestWorker(cfg, store, retry_max_s=0.5)
+    try:
+        worker.start()
+        assert worker.subscribed.wait(10)
+        ra = _agent(site, "gh-1", tiny_pack_path, start_agent)  # its boot record goes out at once
+        assert ra.agent.telemetry is not None
+        spool = ra.agent.telemetry.spool
+        deadline = time.monotonic() + 20
+        while spool.marks().acked_through < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert spool.marks().acked_through >= 1 and store.record_count("gh-1") >= 1
+        c, _ = _connect(site, "gh-2", site["devices"]["gh-2"]["mqtt"]["password"])
+        forged = json.dumps({"v": 1, "through_seq": 10**6}).encode()
+        c.publish("edge/gh-1/telemetry/ack", forged, qos=1, retain=True).wait_for_publish(5)
+        time.sleep(0.5)
+        c.loop_stop()
+        assert "ahead" not in ra.agent.telemetry.acks  # the broker dropped gh-2's write
+    finally:
+        worker.stop()
+        store.close()
+        clear, _ = _connect(site, "fleet", "fleet-pw")  # the retained ack: gone for later tests
+        clear.publish("edge/gh-1/telemetry/ack", b"", qos=1, retain=True).wait_for_publish(5)
+        clear.loop_stop()
+        passwd.write_text(before[0])
+        acl.write_text(before[1])
+        broker.proc.send_signal(1)
+        time.sleep(0.3)
 
 
 def test_a_revoked_device_cannot_connect(site: dict[str, Any]) -> None:

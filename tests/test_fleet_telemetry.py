@@ -18,9 +18,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -141,6 +143,18 @@ def test_dropped_record_turns_an_open_gap_lost(store: TelemetryStore) -> None:
     # a drop announced in the same batch as the records after it
     ingest(store, "dev-d", [metrics(1), metrics(2), dropped(8, 3, 6)])
     assert gap_list(store, "dev-d") == [(3, 6, "lost"), (7, 7, "open")]
+
+
+def test_the_ack_point_stops_below_the_first_open_gap_and_passes_lost_ones(store: TelemetryStore) -> None:
+    """What the worker acks to a device: every record up to it is stored or named lost."""
+    ingest(store, "ack-a", [metrics(s) for s in range(1, 6)])
+    ingest(store, "ack-b", [metrics(s) for s in (1, 2, 3, 7)])
+    ingest(store, "ack-c", [metrics(1), metrics(2), dropped(6, 3, 5)])
+    ingest(store, "ack-d", [metrics(3)])
+    ids = ["ack-a", "ack-b", "ack-c", "ack-d", "nobody"]
+    assert store.acked_through(ids) == {"ack-a": 5, "ack-b": 3, "ack-c": 6, "ack-d": 0}
+    ingest(store, "ack-b", [metrics(s) for s in (4, 5, 6)])
+    assert store.acked_through(["ack-b"]) == {"ack-b": 7} and store.acked_through([]) == {}
 
 
 def test_status_documents_keep_the_registry(store: TelemetryStore) -> None:
@@ -316,6 +330,43 @@ def test_worker_refuses_bad_input_and_keeps_ingesting(worker: IngestWorker, brok
     assert counts["invalid_by_reason"]["device_mismatch"] == 1 and counts["failed"] == 0
     assert counts["lag_p95_s"] is not None and 0 <= counts["lag_p95_s"] < 5
     assert worker.store.record_count() == 2 and worker.store.device("someone-else") is None
+
+
+def test_worker_acks_each_device_retained_after_the_commit(worker: IngestWorker, broker: LocalBroker) -> None:
+    """``{prefix}/{device}/telemetry/ack``, retained, QoS 1: a device subscribing later still
+    gets the latest; it stops below an open gap until the missing records come."""
+    dev = f"dev-{uuid.uuid4().hex[:6]}"
+    pub = Publisher(broker.port)
+    try:
+        pub.publish(f"edge/{dev}/telemetry", telemetry(dev, [metrics(1), metrics(2)]))
+        pub.publish(f"edge/{dev}/telemetry", telemetry(dev, [metrics(5)]))
+        wait_until(lambda: worker.store.record_count(dev) == 3, what="3 records stored")
+        wait_until(lambda: _retained_ack(broker, dev) == {"v": 1, "through_seq": 2}, what="the ack at 2")
+        pub.publish(f"edge/{dev}/telemetry", telemetry(dev, [metrics(3), metrics(4)]))
+        wait_until(lambda: _retained_ack(broker, dev) == {"v": 1, "through_seq": 5}, what="the ack at 5")
+    finally:
+        pub.close()
+    assert worker.counters.snapshot()["acks"] >= 2  # coalesced: at most one per device per round
+
+
+def _retained_ack(broker: LocalBroker, device: str) -> dict[str, object] | None:
+    """The retained message a device subscribing now gets on its ack topic, or None (an ack
+    published while this probe is subscribed comes live, not retained: not counted)."""
+    got: list[bytes] = []
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, u, m: got.append(bytes(m.payload)) if m.retain else None
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    c.subscribe(f"edge/{device}/telemetry/ack", qos=1)
+    deadline = time.monotonic() + 1
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c.loop_stop()
+    c.disconnect()
+    if not got:
+        return None
+    doc: dict[str, object] = json.loads(got[0])
+    return doc
 
 
 def test_registry_follows_status_documents_and_the_last_will(broker: LocalBroker, tmp_path: Path) -> None:

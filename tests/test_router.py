@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import threading
@@ -16,6 +17,8 @@ from agent.messages import ReplyTo
 from agent.router import Handlers, Router
 from agent.scheduling import RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
+from agent.telemetry.service import TelemetryService
+from agent.telemetry.spool import Spool
 from agent.transport import Inbound
 from tests.operators import default_operator
 
@@ -169,3 +172,62 @@ def test_a_retained_request_is_never_acted_on() -> None:
     payload = json.dumps({"v": 1, "id": "old", "cmd": "ping"}).encode()
     p.router.handle(Inbound(p.cfg.topic("cmd"), payload, "edge-ops/op/r1", None, {}, True, True))
     assert p.replies == [] and p.refused == [(p.cfg.topic("cmd"), "a request must not be retained")]
+
+
+# ---------------------------------------------------------------- the fleet's telemetry ack
+
+
+def _with_acks(p: Parts, tmp: Path) -> tuple[Router, TelemetryService]:
+    """The router of ``p`` with a real telemetry service (a real spool) taking the acks: one
+    record, sent and waiting for the fleet."""
+    spool = Spool(tmp / "telemetry.sqlite3", max_records=100, max_age_s=3600)
+    spool.append("metrics", {})
+    spool.mark_sent(1)
+
+    def no_publish(topic: str, body: bytes, wait_s: float) -> None:
+        raise AssertionError("nothing is sent here")
+
+    service = TelemetryService(spool, "r1", p.cfg.topic("telemetry"), dict, no_publish, lambda: True, 1, 1)
+    handlers = dataclasses.replace(p.router.h, telemetry_ack=service.handle_ack)
+    limiter = RateLimiter(p.cfg.limits.rate.per_s, p.cfg.limits.rate.burst)
+    return Router(lambda: p.cfg, p.hub, p.scheduler, limiter, handlers), service
+
+
+def test_the_ack_topic_is_subscribed_only_when_the_spool_waits_for_the_fleet(tmp_path: Path) -> None:
+    assert "edge/r1/telemetry/ack" in _with_acks(Parts(), tmp_path)[0].subscriptions()
+    for telemetry in ({"ack": "broker"}, {"enabled": False}):
+        router, _ = _with_acks(Parts(telemetry=telemetry), tmp_path / str(telemetry))
+        assert not [t for t in router.subscriptions() if "telemetry" in t]
+    assert "edge/r1/telemetry/ack" not in Parts().router.subscriptions()  # no handler given
+
+
+def test_a_retained_ack_is_taken_and_never_reaches_the_request_path(tmp_path: Path) -> None:
+    p = Parts()
+    router, service = _with_acks(p, tmp_path)
+    ack = Inbound(
+        "edge/r1/telemetry/ack", b'{"v": 1, "through_seq": 1}', "edge-ops/op/r1", b"c", {}, True, True
+    )
+    router.handle(ack)
+    assert service.acks == {"advanced": 1} and service.spool.stats()["records"] == 0
+    assert p.replies == [] and p.refused == [] and p.scheduler.depth == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x00\xff", b"null", b'{"v": 1, "through_seq": "all"}', b'{"cmd": "reload"}', b"x" * 5000],
+)
+def test_garbage_on_the_ack_topic_is_counted_not_raised(tmp_path: Path, payload: bytes) -> None:
+    p = Parts()
+    router, service = _with_acks(p, tmp_path)
+    router.handle(Inbound("edge/r1/telemetry/ack", payload, None, None, {}, True, False))
+    assert sum(service.acks.values()) == 1 and "advanced" not in service.acks
+    assert service.spool.stats()["records"] == 1  # nothing deleted
+    assert p.replies == [] and p.refused == [] and p.scheduler.depth == 0
+
+
+def test_an_ack_under_the_broker_mode_is_dropped(tmp_path: Path) -> None:
+    """A persistent session subscribed under an earlier config may still deliver one."""
+    p = Parts(telemetry={"ack": "broker"})
+    router, service = _with_acks(p, tmp_path)
+    router.handle(Inbound("edge/r1/telemetry/ack", b'{"v": 1, "through_seq": 1}', retain=True))
+    assert not service.acks and service.spool.stats()["records"] == 1 and p.replies == []

@@ -1,6 +1,8 @@
-"""Device telemetry: the disk spool (real SQLite files), its durability under SIGKILL, and a
-running agent whose broker goes away and comes back (real mosquitto, tiny pack): every
-sequence number arrives exactly once, in order, and a spool made small reports its drop."""
+"""Device telemetry: the disk spool (real SQLite files), its durability under SIGKILL, the
+fleet's ack (a record is deleted only when the fleet says it stored it; sent again on a new
+connection or when acks stop), and a running agent whose broker goes away and comes back
+(real mosquitto, tiny pack): every sequence number arrives exactly once, in order, and a spool
+made small reports its drop. The fleet's side of the ack: tests/test_fleet_e2e.py."""
 
 from __future__ import annotations
 
@@ -14,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import config_from_mapping
+from agent.errors import ConfigError
 from agent.localbroker import LocalBroker
+from agent.telemetry.ack import MAX_ACK_BYTES, BadAck, parse_ack
 from agent.telemetry.metrics import Answered, Metrics
-from agent.telemetry.spool import Spool
+from agent.telemetry.service import TelemetryService
+from agent.telemetry.spool import ADVANCED, AHEAD, SCHEMA, STALE, Spool
 from tests.conftest import RunningAgent, agent_config
 
 
@@ -35,12 +42,217 @@ class Clock:
 def test_sequence_numbers_go_on_across_reopening_and_acks_delete_a_prefix(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "t.sqlite3", max_records=100, max_age_s=3600)
     assert [spool.append("metrics", {"i": i}) for i in range(3)] == [1, 2, 3]
-    spool.ack(2)
+    spool.mark_sent(3)
+    assert spool.ack(2) == ADVANCED
     spool.close()
     spool = Spool(tmp_path / "t.sqlite3", max_records=100, max_age_s=3600)
     assert spool.append("event", {"event": "boot"}) == 4
+    assert [r.seq for r in spool.pending(10, 10_000)] == [4]  # 3 was sent: it waits for its ack
+    assert spool.rewind() == 1
     assert [r.seq for r in spool.pending(10, 10_000)] == [3, 4]
     assert spool.stats()["records"] == 2
+
+
+def test_a_sent_record_stays_on_disk_until_the_fleet_acks_it(tmp_path: Path) -> None:
+    """The broker's PUBACK only marks a record sent; the fleet's ack deletes it. Acks only
+    move forward, and one above what was ever sent is refused."""
+    spool = Spool(tmp_path / "t.sqlite3", max_records=100, max_age_s=3600)
+    for i in range(4):
+        spool.append("metrics", {"i": i})
+    spool.mark_sent(3)
+    assert [r.seq for r in spool.pending(10, 10_000)] == [4]
+    spool.close()
+    spool = Spool(tmp_path / "t.sqlite3", max_records=100, max_age_s=3600)  # a restart keeps both marks
+    assert spool.stats()["records"] == 4 and spool.stats()["unacked"] == 3
+    assert spool.ack(4) == AHEAD  # 4 was never sent: a store that is not this history, or a forgery
+    assert spool.stats()["records"] == 4
+    assert spool.ack(2) == ADVANCED
+    assert spool.stats()["records"] == 2
+    assert spool.ack(1) == STALE and spool.ack(2) == STALE  # a lower or repeated (retained) ack
+    assert spool.stats()["records"] == 2
+    m = spool.marks()
+    assert (m.sent_through, m.acked_through, m.sent_max) == (3, 2, 3) and m.outstanding
+    assert spool.ack(3) == ADVANCED and not spool.marks().outstanding
+    assert [r.seq for r in spool.pending(10, 10_000)] == [4]
+
+
+def test_rewind_sends_the_unacked_tail_again_and_a_late_ack_still_counts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "t.sqlite3", max_records=100, max_age_s=3600)
+    for i in range(6):
+        spool.append("metrics", {"i": i})
+    spool.mark_sent(5)
+    spool.ack(2)
+    assert spool.rewind() == 3  # 3, 4, 5 go again
+    assert [r.seq for r in spool.pending(10, 10_000)] == [3, 4, 5, 6]
+    assert spool.ack(4) == ADVANCED  # from the first sending, after the rewind: not ahead
+    assert [r.seq for r in spool.pending(10, 10_000)] == [5, 6]
+
+
+def test_an_ack_that_overtakes_the_puback_is_taken(tmp_path: Path) -> None:
+    """The fleet can store a batch and ack it before the broker's PUBACK reaches the device
+    (the ack comes on the dispatcher thread): what was offered to the broker is not ahead."""
+    spool = Spool(tmp_path / "t.sqlite3", max_records=100, max_age_s=3600)
+    for i in range(3):
+        spool.append("metrics", {"i": i})
+    spool.offer(3)  # before the publish
+    assert spool.ack(3) == ADVANCED
+    spool.mark_sent(3)  # the PUBACK, late
+    assert spool.stats()["records"] == 0 and spool.pending(10, 10_000) == []
+    assert not spool.marks().outstanding
+
+
+def test_broker_mode_deletes_at_the_puback(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "t.sqlite3", max_records=100, max_age_s=3600)
+    for i in range(3):
+        spool.append("metrics", {"i": i})
+    spool.mark_sent(2, delete=True)
+    assert spool.stats()["records"] == 1 and spool.rewind() == 0
+    assert [r.seq for r in spool.pending(10, 10_000)] == [3]
+
+
+def test_drop_records_cover_sent_but_unacked_records(tmp_path: Path) -> None:
+    """The bound counts every record still on disk: with the fleet silent, sent records are
+    dropped like the rest, and the drop record (new, so unsent) names them."""
+    spool = Spool(tmp_path / "t.sqlite3", max_records=5, max_age_s=3600)
+    for i in range(4):
+        spool.append("metrics", {"i": i})
+    spool.mark_sent(4)
+    for i in range(4, 8):
+        spool.append("metrics", {"i": i})
+    assert spool.stats()["records"] <= 5
+    unsent = spool.pending(50, 100_000)
+    drop = next(r for r in unsent if r.kind == "dropped").data
+    assert drop["from_seq"] == 1 and drop["reason"] == "spool_full"
+    spool.rewind()
+    kept = {r.seq for r in spool.pending(50, 100_000)}
+    named = set(range(drop["from_seq"], drop["to_seq"] + 1))
+    assert kept | named >= set(range(1, max(kept) + 1))  # every number: still on disk or named
+
+
+def test_an_agent_spool_written_before_acks_takes_what_it_deleted_as_acknowledged(tmp_path: Path) -> None:
+    """A spool file from before the fleet's ack (no marks): it deleted at the PUBACK, so the
+    fleet's ack of those seqs is not refused as ahead, and what it holds is still unsent."""
+    import sqlite3
+
+    path = tmp_path / "t.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        SCHEMA + "INSERT INTO records VALUES (8, 1.0, 'metrics', '{}'), (9, 2.0, 'metrics', '{}');"
+        "INSERT INTO meta VALUES ('next_seq', 10);"
+    )
+    db.commit()
+    db.close()
+    spool = Spool(path, max_records=100, max_age_s=10**10)
+    assert [r.seq for r in spool.pending(10, 10_000)] == [8, 9]
+    assert spool.ack(7) == STALE and spool.ack(9) == AHEAD
+
+
+class Connections:
+    """The transport's connection counter, moved by hand."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> int:
+        return self.n
+
+
+def _never_publish(topic: str, body: bytes, wait_s: float) -> None:
+    raise AssertionError("these tests mark records sent themselves")
+
+
+def _service(spool: Spool, clock: Clock, conns: Connections, ack: str = "fleet") -> TelemetryService:
+    return TelemetryService(
+        spool, "d1", "edge/d1/telemetry", dict, _never_publish, lambda: True, 1.0, 1.0,
+        connections=conns, ack=ack, ack_timeout_s=120.0, monotonic=clock,
+    )  # fmt: skip
+
+
+def test_the_unacked_tail_goes_again_on_every_new_connection_and_after_the_ack_timeout(
+    tmp_path: Path,
+) -> None:
+    spool, clock, conns = Spool(tmp_path / "t.sqlite3", 100, 3600), Clock(), Connections()
+    svc = _service(spool, clock, conns)
+    for i in range(3):
+        spool.append("metrics", {"i": i})
+    assert svc.resend_if_due() is None  # not connected yet
+    conns.n = 1
+    assert svc.resend_if_due() == "reconnect" and svc.resend_if_due() is None
+    spool.mark_sent(3)
+    assert svc.resend_if_due() is None  # the ack clock starts
+    clock.now += 119
+    assert svc.resend_if_due() is None
+    assert svc.handle_ack(b'{"v": 1, "through_seq": 1}') == ADVANCED  # progress: the clock starts again
+    clock.now += 119
+    assert svc.resend_if_due() is None
+    clock.now += 2
+    assert svc.resend_if_due() == "ack_timeout"
+    assert [r.seq for r in spool.pending(10, 10_000)] == [2, 3]
+    spool.mark_sent(3)
+    conns.n = 3  # two connections since the last look (a quick reconnect): one rewind
+    assert svc.resend_if_due() == "reconnect"
+    assert [r.seq for r in spool.pending(10, 10_000)] == [2, 3]
+    assert svc.resends == {"reconnect": 2, "ack_timeout": 1}
+    assert svc.handle_ack(b'{"v": 1, "through_seq": 3}') == ADVANCED
+    clock.now += 1000
+    assert svc.resend_if_due() is None and spool.stats()["records"] == 0  # all acked: nothing waits
+
+
+def test_broker_mode_never_resends(tmp_path: Path) -> None:
+    spool, clock, conns = Spool(tmp_path / "t.sqlite3", 100, 3600), Clock(), Connections()
+    svc = _service(spool, clock, conns, ack="broker")
+    spool.append("metrics", {})
+    spool.mark_sent(1, delete=True)
+    conns.n, clock.now = 2, clock.now + 1000
+    assert svc.resend_if_due() is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xff\xfe", "bad_json"),
+        (b"not json", "bad_json"),
+        (b"[1]", "bad_json"),
+        (b'{"through_seq": 3}', "bad_version"),
+        (b'{"v": 2, "through_seq": 3}', "bad_version"),
+        (b'{"v": true, "through_seq": 3}', "bad_version"),
+        (b'{"v": 1}', "bad_through_seq"),
+        (b'{"v": 1, "through_seq": -1}', "bad_through_seq"),
+        (b'{"v": 1, "through_seq": true}', "bad_through_seq"),
+        (b'{"v": 1, "through_seq": 3.0}', "bad_through_seq"),
+        (b'{"v": 1, "through_seq": "3"}', "bad_through_seq"),
+        (b'{"v": 1, "through_seq": 3, "pad": "' + b"x" * MAX_ACK_BYTES + b'"}', "too_large"),
+    ],
+)
+def test_a_malformed_ack_is_refused_with_a_reason_and_counted(
+    tmp_path: Path, payload: bytes, reason: str
+) -> None:
+    with pytest.raises(BadAck) as err:
+        parse_ack(payload)
+    assert err.value.reason == reason
+    spool, clock, conns = Spool(tmp_path / "t.sqlite3", 100, 3600), Clock(), Connections()
+    spool.append("metrics", {})
+    spool.mark_sent(1)
+    svc = _service(spool, clock, conns)
+    assert svc.handle_ack(payload) == reason  # counted, never raised
+    assert svc.acks == {reason: 1} and spool.stats()["records"] == 1
+    assert parse_ack(b'{"v": 1, "through_seq": 0, "other": null}') == 0  # unknown fields: ignored
+
+
+def test_an_ack_ahead_of_what_was_sent_is_refused_and_counted(tmp_path: Path) -> None:
+    spool, clock, conns = Spool(tmp_path / "t.sqlite3", 100, 3600), Clock(), Connections()
+    svc = _service(spool, clock, conns)
+    spool.append("metrics", {})
+    spool.mark_sent(1)
+    assert svc.handle_ack(b'{"v": 1, "through_seq": 500}') == AHEAD
+    assert svc.acks == {AHEAD: 1} and spool.stats()["records"] == 1
+
+
+@pytest.mark.parametrize("telemetry", [{"ack": "fleets"}, {"ack": ""}, {"ack_timeout_s": 0}])
+def test_telemetry_ack_settings_are_checked(telemetry: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="telemetry"):
+        config_from_mapping({"device_id": "d1", "telemetry": telemetry}, env={})
+    assert config_from_mapping({"device_id": "d1"}, env={}).telemetry.ack == "fleet"
 
 
 def test_a_full_spool_drops_the_oldest_and_says_which(tmp_path: Path) -> None:
@@ -171,9 +383,13 @@ class Collector:
 def _telemetry_agent(
     tiny_pack_path: Path, start_agent: Any, broker: LocalBroker, **telemetry: Any
 ) -> tuple[RunningAgent, Collector]:
-    """The fleet's subscriber first, then the agent: its boot record (seq 1) goes out at once."""
+    """The fleet's subscriber first, then the agent: its boot record (seq 1) goes out at once.
+    The subscriber is no fleet service and sends no acks: ``telemetry.ack: broker``, each
+    record sent once and deleted at the PUBACK (the fleet's acks: tests/test_fleet_e2e.py)."""
     cfg = agent_config(
-        broker.url, tiny_pack_path, telemetry={"interval_s": 0.2, "drain_rate": 50.0, **telemetry}
+        broker.url,
+        tiny_pack_path,
+        telemetry={"interval_s": 0.2, "drain_rate": 50.0, "ack": "broker", **telemetry},
     )
     fleet = Collector(broker, cfg.topic("telemetry"))
     fleet.wait_subscribed()

@@ -6,14 +6,21 @@ appended (docs/protocol.md, telemetry). Appends happen once per metrics interval
 so the fsync costs nothing that matters.
 
 Sequence numbers are per device, from 1, never reused: the next one is kept in the same file,
-in the same transaction as the record. Records leave from the oldest (:meth:`ack` after the
-broker's PUBACK), so what is pending is always one contiguous run of sequence numbers.
+in the same transaction as the record. Two marks live beside it (meta table, same transaction
+discipline): ``sent_through`` (the broker PUBACKed every record up to it: :meth:`mark_sent`)
+and ``acked_through`` (the fleet said it stored every record up to it: :meth:`ack`). A record
+is deleted only by the fleet's ack, because a broker's PUBACK is not delivery: a mosquitto
+restart loses what it acknowledged but had not yet handed to the fleet's shared subscription.
+:meth:`rewind` sets ``sent_through`` back to ``acked_through`` so the unacknowledged tail goes
+out again (on a new broker connection, or when acks stop coming). ``sent_max`` is the highest
+seq ever handed to the broker (:meth:`offer`, before the publish): an ack above it names
+records this device never sent and is refused.
 
-Bounded: at most ``max_records`` pending and none older than ``max_age_s``. Room is made by
-dropping the oldest pending records and appending one ``dropped`` record whose
-``from_seq``..``to_seq`` covers them (and the drop record it replaces): every sequence number in
-that range that the fleet has not received when the drop record arrives is lost, and the fleet
-can tell a loss from a delay.
+Bounded: at most ``max_records`` undeleted (sent-but-unacked included) and none older than
+``max_age_s``. Room is made by dropping the oldest records and appending one ``dropped`` record
+whose ``from_seq``..``to_seq`` covers them (and the drop record it replaces): every sequence
+number in that range that the fleet has not received when the drop record arrives is lost, and
+the fleet can tell a loss from a delay.
 """
 
 from __future__ import annotations
@@ -32,6 +39,24 @@ CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, k
                                     data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+# meta keys: the PUBACKed mark, the fleet's acked mark, the highest seq ever sent
+SENT, ACKED, SENT_MAX = "sent_through", "acked_through", "sent_max"
+# what an ack did (Spool.ack)
+ADVANCED, STALE, AHEAD = "advanced", "stale", "ahead"
+
+
+@dataclass(frozen=True)
+class Marks:
+    sent_through: int
+    acked_through: int
+    sent_max: int
+
+    @property
+    def outstanding(self) -> bool:
+        """Records were sent and the fleet has not acknowledged them yet."""
+        return self.sent_through > self.acked_through
 
 
 @dataclass(frozen=True)
@@ -60,12 +85,14 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # the stated policy: a committed record survives
         self._db.executescript(SCHEMA)
+        self._upgrade()
 
     # ------------------------------------------------------------ writing
 
     def append(self, kind: str, data: dict[str, Any]) -> int:
         """Store a record; returns its sequence number. Makes room first when the spool is full
-        or holds records older than ``max_age_s`` (a ``dropped`` record says which went)."""
+        or holds records older than ``max_age_s``, sent or not (a ``dropped`` record says which
+        went)."""
         with self._lock, self._tx():
             self._drop_too_old()
             self._make_room(1)
@@ -79,8 +106,8 @@ class Spool:
         return seq
 
     def _make_room(self, new: int) -> None:
-        pending = self._count()
-        over = pending + new + 1 - self.max_records  # +1: the drop record itself
+        kept = self._count()  # sent-but-unacknowledged records count: they are still on this disk
+        over = kept + new + 1 - self.max_records  # +1: the drop record itself
         if over > 0:
             oldest = [r[0] for r in self._db.execute("SELECT seq FROM records ORDER BY seq LIMIT ?", (over,))]
             self._drop(oldest, "spool_full")
@@ -92,10 +119,12 @@ class Spool:
             self._drop(old, "too_old")
 
     def _drop(self, seqs: list[int], reason: str) -> None:
-        """Delete ``seqs`` (the oldest pending) and every pending drop record, and append one
-        drop record that covers them all: at most one is ever pending. Its range may span
-        records still pending; they are delivered before it (delivery is in ``seq`` order), so
-        when the fleet reads it, every number in the range it lacks is lost."""
+        """Delete ``seqs`` (the oldest undeleted, sent or not) and every undeleted drop record,
+        and append one drop record that covers them all: at most one is ever undeleted. Its
+        range may span records still kept; they are sent before it (sending, and sending again
+        after a rewind, is in ``seq`` order), so when the fleet reads it, every number in the
+        range it lacks is lost. A deleted record the fleet had already stored is not lost: the
+        fleet only marks what it lacks."""
         rows = self._db.execute("SELECT seq, data FROM records WHERE kind = 'dropped'").fetchall()
         earlier = {int(seq): json.loads(data) for seq, data in rows}
         gone = set(seqs) | set(earlier)
@@ -109,10 +138,12 @@ class Spool:
     # ------------------------------------------------------------ reading and delivery
 
     def pending(self, limit: int, max_bytes: int) -> list[Record]:
-        """The oldest undelivered records, at most ``limit`` and about ``max_bytes`` of JSON."""
+        """The oldest unsent records (seq > ``sent_through``), at most ``limit`` and about
+        ``max_bytes`` of JSON."""
         with self._lock:
+            sent = self._meta(SENT, 0)
             rows = self._db.execute(
-                "SELECT seq, ts, kind, data FROM records ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, ts, kind, data FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (sent, limit)
             ).fetchall()
         out: list[Record] = []
         size = 0
@@ -123,16 +154,66 @@ class Spool:
             out.append(Record(int(seq), float(ts), str(kind), json.loads(data)))
         return out
 
-    def ack(self, through_seq: int) -> None:
-        """The broker has every record up to ``through_seq``: delete them."""
+    def offer(self, through_seq: int) -> None:
+        """About to publish records up to ``through_seq``: raise ``sent_max`` first, because
+        the fleet's ack of them can arrive (on another thread) before the PUBACK does and must
+        not be refused as ahead. Only a new high costs a write (a resend costs none)."""
+        with self._lock:
+            if through_seq <= self._meta(SENT_MAX, 0):
+                return
+            with self._tx():
+                self._raise_meta(SENT_MAX, through_seq)
+
+    def mark_sent(self, through_seq: int, delete: bool = False) -> None:
+        """The broker PUBACKed every record up to ``through_seq``: they are sent, and kept
+        until the fleet's ack covers them. ``delete`` (``telemetry.ack: broker``, no fleet
+        to ack): the PUBACK is taken as delivery and they are deleted at once."""
         with self._lock, self._tx():
-            self._db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,))
+            self._raise_meta(SENT, through_seq)
+            self._raise_meta(SENT_MAX, through_seq)
+            if delete:
+                self._delete_through(through_seq)
+
+    def ack(self, through_seq: int) -> str:
+        """The fleet stored (or accounted for) every record up to ``through_seq``: delete
+        them. Returns ``advanced``; ``stale`` for an ack at or below ``acked_through`` (a
+        retained ack seen again, or one overtaken): nothing changes; ``ahead`` for one above
+        every seq this device has sent (a fleet store that is not this device's history, or
+        a forged ack): refused, nothing deleted."""
+        with self._lock, self._tx():
+            if through_seq > self._meta(SENT_MAX, 0):
+                return AHEAD
+            if through_seq <= self._meta(ACKED, 0):
+                return STALE
+            self._delete_through(through_seq)
+            self._raise_meta(SENT, through_seq)  # a late ack after a rewind: no need to send those again
+            return ADVANCED
+
+    def rewind(self) -> int:
+        """Send again everything not acknowledged: ``sent_through`` back to ``acked_through``.
+        Returns how many undeleted records that puts back in line."""
+        with self._lock, self._tx():
+            acked, sent = self._meta(ACKED, 0), self._meta(SENT, 0)
+            self._set_meta(SENT, acked)
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM records WHERE seq > ? AND seq <= ?", (acked, sent)
+            ).fetchone()
+            return int(row[0])
+
+    def marks(self) -> Marks:
+        with self._lock:
+            return Marks(self._meta(SENT, 0), self._meta(ACKED, 0), self._meta(SENT_MAX, 0))
 
     def stats(self) -> dict[str, Any]:
+        """The backlog: every undeleted record (``records``), of which ``unacked`` were sent
+        and wait for the fleet's ack."""
         with self._lock:
             count, oldest = self._db.execute("SELECT COUNT(*), MIN(ts) FROM records").fetchone()
+            sent = self._meta(SENT, 0)
+            unacked = self._db.execute("SELECT COUNT(*) FROM records WHERE seq <= ?", (sent,)).fetchone()[0]
             return {
                 "records": int(count),
+                "unacked": int(unacked),
                 "oldest_ts": oldest,
                 "dropped_total": self._meta("dropped_total", 0),
             }
@@ -152,6 +233,28 @@ class Spool:
 
     def _set_meta(self, key: str, value: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def _raise_meta(self, key: str, value: int) -> None:
+        """Marks only move forward (but :meth:`rewind`): a PUBACK or ack overtaken by a
+        later one changes nothing."""
+        if value > self._meta(key, 0):
+            self._set_meta(key, value)
+
+    def _delete_through(self, through_seq: int) -> None:
+        self._db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,))
+        self._raise_meta(ACKED, through_seq)
+
+    def _upgrade(self) -> None:
+        """A spool written before the fleet's ack (no marks yet) deleted at the broker's
+        PUBACK: everything below its oldest record was sent and is taken as acknowledged, so
+        the fleet's first ack is not refused as ahead."""
+        with self._tx():
+            if self._db.execute("SELECT 1 FROM meta WHERE key = ?", (SENT_MAX,)).fetchone():
+                return
+            oldest = self._db.execute("SELECT MIN(seq) FROM records").fetchone()[0]
+            done = int(oldest) - 1 if oldest is not None else self._meta("next_seq", 1) - 1
+            for key in (SENT, ACKED, SENT_MAX):
+                self._set_meta(key, done)
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)

@@ -420,6 +420,27 @@ class TelemetryStore:
         with self.engine.connect() as conn:
             return [DeviceInfo(**r._mapping) for r in conn.execute(query)]
 
+    def acked_through(self, device_ids: Iterable[str]) -> dict[str, int]:
+        """For each device (one query for all): the highest seq N such that every record
+        1..N is stored or in a ``lost`` gap: the first ``open`` gap's ``from_seq`` - 1, else
+        ``max_seq``. What the ingest worker acks to the device (``{root}/telemetry/ack``), so
+        the device may delete those records. Devices not in the registry are left out."""
+        ids = sorted(set(device_ids))
+        if not ids:
+            return {}
+        d, g = schema.devices.c, schema.gaps.c
+        first_open = (
+            select(func.min(g.from_seq))
+            .where(g.device_id == d.device_id, g.state == gap_math.OPEN)
+            .scalar_subquery()
+        )
+        query = select(d.device_id, d.max_seq, first_open.label("first_open")).where(d.device_id.in_(ids))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return {
+            r.device_id: int(r.first_open) - 1 if r.first_open is not None else int(r.max_seq) for r in rows
+        }
+
     def gaps(self, device_id: str) -> list[StoredGap]:
         g = schema.gaps.c
         query = select(g.from_seq, g.to_seq, g.state, g.detected_at).where(g.device_id == device_id)
