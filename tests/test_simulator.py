@@ -90,7 +90,8 @@ class Recorder:
         self.client.on_subscribe = lambda *args: subscribed.set()
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
-        assert subscribed.wait(10), "the recorder's SUBSCRIBE was not acknowledged"
+        # 30 s: a broker busy with 1,000 connects once took over 10 s to answer it
+        assert subscribed.wait(30), "the recorder's SUBSCRIBE was not acknowledged"
 
     def _add(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         correlation = getattr(msg.properties, "CorrelationData", None)

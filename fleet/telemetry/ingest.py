@@ -67,7 +67,15 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from fleet.telemetry import retention
 from fleet.telemetry.errors import InvalidPayload, TelemetryError
-from fleet.telemetry.payloads import Batch, parse_status, parse_telemetry, parse_update_status, split_topic
+from fleet.telemetry.payloads import (
+    Batch,
+    StatusDoc,
+    UpdateStatus,
+    parse_status,
+    parse_telemetry,
+    parse_update_status,
+    split_topic,
+)
 from fleet.telemetry.store import BatchResult, TelemetryStore
 
 log = structlog.get_logger("fleet.telemetry.ingest")
@@ -347,17 +355,20 @@ class IngestWorker:
         a bad one is refused alone; the telemetry is stored in one transaction, and if the
         database refuses that one for good, message by message."""
         telemetry: list[tuple[_Inbound, Batch]] = []
-        others: list[tuple[_Inbound, Callable[[], object]]] = []
+        others: list[tuple[_Inbound, StatusDoc | UpdateStatus]] = []
         for item in items:
             try:
                 device, leaf = split_topic(item.topic, self.cfg.topic_prefix)
                 if leaf == "telemetry":
                     telemetry.append((item, parse_telemetry(device, item.payload)))
                 elif leaf == "status":
-                    others.append((item, self._status_write(device, item)))
+                    doc = parse_status(device, item.payload)
+                    if doc is None:
+                        log.info("device_status_cleared", device=device)
+                    else:
+                        others.append((item, doc))
                 elif leaf == "update/status":
-                    ev = parse_update_status(device, item.payload)
-                    others.append((item, partial(self.store.add_update_status, ev, item.received_at)))
+                    others.append((item, parse_update_status(device, item.payload)))
                 else:
                     raise InvalidPayload("bad_topic", f"no telemetry topic: {item.topic!r}")
             except InvalidPayload as exc:
@@ -366,9 +377,8 @@ class IngestWorker:
             except Exception:  # a bug: never stop ingesting
                 self.counters.count("failed")
                 log.exception("telemetry_ingest_failed", topic=item.topic)
-        for item, write in others:
-            if self._durably(item.topic, write) is None:
-                return False
+        if others and not self._record_others(others):
+            return False
         if not telemetry:
             return True
         pairs = [(batch, item.received_at) for item, batch in telemetry]
@@ -388,11 +398,22 @@ class IngestWorker:
                 self.counters.batch(cast(BatchResult, one))
         return True
 
-    def _status_write(self, device: str, item: _Inbound) -> Callable[[], object]:
-        doc = parse_status(device, item.payload)
-        if doc is None:
-            return partial(log.info, "device_status_cleared", device=device)
-        return partial(self.store.apply_status, doc, item.received_at)
+    def _record_others(self, others: list[tuple[_Inbound, StatusDoc | UpdateStatus]]) -> bool:
+        """Status documents and update events in one transaction (in arrival order); if the
+        database refuses it for good, one by one, so only the message at fault fails. False
+        when the worker stops while the database is away."""
+        pairs = [(m, item.received_at) for item, m in others]
+        write = partial(self.store.record_many, pairs)
+        outcome = self._durably(others[0][0].topic, write, quiet=True, messages=len(pairs))
+        if outcome is None:
+            return False
+        if outcome is not _FAILED:
+            return True
+        for item, m in others:
+            one = partial(self.store.record_many, [(m, item.received_at)])
+            if self._durably(item.topic, one) is None:
+                return False
+        return True
 
     def _durably(
         self, topic: str, write: Callable[[], object], *, quiet: bool = False, messages: int = 1

@@ -229,6 +229,30 @@ class TelemetryStore:
         return results
 
     def apply_status(self, doc: StatusDoc, received_at: float) -> bool:
+        """Record a status document in the registry (see :meth:`_apply_status`)."""
+        with self._writer.begin() as conn:
+            return self._apply_status(conn, doc, received_at)
+
+    def add_update_status(self, ev: UpdateStatus, received_at: float) -> bool:
+        """Store one live update event; False for a redelivery of one already stored."""
+        with self._writer.begin() as conn:
+            return self._add_update_status(conn, ev, received_at)
+
+    def record_many(self, messages: Sequence[tuple[StatusDoc | UpdateStatus, float]]) -> list[bool]:
+        """Status documents and update events (each with its receive time) in one
+        transaction, in order: the same outcome as one by one, with one commit (one fsync)
+        for all. A rollout's wave makes a burst of them (about eight events and a status
+        per device): one by one, 1,000 devices' burst outran the worker and the broker
+        dropped what its queue could not hold (bench/rollout.py)."""
+        with self._writer.begin() as conn:
+            return [
+                self._apply_status(conn, m, at)
+                if isinstance(m, StatusDoc)
+                else self._add_update_status(conn, m, at)
+                for m, at in messages
+            ]
+
+    def _apply_status(self, conn: Connection, doc: StatusDoc, received_at: float) -> bool:
         """Record a status document in the registry; returns False when a later-received
         one is already there. Order is by the fleet's receive time, not the document's
         ``ts``: a last will carries the ts of the agent's start, older than the
@@ -261,12 +285,11 @@ class TelemetryStore:
             set_=changes,
             where=or_(cols.status_received_at.is_(None), cols.status_received_at <= new.status_received_at),
         ).returning(cols.device_id)
-        with self._writer.begin() as conn:
-            if conn.execute(upsert).first() is None:
-                return False
-            self._replace_labels(conn, doc.device, "hardware", doc.hardware)
-            self._replace_labels(conn, doc.device, "tag", doc.tags)
-            return True
+        if conn.execute(upsert).first() is None:
+            return False
+        self._replace_labels(conn, doc.device, "hardware", doc.hardware)
+        self._replace_labels(conn, doc.device, "tag", doc.tags)
+        return True
 
     def _replace_labels(self, conn: Connection, device: str, kind: str, values: Sequence[str] | None) -> None:
         """The document's list replaces the registry's; an absent field (an older agent) keeps it."""
@@ -278,8 +301,7 @@ class TelemetryStore:
             rows = [{"device_id": device, "kind": kind, "value": v} for v in values]
             conn.execute(self._insert(schema.device_labels).values(rows))
 
-    def add_update_status(self, ev: UpdateStatus, received_at: float) -> bool:
-        """Store one live update event; False for a redelivery of one already stored."""
+    def _add_update_status(self, conn: Connection, ev: UpdateStatus, received_at: float) -> bool:
         row = {
             "device_id": ev.device,
             "source": "update_status",
@@ -294,10 +316,9 @@ class TelemetryStore:
             "ts": ev.ts,
             "received_at": received_at,
         }
-        with self._writer.begin() as conn:
-            self._touch_device(conn, ev.device, received_at)
-            stmt = self._insert(schema.update_events).values(row).on_conflict_do_nothing()
-            return conn.execute(stmt.returning(schema.update_events.c.seq)).first() is not None
+        self._touch_device(conn, ev.device, received_at)
+        stmt = self._insert(schema.update_events).values(row).on_conflict_do_nothing()
+        return conn.execute(stmt.returning(schema.update_events.c.seq)).first() is not None
 
     # ------------------------------------------------------------------ write steps
 
