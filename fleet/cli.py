@@ -8,7 +8,8 @@ edge-fleet serve            --repo DIR [--port 8080]
 edge-fleet keys operator NAME --out DIR         (a key that signs instructions)
 edge-fleet device provision ID --repo DIR --operator-key PUB --broker URL --passwd FILE --out DIR
 edge-fleet device revoke ID --passwd FILE
-edge-fleet broker acl --out FILE --operator NAME ...;  edge-fleet broker user NAME --passwd FILE
+edge-fleet broker acl --out FILE --operator NAME ... [--fleet NAME] [--ingest NAME]
+edge-fleet broker user NAME --passwd FILE
 edge-fleet update send --broker URL --device ID --target NAME@VERSION --signing-key KEY
 edge-fleet ingest --broker URL --db URL|PATH --group NAME    (telemetry into the store, until SIGTERM)
 edge-fleet service --db URL|PATH --broker URL --group NAME --listen HOST:PORT --tokens FILE  (ingest + API)
@@ -120,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
     acl = brk.add_parser("acl", help="the broker ACL file: access by authenticated identity")
     acl.add_argument("--out", type=Path, required=True)
     acl.add_argument("--operator", action="append", default=[], help="operator username (repeatable)")
+    acl.add_argument(
+        "--ingest", action="append", default=[], help="an ingest-only fleet login: reads, acks (repeatable)"
+    )
+    acl.add_argument(
+        "--fleet",
+        action="append",
+        default=[],
+        help="a fleet service login that also drives rollouts (--signing-key): reads, acks, instructions",
+    )
     usr = brk.add_parser("user", help="add an operator's broker login; prints its new password")
     usr.add_argument("name")
     usr.add_argument("--passwd", type=Path, required=True)
@@ -381,8 +391,12 @@ def _identity(args: argparse.Namespace) -> int:
         print(json.dumps({"device": args.device_id, "revoked": True, "had_credentials": had}))
         print(f"send the broker SIGHUP (systemctl reload mosquitto) to apply {args.passwd}", file=sys.stderr)
     elif args.command == "acl":
-        devices.write_acl(args.out, args.operator)
-        print(json.dumps({"acl": str(args.out), "operators": args.operator}))
+        devices.write_acl(args.out, args.operator, args.ingest, args.fleet)
+        print(
+            json.dumps(
+                {"acl": str(args.out), "operators": args.operator, "ingest": args.ingest, "fleet": args.fleet}
+            )
+        )
     else:
         password = secrets.token_urlsafe(24)
         devices.add_user(args.passwd, args.name, password, args.force)

@@ -161,23 +161,33 @@ pattern write edge-ops/#
 """
 
 
-def ingest_acl(user: str) -> str:
+def ingest_acl(user: str, rollouts: bool = False) -> str:
     """The ACL block of a fleet ingest worker's login (``edge-fleet ingest``/``service``): it
     reads what devices publish for the fleet (its shared subscriptions are checked against the
     topic after ``$share/GROUP/``) and writes the retained telemetry acks, which tell a device
-    it may delete records. Nothing else in a device's tree: no requests, no updates."""
+    it may delete records. With ``rollouts`` (a service started with ``--signing-key``) it also
+    writes update instructions (signed: a device still checks the key); the devices' replies
+    to them reach it under ``edge-ops/USER/`` by the common pattern. Nothing else in a
+    device's tree: no queries, reads or commands."""
     return (
         f"\nuser {user}\n"
         + "".join(f"topic read edge/+/{leaf}\n" for leaf in ("telemetry", "status", "update/status"))
         + "topic write edge/+/telemetry/ack\n"
+        + ("topic write edge/+/update\n" if rollouts else "")
     )
 
 
-def write_acl(path: Path, operators: list[str], ingest: list[str] | tuple[str, ...] = ()) -> None:
-    """The ACL file: the patterns above, for each operator requests to any device, and for
-    each fleet ingest login (``ingest``) :func:`ingest_acl`."""
+def write_acl(
+    path: Path,
+    operators: list[str],
+    ingest: list[str] | tuple[str, ...] = (),
+    fleet: list[str] | tuple[str, ...] = (),
+) -> None:
+    """The ACL file: the patterns above, for each operator requests to any device, for each
+    ingest-only login (``ingest``) :func:`ingest_acl`, and for each fleet service that drives
+    rollouts (``fleet``) the same with update instructions."""
     lines = [ACL_HEADER]
-    for name in (*operators, *ingest):
+    for name in (*operators, *ingest, *fleet):
         if not _DEVICE_ID.fullmatch(name):
             raise RepositoryError(f"broker user {name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-'")
     for op in operators:
@@ -187,4 +197,5 @@ def write_acl(path: Path, operators: list[str], ingest: list[str] | tuple[str, .
             + "topic read edge/+/status\ntopic read edge/+/update/status\n"
         )
     lines += [ingest_acl(user) for user in ingest]
+    lines += [ingest_acl(user, rollouts=True) for user in fleet]
     path.write_text("".join(lines))

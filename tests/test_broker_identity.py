@@ -22,6 +22,7 @@ from agent.localbroker import LocalBroker
 from agent.transport.client import RequestClient
 from fleet import devices
 from fleet.repository import FleetRepository
+from fleet.rollouts.sender import Publisher, Refusal
 from fleet.telemetry.ingest import IngestConfig, IngestWorker
 from fleet.telemetry.store import TelemetryStore
 from tests.conftest import RunningAgent
@@ -234,3 +235,50 @@ def test_the_shipped_device_broker_config_refuses_anonymous_and_confines_by_user
         time.sleep(0.3)
         c.loop_stop()
         assert got == ["edge/gh-9/sensors/t"]
+
+
+def test_the_fleet_login_sends_rollout_instructions_and_gets_the_replies_an_ingest_login_cannot(
+    site: dict[str, Any], tiny_pack_path: Path, start_agent: Any
+) -> None:
+    """`edge-fleet broker acl --fleet NAME`: the service that drives rollouts writes update
+    instructions and reads the devices' replies under edge-ops/NAME/; `--ingest NAME` may not
+    write instructions at all (the broker drops them before any device sees them)."""
+    passwd, acl, broker = site["passwd"], site["dir"] / "acl", site["broker"]
+    before = passwd.read_text(), acl.read_text()
+    devices.add_user(passwd, "fleet", "fleet-pw")
+    devices.add_user(passwd, "reader", "reader-pw")
+    _fleet("broker", "acl", "--out", str(acl), "--operator", "ops", "--fleet", "fleet", "--ingest", "reader")
+    broker.proc.send_signal(1)  # SIGHUP: mosquitto reloads both files
+    time.sleep(0.5)
+    publishers = []
+    try:
+        _agent(site, "gh-1", tiny_pack_path, start_agent)
+        refused: dict[str, list[Refusal]] = {}
+        for user in ("fleet", "reader"):
+            cfg = IngestConfig(broker.url, "acl-test", f"{user}-svc", username=user, password=f"{user}-pw")
+            pub = Publisher(cfg, f"{user}-driver")
+            pub.start()
+            publishers.append(pub)
+            assert pub.connected.wait(10)
+            time.sleep(0.3)  # its SUBSCRIBE to the replies
+            env = json.dumps(
+                default_operator().sign("update", "gh-1", rollout_id=f"r-{user}", target="tiny@0.0.2")
+            )
+            assert pub.publish([("edge/gh-1/update", env, f"r-{user} gh-1")]) == [True]
+            deadline = time.monotonic() + 3
+            refused[user] = []
+            while not refused[user] and time.monotonic() < deadline:
+                refused[user] += pub.refusals()
+                time.sleep(0.05)
+        # the agent has no repository configured: it refuses, and says so to the sender
+        assert [(r.rollout_id, r.device_id, r.code) for r in refused["fleet"]] == [
+            ("r-fleet", "gh-1", "bad_request")
+        ]
+        assert refused["reader"] == []  # never delivered: nothing to answer
+    finally:
+        for pub in publishers:
+            pub.stop()
+        passwd.write_text(before[0])
+        acl.write_text(before[1])
+        broker.proc.send_signal(1)
+        time.sleep(0.3)
