@@ -27,6 +27,10 @@ route: the median of the rounds' p95 and median latency, and the spread of the r
                           [--api-devices 1000] [--api-points 1000000] [--api-rounds 5] [--api-requests 40]
 
 ``--api-points 0`` leaves the API half out ("api": null).
+
+The rollout half (``"rollout"``) is bench/rollout.py run as its own process: the time to fan one
+wave out to ``--rollout-devices`` simulated devices (1,000) and to see their answers, over
+``--rollout-rounds`` rounds; ``--rollout-devices 0`` leaves it out.
 """
 
 from __future__ import annotations
@@ -349,6 +353,8 @@ def main() -> None:
     p.add_argument("--api-points", type=int, default=1_000_000)
     p.add_argument("--api-rounds", type=int, default=5)
     p.add_argument("--api-requests", type=int, default=40)
+    p.add_argument("--rollout-devices", type=int, default=1000, help="0: no rollout fan-out half")
+    p.add_argument("--rollout-rounds", type=int, default=3)
     args = p.parse_args()
     os.environ.setdefault("PYTHONPATH", str(REPO))
     results: dict[int, list[dict[str, float]]] = {1: [], 2: []}
@@ -376,7 +382,18 @@ def main() -> None:
     out["acks_per_message"] = round(sent / (args.messages * 2 * args.rounds), 3)  # telemetry acks to devices
     out["rounds"] = args.rounds
     out["api"] = api
+    out["rollout"] = _rollout(args) if args.rollout_devices > 0 else None
     print(json.dumps(out))
+
+
+def _rollout(args: argparse.Namespace) -> object:
+    """bench/rollout.py as its own process (its own broker, store and simulated devices):
+    the time to fan one wave out to ``--rollout-devices`` devices and to see their answers."""
+    cmd = [sys.executable, str(REPO / "bench" / "rollout.py"), "--devices", str(args.rollout_devices)]
+    done = subprocess.run(
+        [*cmd, "--rounds", str(args.rollout_rounds)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
