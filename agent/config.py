@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from agent.errors import ConfigError
+from agent.meaning import Meaning, MeaningError, parse_meaning
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -127,13 +128,21 @@ class SensorConfig:
     window_s: float = 3600.0
     max_points: int = 4096
     source: SourceConfig = field(default_factory=SourceConfig)
+    # what a value means (bands, target, limits): verdicts come from it, not from the model
+    meaning: Meaning | None = None
 
 
 @dataclass(frozen=True)
 class PromptConfig:
+    # The verdicts in the prompt come from the sensors' meaning (agent/answers), and the
+    # answer is checked against them; the last sentence asks the model to keep to them. A
+    # system prompt of one's own should say the same (a 128-token test pack has no room for
+    # both, so it is not appended to a configured one).
     system: str = (
         "You answer questions about a greenhouse from its sensor readings. "
-        "Give the reading with its unit in one short sentence."
+        "Give the reading with its unit in one short sentence. "
+        "The verdicts given with the readings are true: repeat them and never contradict them; "
+        "when an answer is given, start with it (Yes or No)."
     )
     temperature: float = 0.0
     repetition_penalty: float = 1.05  # greedy 135M models loop without a light penalty
@@ -210,6 +219,11 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _convert(value, args[0], path)
+    if hint is Meaning:  # its own forms (a band chain, a band list, a mapping): agent/meaning.py
+        try:
+            return parse_meaning(value, path)
+        except MeaningError as exc:
+            raise ConfigError(str(exc)) from None
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")

@@ -14,9 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.answers import units
+from agent import units
 from agent.answers.intent import BAND, COMPARE, TREND, VALUE, Intent, intents_for, parse_question
-from agent.answers.meaning import Band, Meaning, MeaningError, parse_band_list, parse_chain, parse_meaning
 from agent.answers.picker import pick_sensors
 from agent.answers.pipeline import Grounds, ground
 from agent.answers.prompt import build_prompt, build_retry_prompt, facts_block, required_start
@@ -25,6 +24,7 @@ from agent.answers.text import tokenize
 from agent.answers.validate import CHECKS, validate
 from agent.answers.verdicts import decide, overall_answer, trend_tolerance
 from agent.config import SensorConfig
+from agent.meaning import Band, Meaning, MeaningError, parse_band_list, parse_chain, parse_meaning
 from agent.sensors.windows import Fact, SensorWindow
 
 CASES_FILE = Path(__file__).with_name("answer_cases.yaml")

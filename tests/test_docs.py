@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from agent.config import AgentConfig, config_from_mapping
+from agent.meaning import Meaning
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DOC = ROOT / "docs" / "configuration.md"
@@ -107,7 +108,7 @@ def doc_type(hint: Any, name: str) -> str:
         # the loader reads a duration string into any float key ending in _s; limits.rate.per_s
         # (requests per second) is documented as the number it is meant to be
         return "duration" if name.endswith("_s") and name != "per_s" else "number"
-    words = {str: "string", int: "integer", bool: "boolean"}
+    words = {str: "string", int: "integer", bool: "boolean", Meaning: "meaning"}
     assert hint in words, f"config field {name}: no documented type for {hint!r}; extend doc_type"
     return words[hint]
 

@@ -1,4 +1,4 @@
-"""Pure pieces of the agent: grounding guard, sensor selection, windows, scheduler, backoff."""
+"""Pure pieces of the agent: the numbers check, sensor picking, windows, scheduler, backoff."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import random
 
 import pytest
 
+from agent.answers.picker import pick_sensors
+from agent.answers.pipeline import ground
+from agent.answers.prompt import build_prompt
+from agent.answers.validate import validate
 from agent.config import Limits, SensorConfig
 from agent.errors import QueueFull, RateLimited
-from agent.grounding import build_question, select_sensors, ungrounded_numbers
 from agent.messages import QueryRequest, ReplyTo
 from agent.scheduling import Job, RateLimiter, Scheduler
 from agent.sensors.windows import Fact, SensorWindow
@@ -19,6 +22,11 @@ FACTS = [
     Fact("temperature", 27.46, "°C", 1.0, False, "last", 3600),
     Fact("humidity", 81.0, "%", 1.0, False, "last", 3600),
 ]
+
+
+def ungrounded_numbers(text: str, facts: list[Fact], question: str) -> list[str]:
+    """The numbers check of agent/answers (what a reply's ``ungrounded`` lists)."""
+    return list(validate(text, question=question, facts=facts, verdicts=()).numbers.offending)
 
 
 def test_invented_number_is_flagged() -> None:
@@ -44,19 +52,23 @@ def test_sensor_selection_by_name_alias_and_unit() -> None:
         SensorConfig("soil_moisture", "%", ("water",)),
         SensorConfig("co2", "ppm"),
     ]
-    assert [s.name for s in select_sensors("Is it too hot?", sensors)] == ["temperature"]
-    assert [s.name for s in select_sensors("Do the beds need water?", sensors)] == ["soil_moisture"]
-    assert [s.name for s in select_sensors("soil moisture and ppm levels?", sensors)] == [
-        "soil_moisture",
-        "co2",
-    ]
-    assert select_sensors("What is the capital of France?", sensors) == []
+
+    def picked(question: str) -> list[str]:
+        return [p.sensor.name for p in pick_sensors(question, sensors)]
+
+    assert picked("Is it too hot?") == ["temperature"]
+    assert picked("Do the beds need water?") == ["soil_moisture"]
+    assert picked("soil moisture and ppm levels?") == ["soil_moisture", "co2"]
+    assert picked("What is the capital of France?") == []
 
 
-def test_question_with_facts_marks_stale_values() -> None:
+def test_a_stale_reading_is_said_to_be_stale_in_the_prompt() -> None:
     stale = Fact("humidity", 50.0, "%", 1.0, True, "last", 3600)
-    text = build_question("How humid?", [stale])
-    assert "the humidity is 50 % (stale: no recent reading)" in text and text.endswith("Question: How humid?")
+    sensors = [SensorConfig("humidity", "%", ("humid",))]
+    g = ground("How humid?", sensors, {}, lambda name, agg, window: stale, now=100.0)
+    text = build_prompt("How humid?", g.verdicts)
+    assert g.verdicts[0].verdict == "unknown" and g.verdicts[0].answer is None
+    assert "recent" in text and text.endswith("Question: How humid?")
 
 
 class FakeClock:

@@ -44,10 +44,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from agent.answers import units
-from agent.answers.meaning import Meaning
+from agent import units
 from agent.answers.picker import Pick
 from agent.answers.text import Token, find_phrase, is_negation, tokenize
+from agent.meaning import Meaning
 
 VALUE, COMPARE, BAND, TREND = "value", "compare", "band", "trend"
 TREND_WINDOW_S = 900.0

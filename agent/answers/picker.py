@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.answers import units
+from agent import units
 from agent.answers.text import find_phrase, phrase, tokenize
 from agent.config import SensorConfig
 

@@ -10,12 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.answers.intent import TREND, Intent, intents_for, label_words, parse_question
-from agent.answers.meaning import Meaning
 from agent.answers.picker import Pick, pick_sensors
 from agent.answers.template import template_answer
 from agent.answers.validate import Checks, validate
 from agent.answers.verdicts import Verdict, decide, overall_answer
 from agent.config import SensorConfig
+from agent.meaning import Meaning
 from agent.sensors.windows import Fact
 
 # (sensor name, aggregate, window in seconds or None for the sensor's) -> the fact read

@@ -16,11 +16,6 @@ from agent.answers.template import sentence, template_answer
 from agent.answers.validate import FAILED, Checks
 from agent.answers.verdicts import Verdict, overall_answer
 
-SYSTEM_RULES = (
-    "Use only the sensor readings given. The verdicts given with them are true: repeat them and "
-    "never contradict them. When an answer is given, start with it (Yes or No)."
-)
-
 
 def facts_block(verdicts: Sequence[Verdict]) -> str:
     """The readings and verdicts as plain sentences, then "Answer: Yes." when one is computed."""

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from agent.answers import units
+from agent import units
 from agent.answers.intent import COMPARE, TREND
 from agent.answers.verdicts import UNKNOWN, Verdict, overall_answer
 

@@ -41,12 +41,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.answers import units
-from agent.answers.meaning import Meaning
+from agent import units
 from agent.answers.picker import ALIAS, NAME, pick_sensors
 from agent.answers.text import Token, decimals, find_phrase, is_negation, parse_number, tokenize
 from agent.answers.verdicts import UNKNOWN, Verdict, overall_answer
 from agent.config import SensorConfig
+from agent.meaning import Meaning
 from agent.sensors.windows import Fact
 
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.answers.intent import BAND, COMPARE, TREND, Intent
-from agent.answers.meaning import Band, Meaning
+from agent.meaning import Band, Meaning
 from agent.sensors.windows import Fact
 
 UNKNOWN = "unknown"

@@ -25,6 +25,8 @@ class Answered:
     ttft_ms: float
     tokens_per_s: float
     grounded: bool
+    source: str = "model"  # model | template (the fallback after the checks failed twice)
+    retried: bool = False  # the first text failed the checks
 
 
 def _pcts(values: list[float]) -> dict[str, float] | None:
@@ -68,5 +70,7 @@ class Metrics:
                 "ttft_ms": _pcts([a.ttft_ms for a in answers]),
                 "tokens_per_s_p50": round(statistics.median(speeds), 1) if speeds else None,
                 "ungrounded": sum(not a.grounded for a in answers),
+                "retried": sum(a.retried for a in answers),
+                "fallback": sum(a.source == "template" for a in answers),
             },
         }
