@@ -71,11 +71,12 @@ class SensorHub:
         window = self.windows[name]
         try:
             if len(payload) > self.max_payload:
-                raise BadReading(f"payload of {len(payload)} bytes is over {self.max_payload}")
-            window.add(parse_payload(payload))
+                raise BadReading(f"payload of {len(payload)} bytes is over {self.max_payload}", "too_large")
+            reading = parse_payload(payload, window.cfg)
+            window.add(reading.value, reading.age_s)
         except BadReading as exc:
-            window.rejected += 1
-            log.warning("bad_reading", sensor=name, reason=str(exc))
+            window.reject(exc.reason)
+            log.warning("bad_reading", sensor=name, reason=exc.reason, error=str(exc)[:200])
         return True
 
     def read(self, sensor: str, agg: str, window_s: float | None) -> Fact:
@@ -114,6 +115,7 @@ class SensorHub:
                     "stale": age is None or age > w.cfg.max_age_s,
                     "accepted": w.accepted,
                     "rejected": w.rejected,
+                    "rejected_by_reason": dict(w.rejected_by_reason),
                 }
             )
         return out

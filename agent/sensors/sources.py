@@ -10,10 +10,13 @@ import json
 import math
 import subprocess
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
+from agent import units
 from agent.config import SensorConfig
 from agent.sensors.windows import SensorWindow
 
@@ -21,23 +24,71 @@ log = structlog.get_logger("edge_agent.sensors")
 
 
 class BadReading(ValueError):
-    """A payload or output that is not a finite number."""
+    """A payload or output that is not a usable reading; ``reason`` is a short stable code
+    (``not_a_number``, ``out_of_range``, ``unit``, ``ts``) counted per sensor."""
+
+    def __init__(self, message: str, reason: str = "not_a_number") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def parse_payload(payload: bytes) -> float:
-    """A bare number or ``{"value": n, "unit"?, "ts"?}``; anything else is a BadReading."""
+# A payload's own ts is honoured only this far ahead of the agent's clock (a sensor's clock a
+# little fast); further, or older than the sensor's window, the reading is refused, never
+# stored at a time the agent cannot place.
+MAX_FUTURE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Payload:
+    value: float  # in the sensor's configured unit
+    age_s: float  # how long before receipt it was measured (0 without a ts)
+
+
+def parse_payload(payload: bytes, cfg: SensorConfig, now: float | None = None) -> Payload:
+    """A bare number or ``{"value": n, "unit"?, "ts"?}``; anything else is a BadReading.
+
+    ``unit``: converted into the sensor's (``{"value": 99.9, "unit": "lb"}`` for a sensor in
+    kg is stored as 45.3); a unit that is unknown or not convertible refuses the reading
+    (``unit``). ``ts`` (Unix seconds): the reading's own time, within the sensor's window and
+    at most MAX_FUTURE_S ahead of ``now`` (``ts`` otherwise)."""
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSON, int over 4300 digits
         raise BadReading(f"not a number or JSON object: {payload[:40]!r}") from None
+    unit: object = None
+    ts: object = None
     if isinstance(data, dict):
-        data = data.get("value")
+        unit, ts, data = data.get("unit"), data.get("ts"), data.get("value")
     if isinstance(data, bool) or not isinstance(data, int | float):
         raise BadReading(f"reading has no numeric value: {payload[:40]!r}")
     try:
-        return _finite(float(data))
+        value = _finite(float(data))
     except OverflowError:  # an integer too large for a float
-        raise BadReading(f"reading is out of range: {payload[:40]!r}") from None
+        raise BadReading(f"reading is out of range: {payload[:40]!r}", "out_of_range") from None
+    return Payload(_in_unit(value, unit, cfg), _age(ts, cfg, time.time() if now is None else now))
+
+
+def _in_unit(value: float, unit: object, cfg: SensorConfig) -> float:
+    if unit is None:
+        return value
+    if not isinstance(unit, str) or len(unit) > 32:
+        raise BadReading(f"unit must be a short string, got {str(unit)[:40]!r}", "unit")
+    try:
+        return _finite(units.convert_reading(value, unit, cfg.unit))
+    except units.UnitError as exc:
+        raise BadReading(f"{cfg.name}: {exc}", "unit") from None
+
+
+def _age(ts: object, cfg: SensorConfig, now: float) -> float:
+    if ts is None:
+        return 0.0
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise BadReading(f"ts must be Unix seconds, got {str(ts)[:40]!r}", "ts")
+    age = now - float(ts)
+    if age < -MAX_FUTURE_S or age > cfg.window_s:
+        where = "ahead of" if age < 0 else "older than the window before"
+        raise BadReading(f"ts {ts} is {abs(age):.0f} s {where} the agent's clock", "ts")
+    return max(age, 0.0)
 
 
 def _finite(value: float) -> float:
@@ -80,6 +131,6 @@ class Poller:
             try:
                 self.window.add(self.read(self.window.cfg))
             except (OSError, BadReading, subprocess.TimeoutExpired) as exc:
-                self.window.rejected += 1
+                self.window.reject(exc.reason if isinstance(exc, BadReading) else "source")
                 log.warning("bad_reading", sensor=self.window.cfg.name, reason=str(exc))
             self.stop.wait(self.window.cfg.source.interval_s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,12 +73,27 @@ class SensorWindow:
         self._lock = threading.Lock()
         self.accepted = 0
         self.rejected = 0
+        self.rejected_by_reason: Counter[str] = Counter()
 
-    def add(self, value: float) -> None:
+    def add(self, value: float, age_s: float = 0.0) -> None:
+        """A reading measured ``age_s`` before now (a payload's own ``ts``); one older than
+        the newest goes in its place in time, so ``last`` stays the newest measurement."""
         with self._lock:
-            self._points.append(Reading(self._clock(), self._wall(), value))
+            now = self._clock()
+            point = Reading(now - age_s, self._wall() - age_s, value)
+            if self._points and point.mono < self._points[-1].mono:
+                ordered = sorted([*self._points, point], key=lambda p: p.mono)
+                self._points = deque(ordered[-self.cfg.max_points :], maxlen=self.cfg.max_points)
+            else:
+                self._points.append(point)
             self.accepted += 1
-            self._trim(self._clock())
+            self._trim(now)
+
+    def reject(self, reason: str) -> None:
+        """A reading refused: counted in total and by reason (``cmd status``)."""
+        with self._lock:
+            self.rejected += 1
+            self.rejected_by_reason[reason] += 1
 
     def snapshot(self) -> list[tuple[float, float]]:
         """(wall time, value) of every reading in the window, oldest first, to save."""
