@@ -120,7 +120,7 @@ def _start(rollouts: RolloutStore, queries: FleetQueries, body: Any, created_by:
     now = time.time()
     rollout_id = rollouts.new_id()
     waves = assign_waves(rollout_id, spec, list(selected), set(packs))
-    rollouts.create_with_id(rollout_id, spec, waves, packs, created_by, now)
+    rollouts.create(rollout_id, spec, waves, packs, created_by, now)
     return rollouts.view(rollout_id)
 
 

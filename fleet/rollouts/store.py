@@ -115,22 +115,11 @@ class RolloutStore:
 
     # ------------------------------------------------------------------ a person's writes
 
-    def create(
-        self,
-        spec: RolloutSpec,
-        waves: Sequence[Sequence[str]],
-        packs: dict[str, str | None],
-        created_by: str,
-        now: float,
-    ) -> str:
-        """A new running rollout; wave 0 starts at the driver's next tick."""
-        return self.create_with_id(self.new_id(), spec, waves, packs, created_by, now)
-
     @staticmethod
     def new_id() -> str:
         return f"r-{secrets.token_hex(6)}"
 
-    def create_with_id(
+    def create(
         self,
         rollout_id: str,
         spec: RolloutSpec,
@@ -139,6 +128,8 @@ class RolloutStore:
         created_by: str,
         now: float,
     ) -> str:
+        """A new running rollout (``rollout_id`` from :meth:`new_id`); wave 0 starts at the
+        driver's next tick."""
         row = {
             "rollout_id": rollout_id,
             "target": spec.target,

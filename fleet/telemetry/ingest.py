@@ -50,10 +50,10 @@ import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -79,6 +79,7 @@ from fleet.telemetry.payloads import (
 from fleet.telemetry.store import BatchResult, TelemetryStore
 
 log = structlog.get_logger("fleet.telemetry.ingest")
+T = TypeVar("T")
 
 # The database did not answer (down, restarting, locked, a deadlock): the same write later may work.
 TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
@@ -377,41 +378,38 @@ class IngestWorker:
             except Exception:  # a bug: never stop ingesting
                 self.counters.count("failed")
                 log.exception("telemetry_ingest_failed", topic=item.topic)
-        if others and not self._record_others(others):
-            return False
-        if not telemetry:
-            return True
-        pairs = [(batch, item.received_at) for item, batch in telemetry]
-        write = partial(self.store.ingest_many, pairs)
-        outcome = self._durably(telemetry[0][0].topic, write, quiet=True, messages=len(pairs))
-        if outcome is None:
-            return False
-        if outcome is not _FAILED:
-            for result in cast(list[BatchResult], outcome):
-                self.counters.batch(result)
-            return True
-        for item, batch in telemetry:  # the batch failed for good: find the message(s) at fault
-            one = self._durably(item.topic, partial(self.store.ingest, batch, item.received_at))
-            if one is None:
+        if others:
+            pairs = [(m, item.received_at) for item, m in others]
+            if not self._store_all([item.topic for item, _ in others], pairs, self.store.record_many):
                 return False
-            if one is not _FAILED:
-                self.counters.batch(cast(BatchResult, one))
+        if telemetry:
+            pairs_t = [(batch, item.received_at) for item, batch in telemetry]
+            if not self._store_all([item.topic for item, _ in telemetry], pairs_t, self._ingest_counted):
+                return False
         return True
 
-    def _record_others(self, others: list[tuple[_Inbound, StatusDoc | UpdateStatus]]) -> bool:
-        """Status documents and update events in one transaction (in arrival order); if the
-        database refuses it for good, one by one, so only the message at fault fails. False
-        when the worker stops while the database is away."""
-        pairs = [(m, item.received_at) for item, m in others]
-        write = partial(self.store.record_many, pairs)
-        outcome = self._durably(others[0][0].topic, write, quiet=True, messages=len(pairs))
+    def _ingest_counted(self, pairs: Sequence[tuple[Batch, float]]) -> list[BatchResult]:
+        results = self.store.ingest_many(pairs)
+        for result in results:
+            self.counters.batch(result)
+        return results
+
+    def _store_all(
+        self,
+        topics: list[str],
+        pairs: Sequence[tuple[T, float]],
+        write_many: Callable[[Sequence[tuple[T, float]]], object],
+    ) -> bool:
+        """All ``pairs`` in one transaction (``write_many``); if the database refuses it for
+        good, one by one, so only the message at fault fails. False when the worker stops
+        while the database is away (then none of them counts as done)."""
+        outcome = self._durably(topics[0], partial(write_many, pairs), quiet=True, messages=len(pairs))
         if outcome is None:
             return False
         if outcome is not _FAILED:
             return True
-        for item, m in others:
-            one = partial(self.store.record_many, [(m, item.received_at)])
-            if self._durably(item.topic, one) is None:
+        for topic, pair in zip(topics, pairs, strict=True):  # find the message(s) at fault
+            if self._durably(topic, partial(write_many, [pair])) is None:
                 return False
         return True
 
