@@ -12,23 +12,28 @@ one final or error reply, whatever happens; the answer goes only to the request'
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
+from agent.answers.escalation import EscalationFailed, EscalationPrompt
+from agent.answers.hybrid import OFF, Hybrid
 from agent.answers.pipeline import Grounds, ground
-from agent.answers.prompt import build_prompt, build_retry_prompt
+from agent.answers.prompt import build_prompt, build_retry_prompt, facts_block
+from agent.answers.routing import LocalOutcome, Routing, RoutingInput, decide, needs_knowledge
+from agent.answers.template import display_name
 from agent.answers.validate import Checks
 from agent.answers.verdicts import Verdict
 from agent.config import AgentConfig
 from agent.errors import AgentError, Cancelled, Timeout, TooLarge
 from agent.inference import Completion, Engine, GenerationRequest
 from agent.inference.sampling import SamplingParams
-from agent.messages import ReplyTo, chunk_reply, error_reply, final_reply
+from agent.messages import ReplyTo, Route, chunk_reply, error_reply, final_reply
 from agent.packs.active import ActivePack
 from agent.scheduling import Job, Scheduler
 from agent.sensors.hub import SensorHub
@@ -37,6 +42,36 @@ from agent.telemetry.metrics import Answered
 
 log = structlog.get_logger("edge_agent")
 Reply = Callable[[ReplyTo, dict[str, Any]], None]
+_REPLY_MARGIN_S = 0.05  # kept before the deadline for checking a late text and replying
+
+
+class _Cut(Exception):
+    """The local run stopped by a cancel or the deadline, after ``seq`` chunks."""
+
+    def __init__(self, error: AgentError, seq: int, tokens: int, deadline: bool) -> None:
+        super().__init__(error.message)
+        self.error, self.seq, self.tokens, self.deadline = error, seq, tokens, deadline
+
+
+@dataclass
+class _Path:
+    """How one request was routed, for its reply and the counters."""
+
+    route: Route
+    routing: Routing | None = None  # the decision that chose the answer's way (see the reply)
+    escalation_error: str | None = None  # an EscalationFailed reason, or checks_failed
+    upstream_ms: float | None = None  # the escalation call's time, when one was made
+    escalated: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.routing
+        assert r is not None
+        return {
+            "decision": r.decision,
+            "code": r.code,
+            "escalation_error": self.escalation_error,
+            "upstream_ms": self.upstream_ms,
+        }
 
 
 class Answerer:
@@ -48,9 +83,13 @@ class Answerer:
         settings: Callable[[], AgentConfig],
         reply: Reply,
         answered: Callable[[Answered], None] = lambda a: None,
+        hybrid: Callable[[], Hybrid] = lambda: OFF,
     ) -> None:
         self.active, self.scheduler, self.hub = active, scheduler, hub
         self._settings = settings
+        self._hybrid = hybrid  # the escalation endpoint and routing policy (agent/answers/hybrid.py)
+        self._counts_lock = threading.Lock()
+        self._counts: dict[str, Any] = {"route": {}, "decision": {}, "escalated": 0, "escalation_failed": {}}
         self._reply = reply
         self._answered = answered  # telemetry: each answered query's figures
 
@@ -90,36 +129,64 @@ class Answerer:
         )
 
     def _answer(self, job: Job) -> tuple[str, int]:
-        """Run one query; returns (outcome, completion tokens) for the request log."""
-        with self.active.serving(job.deadline) as engine:
-            started = time.monotonic()
-            if started > job.deadline:
-                raise Timeout(f"request waited {started - job.received:.1f}s in the queue, past its deadline")
-            if job.cancel.is_set():
-                raise Cancelled(f"request {job.id} was cancelled")
-            cfg = self._settings()
-            meanings = {s.name: s.meaning for s in cfg.sensors if s.meaning is not None}
-            g = ground(job.query.question, cfg.sensors, meanings, self.hub.read, time.time())
+        """Run one query; returns (outcome, completion tokens) for the request log.
+
+        Routing (agent/answers/routing.py) is asked at each step: before the local model
+        (``route: remote``, or no sensor matched and the question needs knowledge: escalate
+        first), after a failed escalation (local, or the template when too little time is left),
+        and after the local answer (escalate when it failed its checks or was unsure). The
+        escalation runs outside ``active.serving``: the engine is not held while the upstream
+        answers, so a pack swap is not held up by it (the worker still answers one query at a
+        time). Its text is checked like the model's; one that fails is not used."""
+        picked_up = time.monotonic()
+        self._admit(job, picked_up)
+        cfg, hybrid = self._settings(), self._hybrid()
+        meanings = {s.name: s.meaning for s in cfg.sensors if s.meaning is not None}
+        g = ground(job.query.question, cfg.sensors, meanings, self.hub.read, time.time())
+        path = _Path(job.query.route)
+        inp = RoutingInput(
+            route=job.query.route,
+            escalation=hybrid.escalation,
+            sensors_matched=len(g.picks),
+            needs_knowledge=needs_knowledge(job.query.question),
+            time_left_s=job.deadline - time.monotonic(),
+        )
+        path.routing = decide(inp, hybrid.policy)
+        answer: Answer | None = None
+        local_deadline = job.deadline
+        if path.routing.decision == "escalate_first":
+            # the time after this escalation's deadline is the local answer's (min_local_s)
+            answer = self._escalate(job, g, hybrid, path, job.deadline - hybrid.policy.min_local_s)
+            if answer is None:
+                if job.cancel.is_set():
+                    raise Cancelled(f"request {job.id} was cancelled")
+                left = job.deadline - time.monotonic()
+                after = decide(replace(inp, tried_remote=True, time_left_s=left), hybrid.policy)
+                if after.decision == "template":
+                    answer = self._template_only(job, g, "no time left for the local model")
+                local_deadline = job.deadline - _REPLY_MARGIN_S  # cut short: then the template
+        seq, started, pack = 0, picked_up, self.active.info()
+        if answer is None:
             try:
-                done, seq = self._generate(
-                    engine, job, build_prompt(job.query.question, g.verdicts), stream=True
+                answer, seq, started, pack = self._local(job, g, local_deadline)
+            except _Cut as cut:
+                if not (cut.deadline and path.escalation_error is not None):
+                    self._reply(job.reply, error_reply(job.id, cut.seq, cut.error))
+                    return cut.error.code, cut.tokens
+                # after a failed escalation the reply still comes before the deadline
+                answer, seq = self._template_only(job, g, "the local model ran out of time"), cut.seq
+            if path.escalation_error is None:
+                run = answer.completion
+                outcome = LocalOutcome(
+                    answer.source == "model", run.usage.mean_logprob if run is not None else None
                 )
-            except TooLarge:
-                if not g.verdicts or not self._question_fits(engine, job):
-                    raise  # the question itself does not fit, or nothing is computed to answer with
-                answer, seq = self._template_only(job, g), 0
-            else:
-                if done.finish_reason in ("cancelled", "deadline"):
-                    err: AgentError = (
-                        Timeout(f"deadline passed after {len(done.token_ids)} tokens")
-                        if done.finish_reason == "deadline"
-                        else Cancelled(f"request {job.id} was cancelled after {len(done.token_ids)} tokens")
-                    )
-                    self._reply(job.reply, error_reply(job.id, seq, err))
-                    return err.code, len(done.token_ids)
-                answer = self._checked(engine, job, g, done)
-        final = self._final(job, answer, g, seq, started, engine)
-        self._reply(job.reply, final)
+                left = job.deadline - time.monotonic()
+                path.routing = decide(replace(inp, local=outcome, time_left_s=left), hybrid.policy)
+                if path.routing.decision == "escalate_after_local":
+                    better = self._escalate(job, g, hybrid, path, job.deadline - _REPLY_MARGIN_S, answer)
+                    answer = better or answer  # failed: the local answer if it passed, else its template
+        self._count(path, answer)
+        self._reply(job.reply, self._final(job, answer, g, seq, started, pack, path))
         u = answer.completion.usage if answer.completion is not None else None
         self._answered(
             Answered(
@@ -129,11 +196,104 @@ class Answerer:
                 grounded=answer.checks.numbers.status != "failed",
                 source=answer.source,
                 retried=answer.retries > 0,
+                route=job.query.route,
+                escalation_error=path.escalation_error,
             )
         )
         return "final", len(answer.completion.token_ids) if answer.completion is not None else 0
 
-    def _generate(self, engine: Engine, job: Job, user: str, stream: bool) -> tuple[Completion, int]:
+    def _admit(self, job: Job, now: float) -> None:
+        if now > job.deadline:
+            raise Timeout(f"request waited {now - job.received:.1f}s in the queue, past its deadline")
+        if job.cancel.is_set():
+            raise Cancelled(f"request {job.id} was cancelled")
+
+    def _local(
+        self, job: Job, g: Grounds, deadline: float
+    ) -> tuple[Answer, int, float, dict[str, str] | None]:
+        """The local model's answer (first try streamed, checks, retry, template):
+        (answer, next chunk seq, start of generation, pack). A run cut by a cancel or the
+        deadline raises :class:`_Cut`."""
+        with self.active.serving(job.deadline) as engine:
+            started = time.monotonic()
+            self._admit(job, started)
+            pack = {"name": engine.pack.manifest.name, "version": engine.pack.manifest.version}
+            try:
+                done, seq = self._generate(
+                    engine, job, build_prompt(job.query.question, g.verdicts), True, deadline
+                )
+            except TooLarge:
+                if not g.verdicts or not self._question_fits(engine, job):
+                    raise  # the question itself does not fit, or nothing is computed to answer with
+                return self._template_only(job, g, "prompt does not fit the context"), 0, started, pack
+            if done.finish_reason in ("cancelled", "deadline"):
+                n = len(done.token_ids)
+                err: AgentError = (
+                    Timeout(f"deadline passed after {n} tokens")
+                    if done.finish_reason == "deadline"
+                    else Cancelled(f"request {job.id} was cancelled after {n} tokens")
+                )
+                raise _Cut(err, seq, n, done.finish_reason == "deadline")
+            return self._checked(engine, job, g, done, deadline), seq, started, pack
+
+    def _escalate(
+        self, job: Job, g: Grounds, hybrid: Hybrid, path: _Path, deadline: float, local: Answer | None = None
+    ) -> Answer | None:
+        """The upstream's answer if it came by ``deadline`` and passed the same checks, else
+        None with ``path.escalation_error`` set (the reason, or ``checks_failed``). Only the
+        facts block, the verdicts and the question go into the request; what of it leaves the
+        device is the escalation module's privacy rule."""
+        assert hybrid.escalator is not None  # routing escalates only when one is configured
+        prompt = EscalationPrompt(
+            facts=facts_block(g.verdicts),
+            verdicts=tuple(_verdict_line(v) for v in g.verdicts),
+            question=job.query.question,
+        )
+        started = time.monotonic()
+        try:
+            result = hybrid.escalator.complete(prompt, deadline)
+        except EscalationFailed as failed:
+            path.escalation_error = failed.reason
+            return None
+        finally:
+            path.upstream_ms = round((time.monotonic() - started) * 1000, 1)
+        timer = _Timer()
+        checks = timer.run(g.check, result.text)
+        if not checks.passed:
+            path.escalation_error = "checks_failed"
+            log.info("escalation_rejected", id=job.id, failed=checks.failed, text=result.text[:200])
+            return None
+        path.escalated = True
+        check_s = timer.total + (local.check_s if local is not None else 0.0)
+        if local is None:
+            return Answer(result.text, checks, "escalated", 0, None, check_s)
+        first = local.first_checks if local.first_checks is not None else None
+        return Answer(result.text, checks, "escalated", local.retries, local.completion, check_s, first)
+
+    def _count(self, path: _Path, answer: Answer) -> None:
+        """The status report's routing counts (since start)."""
+        r = path.routing
+        assert r is not None
+        with self._counts_lock:
+            c = self._counts
+            c["route"][path.route] = c["route"].get(path.route, 0) + 1
+            by_code = c["decision"].setdefault(r.decision, {})
+            by_code[r.code] = by_code.get(r.code, 0) + 1
+            if answer.source == "escalated":
+                c["escalated"] += 1
+            if path.escalation_error is not None:
+                failed = c["escalation_failed"]
+                failed[path.escalation_error] = failed.get(path.escalation_error, 0) + 1
+
+    def routing_counts(self) -> dict[str, Any]:
+        """Answered queries since start: by the route asked, by the routing decision and its
+        code, escalated answers, and failed escalations by reason (``cmd status``)."""
+        with self._counts_lock:
+            return json.loads(json.dumps(self._counts))  # type: ignore[no-any-return]
+
+    def _generate(
+        self, engine: Engine, job: Job, user: str, stream: bool, deadline: float
+    ) -> tuple[Completion, int]:
         """One model run on ``user`` (the grounded prompt); chunks only when ``stream``."""
         q, prompt_cfg = job.query, self._settings().prompt
         prompt = engine.prompt_ids(user, prompt_cfg.system)
@@ -145,7 +305,7 @@ class Answerer:
             repetition_penalty=prompt_cfg.repetition_penalty,
         )
         req = GenerationRequest(
-            prompt, q.max_tokens or prompt_cfg.max_tokens, params, q.stop, deadline=job.deadline
+            prompt, q.max_tokens or prompt_cfg.max_tokens, params, q.stop, deadline=deadline
         )
         seq = [0]
 
@@ -157,7 +317,7 @@ class Answerer:
         done = engine.generate(req, on_delta, job.cancel)
         return done, seq[0]  # the next sequence number after the chunks sent
 
-    def _checked(self, engine: Engine, job: Job, g: Grounds, first: Completion) -> Answer:
+    def _checked(self, engine: Engine, job: Job, g: Grounds, first: Completion, deadline: float) -> Answer:
         """The first text if it passes the checks; else one retry with the tighter prompt
         (not streamed); else the template, which passes by construction. ``check_s`` counts
         the checks only, not the retry's generation."""
@@ -168,7 +328,7 @@ class Answerer:
         last = first
         try:
             prompt = build_retry_prompt(job.query.question, g.verdicts, checks)
-            last, _ = self._generate(engine, job, prompt, stream=False)
+            last, _ = self._generate(engine, job, prompt, False, deadline)
             if last.finish_reason not in ("cancelled", "deadline"):
                 again = timer.run(g.check, last.text)
                 if again.passed:
@@ -190,16 +350,23 @@ class Answerer:
             return False
         return True
 
-    def _template_only(self, job: Job, g: Grounds) -> Answer:
-        """The model cannot take the grounded prompt (it does not fit its context): the facts
-        and verdicts in words are the answer."""
-        log.info("answer_template_only", id=job.id, reason="prompt does not fit the context")
+    def _template_only(self, job: Job, g: Grounds, reason: str) -> Answer:
+        """The model cannot answer (its grounded prompt does not fit its context, or no time is
+        left after a failed escalation): the facts and verdicts in words are the answer."""
+        log.info("answer_template_only", id=job.id, reason=reason)
         timer = _Timer()
         text = g.fallback()
         return Answer(text, timer.run(g.check, text), "template", 0, None, timer.total)
 
     def _final(
-        self, job: Job, answer: Answer, g: Grounds, seq: int, started: float, engine: Engine
+        self,
+        job: Job,
+        answer: Answer,
+        g: Grounds,
+        seq: int,
+        started: float,
+        pack: dict[str, str] | None,
+        path: _Path,
     ) -> dict[str, Any]:
         run = answer.completion
         numbers = answer.checks.numbers
@@ -218,7 +385,8 @@ class Answerer:
             first_checks=answer.first_checks.to_json() if answer.first_checks is not None else None,
             finish_reason=run.finish_reason if run is not None else None,
             usage=_usage(run, started - job.received, answer.check_s),
-            pack={"name": engine.pack.manifest.name, "version": engine.pack.manifest.version},
+            pack=pack,
+            routing=path.to_json(),
         )
 
 
@@ -228,7 +396,7 @@ class Answer:
 
     text: str
     checks: Checks
-    source: str  # model | template
+    source: str  # model | template | escalated
     retries: int
     completion: Completion | None  # the last model run (its usage is reported); None: none ran
     check_s: float  # validation time (the checks themselves, not the retry's generation)
@@ -261,6 +429,16 @@ class _Timer:
             return fn(text)
         finally:
             self.total += time.perf_counter() - started
+
+
+def _verdict_line(v: Verdict) -> str:
+    """One computed verdict for the upstream: "Soil moisture: too_dry (answer: yes)"."""
+    line = f"{display_name(v.sensor)}: {v.verdict}"
+    if v.band is not None and v.band != v.verdict:
+        line += f", band {v.band}"
+    if v.answer is not None:
+        line += f" (answer: {'yes' if v.answer else 'no'})"
+    return line
 
 
 def _fact_json(fact: Fact, verdict: Verdict | None) -> dict[str, object]:

@@ -19,6 +19,7 @@ import structlog
 
 from agent import __version__
 from agent.answering import Answerer
+from agent.answers.hybrid import OFF, Hybrid, hybrid_from
 from agent.authority import Authority, ReplayLedger, load_operator_keys
 from agent.config import AgentConfig, load_config, restart_needed, systemd_env
 from agent.dispatch import Dispatcher
@@ -99,8 +100,15 @@ class Agent:
             self._telemetry_ack,
         )
         self.router = Router(lambda: self.cfg, self.hub, self.scheduler, self.limiter, handlers)
+        self.hybrid: Hybrid = OFF  # the escalation section, validated and built in start()
         self.answerer = Answerer(
-            self.active, self.scheduler, self.hub, lambda: self.cfg, self.reply, self.metrics.answered
+            self.active,
+            self.scheduler,
+            self.hub,
+            lambda: self.cfg,
+            self.reply,
+            self.metrics.answered,
+            lambda: self.hybrid,
         )
         self.transport = MqttTransport(
             cfg.mqtt,
@@ -122,7 +130,10 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Tidy the store, load the active pack, then connect and serve."""
+        """Check the escalation section, tidy the store, load the active pack, then connect
+        and serve. A bad ``escalation:`` value is ``bad_config`` here, before anything runs
+        (agent/config.py cannot validate it: agent/answers/hybrid.py does, for start and reload)."""
+        self.hybrid = hybrid_from(self.cfg.escalation)
         self.store.converge()
         self.authority = Authority(
             load_operator_keys(self.cfg.security.operator_keys),
@@ -168,6 +179,7 @@ class Agent:
         was built from the config at start needs a restart (``config.restart_needed``), and the
         reply lists which of those changed."""
         cfg = load_config(self.config_path) if self.config_path else self.cfg
+        hybrid = hybrid_from(cfg.escalation)  # a bad escalation section: nothing changes
         keys = load_operator_keys(cfg.security.operator_keys)  # a bad key file: nothing changes
         result = self.active.reload(engine_factory(cfg.pack))
         if self.authority is not None:
@@ -175,6 +187,7 @@ class Agent:
         restart = restart_needed(self.cfg, cfg)
         kept = {k: getattr(self.cfg, k) for k in ("mqtt", "sensors", "device_id", "state_dir")}
         self.cfg = dataclasses.replace(cfg, **kept)
+        self.hybrid = hybrid
         return {**result, "restart_needed_for": restart}
 
     # ------------------------------------------------------------ replies and status
@@ -308,6 +321,7 @@ class Agent:
             "sensors": self.hub.summary(),
             "packs": self.active.store_report(),
             "mqtt_connects": self.transport.connects,
+            "routing": self.answerer.routing_counts(),
             "failures": {
                 "handler": self.dispatcher.failures,
                 "reply": self.reply_failures,

@@ -187,6 +187,29 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class EscalationSettings:
+    """The ``escalation:`` section as loaded: an OpenAI-compatible chat endpoint that larger
+    questions may go to, and the routing policy. The keys mirror
+    ``agent.answers.escalation.EscalationConfig`` (which validates them: this layer may not
+    import it) plus the routing policy's; the agent checks the section when it starts and on
+    every reload (``agent.answers.hybrid``), so a bad value is ``bad_config`` before anything
+    is served. Absent (null): no escalation."""
+
+    url: str
+    model: str
+    privacy: str  # none | facts | facts_and_question: what may leave the device
+    api_key: str | None = field(default=None, repr=False)
+    api_key_file: str | None = None
+    timeout_s: float = 8.0
+    max_tokens: int = 256
+    temperature: float = 0.0
+    ca_file: str | None = None
+    confidence_threshold: float = -1.2  # mean token log-probability under which: low confidence
+    min_remote_s: float = 1.0  # less time left than this before the deadline: no escalation
+    min_local_s: float = 0.5  # after a failed escalation, less than this left: the template
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -198,6 +221,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     replies: RepliesConfig = field(default_factory=RepliesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    escalation: EscalationSettings | None = None  # None: every answer is local
     tags: tuple[str, ...] = ()  # free labels for the fleet's registry (status document)
     state_dir: str = "/var/lib/edge-agent"
     log_level: str = "info"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from agent.config import Limits, parse_duration
 from agent.errors import AgentError, BadJson, BadRequest, TooLarge
@@ -18,6 +18,8 @@ from agent.sensors.windows import AGGREGATES
 
 SCHEMA_VERSION = 1
 COMMANDS = ("ping", "status", "cancel", "reload")
+Route = Literal["local", "auto", "remote"]  # agent.answers.routing.Route: who may answer a query
+ROUTES: tuple[Route, ...] = ("local", "auto", "remote")
 _NO_WILDCARDS = re.compile(r"^[^#+\x00]+$")
 
 
@@ -40,6 +42,7 @@ class QueryRequest:
     seed: int | None
     stop: tuple[str, ...]
     stream: bool
+    route: Route = "auto"  # local: never escalate; remote: escalate first (when configured)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,11 @@ def parse_query(data: dict[str, Any], limits: Limits) -> QueryRequest:
     stream = data.get("stream", True)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false")
+    route = data.get("route")
+    if route is None:
+        route = "auto"
+    if route not in ROUTES:
+        raise BadRequest(f"route must be one of {', '.join(ROUTES)}, got {str(route)[:40]!r}")
     temperature, top_p = _opt(data, "temperature", (int, float)), _opt(data, "top_p", (int, float))
     return QueryRequest(
         id=rid,
@@ -145,6 +153,7 @@ def parse_query(data: dict[str, Any], limits: Limits) -> QueryRequest:
         seed=_opt(data, "seed", int),
         stop=tuple(stop),
         stream=stream,
+        route=route,
     )
 
 

@@ -127,14 +127,26 @@ def yaml_value(value: Any) -> Any:
     return [yaml_value(v) for v in value] if isinstance(value, tuple) else value
 
 
+def optional_section(hint: Any) -> type[Any] | None:
+    """The dataclass of a ``Section | None`` hint, else None."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return None
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(inner) != 1 or inner[0] is Meaning:  # a meaning has its own forms (docs/answers.md)
+        return None
+    return inner[0] if dataclasses.is_dataclass(inner[0]) else None
+
+
 def schema_keys(cls: type[Any], prefix: str = "", instance: object | None = None) -> dict[str, KeyDoc]:
     """Every key path of the config dataclasses with its type words and default."""
     hints = typing.get_type_hints(cls)
     out: dict[str, KeyDoc] = {}
     for f in dataclasses.fields(cls):
         path, hint, default = f"{prefix}{f.name}", hints[f.name], field_default(f, instance)
-        if dataclasses.is_dataclass(hint):
-            out.update(schema_keys(typing.cast(type[Any], hint), f"{path}.", default))
+        section = optional_section(hint)
+        if dataclasses.is_dataclass(hint) or section is not None:
+            # an optional section (``escalation``: null by default) documents its keys' defaults
+            out.update(schema_keys(typing.cast(type[Any], section or hint), f"{path}.", default))
             continue
         out[path] = KeyDoc(doc_type(hint, f.name), yaml_value(default))
         if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):

@@ -1,7 +1,8 @@
 """Counters for one telemetry interval: what the router and the answering worker saw.
 
 The router reports every request's kind and outcome, the worker every answered query's
-latency, time to first token, speed and grounding. :meth:`Metrics.take` returns the interval's
+latency, time to first token, speed, grounding and routing (the route asked, escalations made
+and why one failed: exact counts, not sampled). :meth:`Metrics.take` returns the interval's
 figures and starts a new interval, so each ``metrics`` record carries counts the fleet can sum.
 Thread-safe: the dispatcher, the worker and the telemetry thread all touch it.
 """
@@ -25,8 +26,10 @@ class Answered:
     ttft_ms: float
     tokens_per_s: float
     grounded: bool
-    source: str = "model"  # model | template (the fallback after the checks failed twice)
+    source: str = "model"  # model | template (the fallback after the checks failed twice) | escalated
     retried: bool = False  # the first text failed the checks
+    route: str = "auto"  # the request's route: local | auto | remote
+    escalation_error: str | None = None  # an escalation was made and gave no usable answer: why
 
 
 def _pcts(values: list[float]) -> dict[str, float] | None:
@@ -44,6 +47,9 @@ class Metrics:
         self._requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._answers: list[Answered] = []
         self._answered = 0
+        self._routes: Counter[str] = Counter()
+        self._escalated = 0
+        self._escalation_failed: Counter[str] = Counter()
 
     def request(self, kind: str, outcome: str) -> None:
         with self._lock:
@@ -52,6 +58,10 @@ class Metrics:
     def answered(self, a: Answered) -> None:
         with self._lock:
             self._answered += 1
+            self._routes[a.route] += 1
+            self._escalated += a.source == "escalated"
+            if a.escalation_error is not None:
+                self._escalation_failed[a.escalation_error] += 1
             if len(self._answers) < MAX_SAMPLES:
                 self._answers.append(a)
 
@@ -60,7 +70,9 @@ class Metrics:
         with self._lock:
             requests = {k: dict(c) for k, c in self._requests.items()}
             answers, count = self._answers, self._answered
+            routes, escalated, failed = dict(self._routes), self._escalated, dict(self._escalation_failed)
             self._requests, self._answers, self._answered = defaultdict(Counter), [], 0
+            self._routes, self._escalated, self._escalation_failed = Counter(), 0, Counter()
         speeds = [a.tokens_per_s for a in answers if a.tokens_per_s > 0]
         return {
             "requests": requests,
@@ -72,5 +84,8 @@ class Metrics:
                 "ungrounded": sum(not a.grounded for a in answers),
                 "retried": sum(a.retried for a in answers),
                 "fallback": sum(a.source == "template" for a in answers),
+                "routes": routes,
+                "escalated": escalated,
+                "escalation_failed": failed,
             },
         }
