@@ -181,7 +181,12 @@ class Answerer:
                     answer.source == "model", run.usage.mean_logprob if run is not None else None
                 )
                 left = job.deadline - time.monotonic()
-                path.routing = decide(replace(inp, local=outcome, time_left_s=left), hybrid.policy)
+                before, path.routing = (
+                    path.routing,
+                    decide(replace(inp, local=outcome, time_left_s=left), hybrid.policy),
+                )
+                if before.blocked is not None and path.routing.reason == "passed":
+                    path.routing = before  # e.g. route remote with escalation off: say why not
                 if path.routing.decision == "escalate_after_local":
                     better = self._escalate(job, g, hybrid, path, job.deadline - _REPLY_MARGIN_S, answer)
                     answer = better or answer  # failed: the local answer if it passed, else its template
