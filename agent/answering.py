@@ -5,9 +5,13 @@ per intent, verdicts from the sensors' configured meaning), asks the model to ph
 facts and verdicts, and checks the text against them (numbers, units, verdict words, the
 leading Yes/No, sensors not asked about). A text that fails is tried once more with a tighter
 prompt; if that fails too, the answer is the template built from the facts (``source:
-template``), never silence and never a contradiction. Chunks stream the first try as it is
-generated; the final reply's text is the one that passed. Every accepted request gets exactly
-one final or error reply, whatever happens; the answer goes only to the request's reply topic.
+template``), never silence and never a contradiction. With an ``escalation:`` endpoint the
+routing policy (agent/answers/routing.py) may send the facts (and, if privacy allows, the
+question) to a larger model first or after the local answer; its text is checked the same way
+and used only if it passes (``source: escalated``), within the request's deadline. Chunks
+stream the local first try as it is generated; the final reply's text is the one that passed.
+Every accepted request gets exactly one final or error reply, whatever happens; the answer goes
+only to the request's reply topic.
 """
 
 from __future__ import annotations
@@ -272,8 +276,10 @@ class Answerer:
         check_s = timer.total + (local.check_s if local is not None else 0.0)
         if local is None:
             return Answer(result.text, checks, "escalated", 0, None, check_s)
-        first = local.first_checks if local.first_checks is not None else None
-        return Answer(result.text, checks, "escalated", local.retries, local.completion, check_s, first)
+        # the local run's usage and first checks stay reported: what the local model did
+        return Answer(
+            result.text, checks, "escalated", local.retries, local.completion, check_s, local.first_checks
+        )
 
     def _count(self, path: _Path, answer: Answer) -> None:
         """The status report's routing counts (since start)."""

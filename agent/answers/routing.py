@@ -24,7 +24,8 @@ reply or a counter: ``blocked`` if set, else ``reason``.
     passed               the local answer passed validation and is confident: keep it
     requested            the request's route decided (remote: escalate first; local: never escalate)
     no_sensor_knowledge  no sensor matched and the question looks like it needs knowledge
-    validation_failed    the local answer contradicts the facts (after its retry)
+    validation_failed    the local answer contradicts the facts (after its retry), or the local
+                         model could not answer (its grounded prompt does not fit its context)
     low_confidence       the local answer passed validation, its mean log-probability is low
     escalation_failed    the escalation gave no usable answer: answer locally, or by template
 
