@@ -65,7 +65,6 @@ class _Path:
     routing: Routing | None = None  # the decision that chose the answer's way (see the reply)
     escalation_error: str | None = None  # an EscalationFailed reason, or checks_failed
     upstream_ms: float | None = None  # the escalation call's time, when one was made
-    escalated: bool = False
 
     def to_json(self) -> dict[str, Any]:
         r = self.routing
@@ -160,7 +159,8 @@ class Answerer:
         local_deadline = job.deadline
         if path.routing.decision == "escalate_first":
             # the time after this escalation's deadline is the local answer's (min_local_s)
-            answer = self._escalate(job, g, hybrid, path, job.deadline - hybrid.policy.min_local_s)
+            reserve = max(hybrid.policy.min_local_s, _REPLY_MARGIN_S)
+            answer = self._escalate(job, g, hybrid, path, job.deadline - reserve)
             if answer is None:
                 if job.cancel.is_set():
                     raise Cancelled(f"request {job.id} was cancelled")
@@ -179,6 +179,10 @@ class Answerer:
                     return cut.error.code, cut.tokens
                 # after a failed escalation the reply still comes before the deadline
                 answer, seq = self._template_only(job, g, "the local model ran out of time"), cut.seq
+            except Timeout:  # waited for a pack swap, or the time ran out before it started
+                if path.escalation_error is None:
+                    raise
+                answer = self._template_only(job, g, "no time left for the local model")
             if path.escalation_error is None:
                 run = answer.completion
                 outcome = LocalOutcome(
@@ -223,9 +227,11 @@ class Answerer:
         """The local model's answer (first try streamed, checks, retry, template):
         (answer, next chunk seq, start of generation, pack). A run cut by a cancel or the
         deadline raises :class:`_Cut`."""
-        with self.active.serving(job.deadline) as engine:
+        with self.active.serving(deadline) as engine:
             started = time.monotonic()
             self._admit(job, started)
+            if started > deadline:
+                raise Timeout("no time left for the local model")
             pack = {"name": engine.pack.manifest.name, "version": engine.pack.manifest.version}
             try:
                 done, seq = self._generate(
@@ -272,7 +278,6 @@ class Answerer:
             path.escalation_error = "checks_failed"
             log.info("escalation_rejected", id=job.id, failed=checks.failed, text=result.text[:200])
             return None
-        path.escalated = True
         check_s = timer.total + (local.check_s if local is not None else 0.0)
         if local is None:
             return Answer(result.text, checks, "escalated", 0, None, check_s)
