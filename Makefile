@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-installed
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
-.PHONY: install pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt mosquitto browser clean-cache
+.PHONY: install pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt bench-answers mosquitto browser clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,9 +82,15 @@ bench: pack mosquitto
 	$(BIN)/python bench/mqtt.py
 	$(BIN)/python bench/update.py
 	$(BIN)/python -m bench.memory
+	$(BIN)/python bench/answers.py
 
 bench-mqtt: pack mosquitto
 	$(BIN)/python bench/mqtt.py
+
+# tests/answer_cases.yaml through the real answering path with the default pack: one JSON line
+# (consistent answers, yes/no accuracy, model/retry/fallback shares, latency; also without the checks).
+bench-answers: pack
+	$(BIN)/python bench/answers.py
 
 clean-cache:
 	rm -rf $(EDGE_SLM_CACHE)/packs

@@ -3,7 +3,12 @@
 Spawns a private mosquitto on a free port, the agent (``edge-agent run``) with the
 default pack, and a simulator publishing temperature, humidity and soil moisture with
 noise and a trend; then asks questions through the operator CLI and prints the answers
-with their latency.
+with their latency. The sensors carry a ``meaning`` (bands), so two more questions show what
+the agent computes without the model: a verdict ("Should I water the plants?" at about 19 %
+soil moisture, in the ``too_dry`` band) and a comparison ("Is the humidity above 80 %?"). For
+each the demo prints the verdict computed from the rules, the model's first try as it
+streamed, the final answer with its ``source`` (model or template) and ``retries``, and the
+``checks`` of the text (docs/answers.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -31,10 +37,36 @@ QUESTIONS = (
     "How humid is the air?",
     "Is the soil moisture low?",
 )
+# Answered from rules (the sensors' meaning), phrased by the model, checked: shown in full.
+VERDICT_QUESTIONS = (
+    "Should I water the plants?",
+    "Is the humidity above 80 %?",
+)
 SENSORS = [
-    {"name": "temperature", "unit": "°C", "aliases": ["temp", "warm", "hot", "cold"], "max_age_s": 30},
-    {"name": "humidity", "unit": "%", "aliases": ["humid", "air moisture", "damp"], "max_age_s": 30},
-    {"name": "soil_moisture", "unit": "%", "aliases": ["soil", "water", "watering"], "max_age_s": 30},
+    {
+        "name": "temperature",
+        "unit": "°C",
+        "aliases": ["temp", "warm", "hot", "cold"],
+        "max_age_s": 30,
+        "meaning": "too_cold < 15 <= ok <= 30 < too_hot",
+    },
+    {
+        "name": "humidity",
+        "unit": "%",
+        "aliases": ["humid", "air moisture", "damp"],
+        "max_age_s": 30,
+        "meaning": "too_dry < 40 <= ok <= 80 < too_humid",
+    },
+    {
+        "name": "soil_moisture",
+        "unit": "%",
+        "aliases": ["soil", "water", "watering"],
+        "max_age_s": 30,
+        "meaning": {
+            "bands": "too_dry < 25 <= ok <= 60 < too_wet",
+            "description": "volumetric water content of the beds",
+        },
+    },
 ]
 
 
@@ -59,6 +91,53 @@ def simulate(broker: LocalBroker, stop: threading.Event) -> None:
 def _cli(*args: str) -> None:
     cmd = [sys.executable, "-m", "agent.cli", *args]
     subprocess.run(cmd, check=False, timeout=300)
+
+
+def _verdict_line(v: dict[str, Any]) -> str:
+    """What the rules computed for one sensor, before the model ran."""
+    asked = f"{v['op']} {v['threshold_text']}" if v.get("op") else (v.get("asked") or "value")
+    answer = {True: "yes", False: "no", None: "none computed"}[v.get("answer")]
+    return (
+        f"{v['sensor']} = {v.get('value')} {v.get('unit', '')} (band {v.get('band')}); "
+        f"asked: {asked} -> verdict {v['verdict']}, answer {answer}"
+    )
+
+
+def _checks_line(checks: dict[str, Any] | None) -> str:
+    if not checks:
+        return "-"
+    return ", ".join(
+        f"{k} {v if isinstance(v, str) else 'FAILED ' + str(v.get('failed'))}" for k, v in checks.items()
+    )
+
+
+def _explained(url: str, question: str) -> None:
+    """One query with its verdicts, the first try, the final answer, source, retries, checks."""
+    first: list[str] = []
+    started = time.monotonic()
+    with RequestClient(url, DEVICE, client="demo") as c:
+        reply = c.request(
+            "query",
+            {"question": question, "stream": True},
+            300,
+            lambda ch: first.append(str(ch.get("delta", ""))),
+        )
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if reply.get("type") != "final":
+        print(f"error [{reply.get('code')}]: {reply.get('message')}")
+        return
+    for v in reply.get("verdicts") or []:
+        print(f"  rules:       {_verdict_line(v)}")
+    print(f"  model, 1st:  {''.join(first).strip()!r}")
+    if reply.get("first_checks"):
+        print(f"  1st checks:  {_checks_line(reply['first_checks'])}")
+    print(f"  answer:      {reply.get('text')}")
+    usage = reply.get("usage") or {}
+    print(
+        f"  source:      {reply.get('source')}, retries {reply.get('retries')}, "
+        f"checks took {usage.get('checks_ms')} ms, round trip {elapsed_ms:.0f} ms"
+    )
+    print(f"  checks:      {_checks_line(reply.get('checks'))}")
 
 
 def main() -> int:
@@ -117,6 +196,9 @@ def _session(broker: LocalBroker, agent: subprocess.Popen[bytes], workdir: Path)
     for question in QUESTIONS:
         print(f"\n== {question}")
         _cli("query", *target, question)
+    for question in VERDICT_QUESTIONS:
+        print(f"\n== {question}  (computed from the sensors' meaning, phrased by the model, checked)")
+        _explained(broker.url, question)
     print("\n== exact read: mean temperature over the last 10 minutes")
     _cli("read", *target, "--sensor", "temperature", "--window", "10m", "--agg", "mean")
     print("\n== exact read: soil moisture trend (per minute)")
