@@ -70,8 +70,9 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# A private mosquitto, the agent with the default pack, simulated greenhouse sensors,
-# three questions and two exact reads through the operator CLI.
+# A private mosquitto, the agent with the default pack, simulated greenhouse sensors (with their
+# meaning), three questions and two exact reads through the operator CLI, and two verdict
+# questions (the rules' verdict, the model's first try, its checks, the answer).
 demo: pack mosquitto
 	@$(BIN)/edge-pack inspect $(EDGE_SLM_CACHE)/packs/smollm2-135m-instruct-1.0.0
 	$(BIN)/python -m agent.demo

@@ -275,8 +275,16 @@ def _show(kind: str, reply: dict[str, object], elapsed_ms: float) -> None:
         return
     if kind == "query":
         usage = reply.get("usage") or {}
-        grounded = "grounded" if reply.get("grounded") else f"UNGROUNDED numbers: {reply.get('ungrounded')}"
-        print(f"\n[{grounded}; facts: {json.dumps(reply.get('facts'), ensure_ascii=False)}]")
+        if reply.get("source") != "model" or reply.get("retries"):
+            # the streamed first try was replaced: the answer is the final text, say why
+            print(f"\n[first try refused by the checks: {json.dumps(reply.get('first_checks'))}]")
+            print(f"{reply.get('text')}")
+        checks = reply.get("checks") or {}
+        passed = (
+            "checked" if all(v in ("passed", "skipped") for v in checks.values()) else f"CHECKS: {checks}"
+        )
+        facts = json.dumps(reply.get("facts"), ensure_ascii=False)
+        print(f"\n[{passed}; source {reply.get('source')}; facts: {facts}]")
         print(f"[usage: {json.dumps(usage)}; round trip {elapsed_ms:.0f} ms]")
     elif kind == "read":
         print(f"{reply.get('text')}   [round trip {elapsed_ms:.1f} ms]")

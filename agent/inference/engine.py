@@ -149,9 +149,15 @@ class Engine:
 
     # ------------------------------------------------------------ generation
 
-    def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
+    def prompt_ids(
+        self, question: str, system_prompt: str | None = None, answer_start: str = ""
+    ) -> list[int]:
+        """The chat prompt's token ids. ``answer_start``: text the assistant's turn begins with
+        (after the template's generation prompt), which the model then continues; it is
+        tokenized as content, so it cannot carry special tokens."""
         system = self.pack.manifest.generation.system_prompt if system_prompt is None else system_prompt
-        return self.tokenizer.encode_parts(self.template.render_parts(chat_messages(question, system)))
+        parts = self.template.render_parts(chat_messages(question, system))
+        return self.tokenizer.encode_parts([*parts, (answer_start, True)] if answer_start else parts)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Limits are errors, never silent clamps: name the limit that was hit."""

@@ -167,10 +167,15 @@ def _error_rate(records: Sequence[Mapping[str, Any]], n: int) -> float | None:
 
 
 def _validation(records: Sequence[Mapping[str, Any]], n: int) -> float | None:
-    """Answers with ungrounded numbers over answers, pooled."""
+    """Answers whose model text failed the checks over answers, pooled: ``answers.retried``
+    (every final answer passes its checks now, so ``ungrounded`` stays 0; an agent older
+    than the checks reports only ``ungrounded``, which is used then)."""
     bad = count = used = 0
     for r in records:
-        c, u = _num(r, "answers", "count"), _num(r, "answers", "ungrounded")
+        c = _num(r, "answers", "count")
+        u = _num(r, "answers", "retried")
+        if u is None:
+            u = _num(r, "answers", "ungrounded")
         if c and u is not None:
             used += 1
             count += int(c)
