@@ -333,9 +333,12 @@ def _trend_claims(words: list[str]) -> list[_Claim]:
 
 
 def _contradicts(c: _Claim, v: Verdict) -> bool | None:
-    """True: contradiction; False: consistent; None: this verdict cannot judge the claim."""
+    """True: contradiction; False: consistent; None: this verdict cannot judge the claim.
+    About a stale or missing reading nothing can be said: any band, relation or trend claim
+    (negated or not) contradicts its ``unknown`` verdict, and the template's "cannot say"
+    replaces the text."""
     if v.verdict == UNKNOWN or v.value is None or v.stale:
-        return None
+        return True
     if c.kind == "trend":
         if v.direction is None:
             return None
@@ -384,7 +387,7 @@ def _verdict_words(
     meanings: Mapping[str, Meaning],
     picked: Sequence[SensorConfig],
 ) -> list[str]:
-    judged = [v for v in verdicts if v.verdict != UNKNOWN]
+    judged = list(verdicts)  # unknown ones too: a claim about a stale reading is refused
     if not judged:
         return []
     by_name = {v.sensor: v for v in judged}
