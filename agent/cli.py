@@ -275,14 +275,14 @@ def _show(kind: str, reply: dict[str, object], elapsed_ms: float) -> None:
         return
     if kind == "query":
         usage = reply.get("usage") or {}
-        if reply.get("source") != "model" or reply.get("retries"):
+        if reply.get("first_checks") is not None or reply.get("source") == "escalated":
             # the streamed first try was replaced: the answer is the final text, say why
-            print(f"\n[first try refused by the checks: {json.dumps(reply.get('first_checks'))}]")
+            why = reply.get("first_checks") or "a larger model answered (routing)"
+            print(f"\n[first try not used: {json.dumps(why)}]")
             print(f"{reply.get('text')}")
-        checks = reply.get("checks") or {}
-        passed = (
-            "checked" if all(v in ("passed", "skipped") for v in checks.values()) else f"CHECKS: {checks}"
-        )
+        checks = reply.get("checks")
+        statuses = list(checks.values()) if isinstance(checks, dict) else []
+        passed = "checked" if all(v in ("passed", "skipped") for v in statuses) else f"CHECKS: {checks}"
         facts = json.dumps(reply.get("facts"), ensure_ascii=False)
         print(f"\n[{passed}; source {reply.get('source')}; facts: {facts}]")
         print(f"[usage: {json.dumps(usage)}; round trip {elapsed_ms:.0f} ms]")
