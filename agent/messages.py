@@ -15,6 +15,7 @@ from typing import Any, Literal
 from agent.config import Limits, parse_duration
 from agent.errors import AgentError, BadJson, BadRequest, TooLarge
 from agent.sensors.windows import AGGREGATES
+from model_packs.topics import topic_matches
 
 SCHEMA_VERSION = 1
 COMMANDS = ("ping", "status", "cancel", "reload")
@@ -191,17 +192,6 @@ def parse_cmd(data: dict[str, Any]) -> CmdRequest:
     if cmd == "cancel" and not (isinstance(target, str) and target):
         raise BadRequest("cancel needs target_id, the id of the request to cancel")
     return CmdRequest(rid, cmd, target if isinstance(target, str) else None)
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT filter matching: ``+`` is one level, a final ``#`` any number (also none)."""
-    pat, top = pattern.split("/"), topic.split("/")
-    for i, level in enumerate(pat):
-        if level == "#":
-            return True
-        if i >= len(top) or (level != "+" and level != top[i]):
-            return False
-    return len(pat) == len(top)
 
 
 @dataclass(frozen=True)

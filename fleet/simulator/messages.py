@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fleet.simulator.updates import Refusal
+from model_packs.topics import topic_matches
 
 CAPABILITIES = ("query", "read", "cmd", "stream")
 MAX_PAYLOAD_BYTES = 8192  # the agent's default limits.max_payload_bytes
@@ -58,17 +59,6 @@ def request_id(data: Mapping[str, Any]) -> str | None:
     """The envelope's id when usable (1-128 characters for an update instruction)."""
     rid = data.get("id")
     return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT filter matching: ``+`` one level, a final ``#`` any number (also none)."""
-    pat, top = pattern.split("/"), topic.split("/")
-    for i, level in enumerate(pat):
-        if level == "#":
-            return True
-        if i >= len(top) or (level != "+" and level != top[i]):
-            return False
-    return len(pat) == len(top)
 
 
 def reply_refusal(topic: object, allowed: Sequence[str], topic_prefix: str) -> str | None:
