@@ -79,19 +79,31 @@ class Recorder:
     """An MQTT 5 client that keeps every message on its filters and publishes for the test."""
 
     def __init__(self, broker: LocalBroker, *filters: str) -> None:
+        """Connects now; subscribes to ``filters`` now, or later with :meth:`subscribe`.
+        paho's network loop uses select(), which cannot watch a file descriptor above 1023:
+        a recorder for a thousand devices must connect before they do (its socket then has a
+        low number), or its loop dies and no SUBACK ever arrives (seen in full-suite runs)."""
         self.seen: list[Seen] = []
         self._cond = threading.Condition()
-        subscribed = threading.Event()
+        self._subscribed = threading.Event()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
         )
         self.client.on_message = self._add
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in filters])
-        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        connected = threading.Event()
+        self.client.on_connect = lambda c, u, f, r, p: connected.set()
         self.client.connect("127.0.0.1", broker.port)
         self.client.loop_start()
+        assert connected.wait(30), "the recorder did not connect"
+        if filters:
+            self.subscribe(*filters)
+
+    def subscribe(self, *filters: str) -> None:
+        self._subscribed.clear()
+        self.client.subscribe([(t, 1) for t in filters])
         # 30 s: a broker busy with 1,000 connects once took over 10 s to answer it
-        assert subscribed.wait(30), "the recorder's SUBSCRIBE was not acknowledged"
+        assert self._subscribed.wait(30), "the recorder's SUBSCRIBE was not acknowledged"
 
     def _add(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         correlation = getattr(msg.properties, "CorrelationData", None)
@@ -649,11 +661,12 @@ def test_a_thousand_devices_connect_retain_online_and_stop_cleanly(
 ) -> None:
     cfg = config(broker, devices=THOUSAND, interval_s=60.0, connect_rate=2000.0, hardware=(("x86_64", 1.0),))
     began = time.monotonic()
+    rec, after = recorders(), recorders()  # connected before the thousand sockets (see Recorder)
     fleet = Fleet(cfg)
     try:
         fleet.start(wait_s=45)
         assert fleet.connect_s is not None and fleet.connect_s < 45
-        rec = recorders(f"{cfg.topic_prefix}/+/status")
+        rec.subscribe(f"{cfg.topic_prefix}/+/status")
         rec.wait(lambda: len(rec.seen) >= THOUSAND, "a thousand retained status documents", timeout_s=30)
         assert all(s.retain and s.doc()["state"] == "online" for s in rec.seen)
         assert {s.doc()["device_id"] for s in rec.seen} == set(fleet.ids)
@@ -661,7 +674,7 @@ def test_a_thousand_devices_connect_retain_online_and_stop_cleanly(
     finally:
         fleet.stop(timeout_s=30)
     assert fleet.totals()["connected"] == 0
-    after = recorders(f"{cfg.topic_prefix}/+/status")
+    after.subscribe(f"{cfg.topic_prefix}/+/status")
     after.wait(lambda: len(after.seen) >= THOUSAND, "the offline documents", timeout_s=30)
     assert all(s.doc()["state"] == "offline" for s in after.seen)
     assert time.monotonic() - began < 60
