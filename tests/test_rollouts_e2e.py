@@ -12,7 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.localbroker import LocalBroker
 from fleet.simulator.config import Shares
@@ -232,3 +236,38 @@ def test_devices_that_refuse_the_fleets_key_fail_at_once_with_the_reason(
             d: 1 if d in sim.ids[:2] else 0 for d in sim.ids
         }
         assert sim.totals()["refusals"] == {"unauthorized": 2}
+
+
+def test_a_refusal_forged_by_another_client_is_not_acted_on(
+    broker: LocalBroker, service: FleetService, prefix: str
+) -> None:
+    """Any device may publish under edge-ops/ (it replies to operators there): a forged error
+    reply naming a device on the driver's reply topic, without the instruction's random id,
+    changes nothing; the device's own refusal (with it) is what counts (the test above)."""
+    with Fleet(sim_config(broker.url, prefix, 3, step_delay_s=0.4)) as sim:
+        service.devices_known(sim.ids)
+        rid = service.start(waves="100%", rules={"soak_s": 0.5})
+        service.wait(rid, lambda d: d["counts"].get("sent", 0) + d["counts"].get("downloading", 0) == 3, 20)
+        forger = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        forger.connect("127.0.0.1", broker.port)
+        forger.loop_start()
+        try:
+            for token in ("", "0123456789abcdef"):
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.CorrelationData = f"{rid} {sim.ids[0]} {token}".strip().encode()
+                body = {
+                    "v": 1,
+                    "id": "x",
+                    "type": "error",
+                    "seq": 0,
+                    "code": "unauthorized",
+                    "message": "forged",
+                }
+                forger.publish(
+                    service.publisher.replies_topic, json.dumps(body), 1, properties=props
+                ).wait_for_publish(5)
+        finally:
+            forger.loop_stop()
+            forger.disconnect()
+        doc = service.wait(rid, lambda d: d["state"] != "running", 30)
+        assert doc["state"] == "completed" and doc["counts"] == {"confirmed": 3}

@@ -97,10 +97,30 @@ class RolloutDriver:
         for r in self.refusals():
             if r.code in IGNORED_REFUSALS:
                 continue
+            if not self._sent_token(r):
+                log.warning("rollout_refusal_unverified", rollout=r.rollout_id[:80], device=r.device_id[:80])
+                continue
             rollback = r.rollout_id.endswith(".rollback")
             rid = r.rollout_id.removesuffix(".rollback")
             event = decide.Event(r.device_id, rollback, "rejected", r.code, f"refused: {r.message}")
             self._refused.setdefault(rid, []).append(event)
+
+    def _sent_token(self, r: Refusal) -> bool:
+        """Whether ``r`` echoes the id of the instruction this rollout sent that device: a
+        refusal forged by another client (it cannot know the id) is not acted on."""
+        rollback = r.rollout_id.endswith(".rollback")
+        rid = r.rollout_id.removesuffix(".rollback")
+        d = schema.rollout_devices.c
+        column = d.rb_envelope if rollback else d.envelope
+        query = select(column).where(d.rollout_id == rid, d.device_id == r.device_id)
+        with self.rollouts.engine.connect() as conn:
+            envelope = conn.execute(query).scalar_one_or_none()
+        if not envelope or not r.token:
+            return False
+        try:
+            return bool(json.loads(envelope).get("id") == r.token)
+        except ValueError:
+            return False
 
     def step(self, rollout_id: str) -> None:
         self._take_refusals()
@@ -239,7 +259,7 @@ class RolloutDriver:
         back = decide.rollback_id(rollout_id)
         acked = self.publish(
             [
-                (f"{self.prefix}/{device}/update", env, f"{back if rb else rollout_id} {device}")
+                (f"{self.prefix}/{device}/update", env, f"{back if rb else rollout_id} {device} {_id(env)}")
                 for device, env, rb in outgoing
             ]
         )
@@ -256,6 +276,11 @@ class RolloutDriver:
             with self.rollouts.fenced(rollout_id, self.owner, now) as conn:
                 self.rollouts.set_devices(conn, rollout_id, done)
         log.info("rollout_sent", rollout=rollout_id, instructions=len(done))
+
+
+def _id(envelope: str) -> str:
+    """The signed instruction's id (random, 16 hex digits): the token its refusal must echo."""
+    return str(json.loads(envelope).get("id", ""))
 
 
 def _split(device: DeviceRow, rows: list[tuple[float, str]], baseline_s: float) -> Samples:

@@ -48,6 +48,7 @@ class Refusal:
 
     rollout_id: str  # ends in ``.rollback`` for a rollback instruction
     device_id: str
+    token: str  # the instruction's id, echoed: only its device (and the fleet) ever saw it
     code: str
     message: str
 
@@ -60,7 +61,12 @@ class Publisher:
     the agents' default ``replies.allowed_topics`` and the broker ACL's ``edge-ops/%u/#``) with
     the rollout and device as correlation data, so a device that refuses it is known at once
     (:meth:`refusals`) rather than after the response timeout. A reply is a hint, never the
-    only signal: a driver that dies loses its replies and the timeout still applies."""
+    only signal: a driver that dies loses its replies and the timeout still applies.
+
+    Any device may publish under ``edge-ops/`` (that is how it replies to operators), so a
+    reply proves nothing by its topic: the correlation data carries the instruction's random
+    id, which only that device received (the ACL keeps devices out of each other's trees), and
+    the driver acts on a refusal only when that id is the one it sent that device."""
 
     def __init__(self, cfg: IngestConfig, client_id: str) -> None:
         self.cfg = cfg
@@ -102,11 +108,13 @@ class Publisher:
             correlation = getattr(msg.properties, "CorrelationData", None)
             if not isinstance(correlation, bytes):
                 return
-            rollout_id, _, device = correlation.decode().partition(" ")
+            rollout_id, device, token = [*correlation.decode().split(" "), "", ""][:3]
             reply = json.loads(msg.payload[:MAX_REPLY_BYTES])
             if not isinstance(reply, dict) or reply.get("type") != "error":
                 return
-            found = Refusal(rollout_id, device, str(reply.get("code"))[:64], str(reply.get("message"))[:300])
+            found = Refusal(
+                rollout_id, device, token, str(reply.get("code"))[:64], str(reply.get("message"))[:300]
+            )
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return  # not one of ours, or not JSON: nothing to learn from it
         with self._lock:
@@ -121,7 +129,8 @@ class Publisher:
 
     def publish(self, items: Sequence[tuple[str, str, str]], timeout_s: float = 30.0) -> list[bool]:
         """(topic, payload, correlation) each, QoS 1; True where the broker acknowledged it
-        within ``timeout_s``. ``correlation``: ``"ROLLOUT_ID DEVICE_ID"``, echoed in a reply."""
+        within ``timeout_s``. ``correlation``: ``"ROLLOUT_ID DEVICE_ID INSTRUCTION_ID"``, echoed
+        in a reply."""
         if not items or not self.connected.wait(min(timeout_s, 5.0)):
             return [False] * len(items)
         infos = [
