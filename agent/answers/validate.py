@@ -211,6 +211,26 @@ def _numbers(text: str, cands: list[_Candidate]) -> tuple[list[str], list[str]]:
     return bad_numbers, bad_units
 
 
+def _missing_figures(text: str, verdicts: Sequence[Verdict]) -> list[str]:
+    """A computed Yes or No must come with its figures ("No: humidity is 68.6 %, not above
+    80 %"): the reading of each verdict that decided it must be in the text, at any precision
+    written. Without this "No, 1." passed every check (seen in the demo)."""
+    tokens = tokenize(_LIST_MARKER.sub(lambda m: " " * len(m.group(0)), text))
+    written = [(t.text, _unit_after(tokens, i + 1)) for i, t in enumerate(tokens) if t.kind == "num"]
+    missing = []
+    for v in verdicts:
+        if v.answer is None or v.value is None or v.stale or v.kind == "trend":
+            continue  # a trend's figure is a slope per minute: no one quotes it
+        reading = _Candidate(v.value, v.unit or None)
+        quoted = (
+            (x := (reading.value if unit is None else _in_unit(reading, unit))) is not None and _equal(w, x)
+            for w, unit in written
+        )
+        if not any(quoted):
+            missing.append(f"missing {v.value:g}")
+    return missing
+
+
 # ------------------------------------------------------------------ verdict words
 
 
@@ -477,7 +497,7 @@ def validate(
     """All checks of ``text``; ``sensors`` are all configured ones, ``picked`` the question's."""
     bad_numbers, bad_units = _numbers(text, _candidates(question, facts, verdicts))
     return Checks(
-        numbers=_check(bad_numbers),
+        numbers=_check(bad_numbers + _missing_figures(text, verdicts)),
         units=_check(bad_units),
         verdicts=_check(_verdict_words(text, verdicts, meanings or {}, picked), applies=bool(verdicts)),
         yes_no=_yes_no(text, verdicts),
