@@ -117,7 +117,9 @@ def halt_like_the_driver(store: TelemetryStore, rollout_id: str, now: float) -> 
             message="1 of 1 devices failed or rolled back (100%), over the 10% allowed",
             at=now - 60,
         )
-        rollouts.set_rollout(conn, rollout_id, now, state="halted", current_wave=0, halt=halt)
+        rollouts.set_rollout(
+            conn, rollout_id, now, state="halted", current_wave=0, halt=json.dumps(halt.to_json())
+        )
     rollouts.release(rollout_id, owner)
 
 

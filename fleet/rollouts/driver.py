@@ -57,7 +57,6 @@ class RolloutDriver:
         self.prefix, self.tick_s, self.clock = topic_prefix.strip("/"), tick_s, clock
         self._cursor: dict[str, float] = {}  # rollout -> newest event received_at folded
         self._judged: dict[str, float] = {}  # rollout -> when its metrics were last judged
-        self.published = 0  # instructions the broker acknowledged, since start
 
     def run(self, stop: threading.Event) -> None:
         """Tick until ``stop``; then give the leases up so another driver need not wait."""
@@ -249,7 +248,7 @@ class RolloutDriver:
         for wave, values in decision.waves.items():
             self.rollouts.set_wave(conn, rid, wave, **values)
         if decision.halt is not None:
-            decision.rollout["halt"] = decision.halt
+            decision.rollout["halt"] = json.dumps(decision.halt.to_json())
         if decision.rollout:
             self.rollouts.set_rollout(conn, rid, now, **decision.rollout)
             changed = {k: str(v)[:300] for k, v in decision.rollout.items() if k != "halt"}  # logged apart
@@ -269,7 +268,6 @@ class RolloutDriver:
             for (device, _, rb), ok in zip(outgoing, acked, strict=True)
             if ok
         ]
-        self.published += len(done)
         if len(done) < len(outgoing):
             log.warning("rollout_publish_incomplete", rollout=rollout_id, sent=len(done), of=len(outgoing))
         if done:

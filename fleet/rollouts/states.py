@@ -13,9 +13,6 @@ A rollback moves ``rb_state`` of the devices that took the new pack through the 
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
-
 PENDING = "pending"
 OFFLINE_WAITING = "offline_waiting"
 SENT = "sent"
@@ -76,8 +73,3 @@ def after_event(state: str, event_state: str, reason_code: str | None) -> str:
     if new == ROLLED_BACK or state not in order or order.index(new) >= order.index(state):
         return new
     return state
-
-
-def counts(states: Iterable[str]) -> dict[str, int]:
-    found = Counter(states)
-    return {s: found[s] for s in STATES if found[s]}

@@ -24,7 +24,6 @@ from sqlalchemy import Connection, and_, bindparam, func, or_, select, update
 
 from fleet.rollouts import states
 from fleet.rollouts.errors import LeaseLost, RolloutError
-from fleet.rollouts.rules import Halt
 from fleet.rollouts.spec import RolloutSpec
 from fleet.telemetry import schema
 from fleet.telemetry.store import TelemetryStore
@@ -352,8 +351,6 @@ class RolloutStore:
 
     @staticmethod
     def set_rollout(conn: Connection, rollout_id: str, now: float, **values: Any) -> None:
-        if "halt" in values and isinstance(values["halt"], Halt):
-            values["halt"] = json.dumps(values["halt"].to_json())
         conn.execute(
             update(schema.rollouts).where(R.rollout_id == rollout_id).values(updated_at=now, **values)
         )
