@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,10 @@ class SourceConfig:
     topic: str | None = None  # mqtt: default {topic_root}/sensors/{name}
     path: str | None = None  # file
     argv: tuple[str, ...] = ()  # command
+    # where the number is (agent/sensors/extract.py): a regex's first group in a file's or
+    # command's text (a w1_slave's "t=21437" after "YES"); a dotted path into JSON (BME280.Temperature)
+    pattern: str | None = None
+    json_path: str | None = None
     scale: float = 1.0
     interval_s: float = 10.0
     timeout_s: float = 5.0
@@ -236,13 +240,22 @@ class AgentConfig:
 
 
 # ---------------------------------------------------------------- generic loader
+#
+# Every problem is collected, not only the first: an operator fixing a config should see them
+# all in one run. A value with a problem is recorded in ``problems`` and its default stands in
+# for it, so the rest can still be built and checked; a problem where no default can stand in
+# (a required key) stops that object with ``_Unbuildable``, and its parent carries on.
 
 
-def _convert(value: Any, hint: Any, path: str) -> Any:
+class _Unbuildable(Exception):
+    """A value whose problems are already recorded and that no default can replace."""
+
+
+def _convert(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _convert(value, args[0], path)
+        return None if value is None else _convert(value, args[0], path, problems)
     if hint is Meaning:  # its own forms (a band chain, a band list, a mapping): agent/meaning.py
         try:
             return parse_meaning(value, path)
@@ -251,13 +264,32 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return _build(hint, value, path)  # type: ignore[arg-type]
+        return _build(hint, value, path, problems)  # type: ignore[arg-type]
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
         inner = typing.get_args(hint)[0]
-        return tuple(_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
+        items = [
+            _attempt(problems, _convert, v, inner, f"{path}[{i}]", problems) for i, v in enumerate(value)
+        ]
+        if any(item is _FAILED for item in items):
+            raise _Unbuildable
+        return tuple(items)
     return _scalar(value, hint, path)
+
+
+_FAILED = object()
+
+
+def _attempt(problems: list[str], make: Callable[..., Any], *args: Any) -> Any:
+    """``make(*args)``, or ``_FAILED`` with its problem recorded."""
+    try:
+        return make(*args)
+    except ConfigError as exc:
+        problems.append(exc.message)
+    except _Unbuildable:
+        pass
+    return _FAILED
 
 
 def _scalar(value: Any, hint: Any, path: str) -> Any:
@@ -285,36 +317,46 @@ def _scalar(value: Any, hint: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported type {hint}")
 
 
-def _build(cls: type[Any], data: Mapping[str, Any], path: str) -> Any:
+def _build(cls: type[Any], data: Mapping[str, Any], path: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
-    if unknown == ["privileged_clients"] and not path:
-        raise ConfigError(
+    if "privileged_clients" in unknown and not path:
+        unknown.remove("privileged_clients")
+        problems.append(
             "privileged_clients was removed: any client can claim a client key, so updates and "
             "reload over MQTT must now be signed; list the operators' public keys in "
             "security.operator_keys (edge-fleet keys operator) and remove privileged_clients"
         )
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    where = f"{path}." if path else ""
+    problems.extend(f"{where}{key}: unknown key (known: {', '.join(sorted(fields))})" for key in unknown)
     kwargs = {}
+    complete = True
     for name, f in fields.items():
         key = f"{path}.{name}" if path else name
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{key}: required key is missing")
+            value = _attempt(problems, _convert, data[name], hints[name], key, problems)
+            if value is not _FAILED:
+                kwargs[name] = value
+            elif required:
+                complete = False
+        elif required:
+            problems.append(f"{key}: required key is missing")
+            complete = False
+    if not complete:
+        raise _Unbuildable
     return cls(**kwargs)
 
 
 # ---------------------------------------------------------------- checks
 
 
-def _check(cfg: AgentConfig) -> None:
+def _check(cfg: AgentConfig) -> Iterator[str]:
+    """Every problem the values have together (each names its key)."""
     for i, tag in enumerate(cfg.tags):
         if not re.fullmatch(r"[A-Za-z0-9._:=-]{1,64}", tag):
-            raise ConfigError(f"tags[{i}]: {tag[:80]!r} must be 1-64 letters, digits or . _ : = -")
+            yield f"tags[{i}]: {tag[:80]!r} must be 1-64 letters, digits or . _ : = -"
     t = cfg.telemetry
     if (
         t.interval_s <= 0
@@ -323,35 +365,35 @@ def _check(cfg: AgentConfig) -> None:
         or t.ack_timeout_s <= 0
         or t.max_records < 3
     ):
-        raise ConfigError(
+        yield (
             "telemetry: interval_s, max_age_s, drain_rate and ack_timeout_s must be positive, "
             "max_records >= 3"
         )
     if t.ack not in ("fleet", "broker"):
-        raise ConfigError(f"telemetry.ack: {t.ack[:40]!r} must be fleet or broker")
+        yield f"telemetry.ack: {t.ack[:40]!r} must be fleet or broker"
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cfg.device_id):
-        raise ConfigError("device_id: 1-64 characters of letters, digits, '.', '_' or '-'")
+        yield "device_id: 1-64 characters of letters, digits, '.', '_' or '-'"
     if cfg.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log_level: {cfg.log_level!r} must be debug, info, warning or error")
-    _check_prompt(cfg.prompt)
+        yield f"log_level: {cfg.log_level!r} must be debug, info, warning or error"
+    yield from _check_prompt(cfg.prompt)
     if urlparse(cfg.mqtt.url).scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"mqtt.url: {cfg.mqtt.url!r} must start with mqtt:// or mqtts://")
+        yield f"mqtt.url: {cfg.mqtt.url!r} must start with mqtt:// or mqtts://"
     if cfg.mqtt.protocol not in ("5", "3.1.1"):
-        raise ConfigError(f"mqtt.protocol: {cfg.mqtt.protocol!r} must be '5' or '3.1.1'")
+        yield f"mqtt.protocol: {cfg.mqtt.protocol!r} must be '5' or '3.1.1'"
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(cfg.mqtt, key)
         if value is not None and not Path(value).is_file():
-            raise ConfigError(f"mqtt.{key}: file {value} does not exist")
+            yield f"mqtt.{key}: file {value} does not exist"
     if cfg.pack.path is not None and not Path(cfg.pack.path).is_dir():
-        raise ConfigError(f"pack.path: {cfg.pack.path} is not a directory")
+        yield f"pack.path: {cfg.pack.path} is not a directory"
     if cfg.updates.trusted_root is not None and not Path(cfg.updates.trusted_root).is_file():
-        raise ConfigError(f"updates.trusted_root: file {cfg.updates.trusted_root} does not exist")
+        yield f"updates.trusted_root: file {cfg.updates.trusted_root} does not exist"
     for key_file in cfg.security.operator_keys:
         if not Path(key_file).is_file():
-            raise ConfigError(f"security.operator_keys: {key_file} does not exist")
+            yield f"security.operator_keys: {key_file} does not exist"
     for i, pattern in enumerate(cfg.replies.allowed_topics):
         if not _valid_filter(pattern) or pattern.startswith("$"):
-            raise ConfigError(f"replies.allowed_topics[{i}]: {pattern!r} is not an MQTT topic filter")
+            yield f"replies.allowed_topics[{i}]: {pattern!r} is not an MQTT topic filter"
     for name in (
         "queue_size",
         "per_client_queue",
@@ -362,8 +404,8 @@ def _check(cfg: AgentConfig) -> None:
         "max_client_keys",
     ):
         if getattr(cfg.limits, name) < 1:
-            raise ConfigError(f"limits.{name}: must be >= 1")
-    _check_sensors(cfg.sensors)
+            yield f"limits.{name}: must be >= 1"
+    yield from _check_sensors(cfg.sensors)
 
 
 def _valid_filter(pattern: str) -> bool:
@@ -375,34 +417,49 @@ def _valid_filter(pattern: str) -> bool:
     return bool(pattern) and "\x00" not in pattern
 
 
-def _check_prompt(p: PromptConfig) -> None:
+def _check_prompt(p: PromptConfig) -> Iterator[str]:
     """The ranges queries are held to: a default out of range would fail every query."""
     if not 0.0 <= p.temperature <= 5.0:
-        raise ConfigError(f"prompt.temperature: {p.temperature} must be within 0..5")
+        yield f"prompt.temperature: {p.temperature} must be within 0..5"
     if not 0.0 < p.repetition_penalty <= 10.0:
-        raise ConfigError(f"prompt.repetition_penalty: {p.repetition_penalty} must be within (0, 10]")
+        yield f"prompt.repetition_penalty: {p.repetition_penalty} must be within (0, 10]"
     if p.max_tokens < 1:
-        raise ConfigError("prompt.max_tokens: must be >= 1")
+        yield "prompt.max_tokens: must be >= 1"
 
 
-def _check_sensors(sensors: tuple[SensorConfig, ...]) -> None:
+def _check_extraction(src: SourceConfig, p: str) -> Iterator[str]:
+    """A pattern that cannot compile or a path with an empty step would reject every reading."""
+    if src.pattern is not None:
+        try:
+            groups = re.compile(src.pattern).groups
+        except re.error as exc:
+            yield f"{p}.source.pattern: {src.pattern[:60]!r} is not a regular expression: {exc}"
+        else:
+            if groups > 1 or src.type == "mqtt":
+                yield f"{p}.source.pattern: at most one group, for a file or command source"
+    if src.json_path is not None and "" in src.json_path.split("."):
+        yield f"{p}.source.json_path: {src.json_path[:60]!r} has an empty step (keys joined by '.')"
+
+
+def _check_sensors(sensors: tuple[SensorConfig, ...]) -> Iterator[str]:
     seen: set[str] = set()
     for i, s in enumerate(sensors):
         p = f"sensors[{i}]"
         if not re.fullmatch(r"[a-z0-9_]{1,48}", s.name):
-            raise ConfigError(f"{p}.name: {s.name!r} must be lowercase letters, digits or '_'")
+            yield f"{p}.name: {s.name!r} must be lowercase letters, digits or '_'"
         if s.name in seen:
-            raise ConfigError(f"{p}.name: sensor {s.name!r} is defined twice")
+            yield f"{p}.name: sensor {s.name!r} is defined twice"
         seen.add(s.name)
         src = s.source
         if src.type not in ("mqtt", "file", "command"):
-            raise ConfigError(f"{p}.source.type: {src.type!r} must be mqtt, file or command")
+            yield f"{p}.source.type: {src.type!r} must be mqtt, file or command"
         if src.type == "file" and not src.path:
-            raise ConfigError(f"{p}.source.path: required for a file source")
+            yield f"{p}.source.path: required for a file source"
         if src.type == "command" and not src.argv:
-            raise ConfigError(f"{p}.source.argv: required for a command source")
+            yield f"{p}.source.argv: required for a command source"
+        yield from _check_extraction(src, p)
         if src.interval_s <= 0 or s.max_age_s <= 0 or s.window_s <= 0 or s.max_points < 2:
-            raise ConfigError(f"{p}: intervals, ages and windows must be positive, max_points >= 2")
+            yield f"{p}: intervals, ages and windows must be positive, max_points >= 2"
 
 
 _ENV = {
@@ -428,12 +485,28 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
 def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> AgentConfig:
     raw = dict(data)
     _apply_env(raw, os.environ if env is None else env)
-    cfg: AgentConfig = _build(AgentConfig, raw, "")
+    problems: list[str] = []
+    try:
+        cfg: AgentConfig = _build(AgentConfig, raw, "", problems)
+    except _Unbuildable:
+        raise config_error(problems) from None
     if cfg.mqtt.password is not None and cfg.mqtt.username is None:
         # a password alone logs in as the device id: the identity the broker ACL expects
         cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, username=cfg.device_id))
-    _check(cfg)
+    problems.extend(_check(cfg))
+    if problems:
+        raise config_error(problems)
     return cfg
+
+
+def config_error(problems: list[str]) -> ConfigError:
+    """One error for all the problems found: a single one reads as before (``key: reason``),
+    several as a count and one line each (types and keys first, then the checks of values)."""
+    if len(problems) == 1:
+        return ConfigError(problems[0])
+    return ConfigError(
+        f"{len(problems)} problems in the configuration:\n" + "\n".join(f"  {p}" for p in problems)
+    )
 
 
 @dataclass(frozen=True)
