@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from agent.errors import ConfigError
+from agent.homeassistant_config import HomeAssistantSettings, check_homeassistant
 from agent.meaning import Meaning, MeaningError, parse_meaning
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
@@ -226,6 +227,7 @@ class AgentConfig:
     replies: RepliesConfig = field(default_factory=RepliesConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     escalation: EscalationSettings | None = None  # None: every answer is local
+    homeassistant: HomeAssistantSettings | None = None  # None: no Home Assistant discovery
     tags: tuple[str, ...] = ()  # free labels for the fleet's registry (status document)
     state_dir: str = "/var/lib/edge-agent"
     log_level: str = "info"
@@ -406,6 +408,8 @@ def _check(cfg: AgentConfig) -> Iterator[str]:
         if getattr(cfg.limits, name) < 1:
             yield f"limits.{name}: must be >= 1"
     yield from _check_sensors(cfg.sensors)
+    if cfg.homeassistant is not None:
+        yield from check_homeassistant(cfg.homeassistant)
 
 
 def _valid_filter(pattern: str) -> bool:
