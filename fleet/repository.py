@@ -329,7 +329,7 @@ class FleetRepository:
             **({"rollback": True} if rollback else {}),
         }
         if base is not None and _custom(base).get("variant", manifest.variant) != manifest.variant:
-            path = self._add_variant(base, manifest.variant, hardware)
+            path = self._add_variant(base, manifest.variant, hardware, manifest.runtime.min_ram_mb)
         else:
             if not rollback:
                 self._check_goes_up(manifest.name, manifest.version)
@@ -344,19 +344,24 @@ class FleetRepository:
         return PublishedPack(path, tf.length, tf.hashes["sha256"], md.signed.version, self._file_of(tf, root))
 
     @staticmethod
-    def _add_variant(base: TargetFile, variant: str, hardware: tuple[str, ...]) -> str:
-        """List a variant in the release's base target (signed with it); its target path."""
+    def _add_variant(base: TargetFile, variant: str, hardware: tuple[str, ...], min_ram_mb: int) -> str:
+        """List a variant in the release's base target (signed with it) with the hardware and
+        RAM it is for; its target path. A variant for any hardware must need less RAM than the
+        base: boards too small for the base take it."""
         base_custom = _custom(base)
-        if not hardware or "any" in hardware:
+        base_ram = base_custom.get("min_ram_mb")
+        smaller = isinstance(base_ram, int) and min_ram_mb < base_ram
+        if not hardware or ("any" in hardware and not smaller):
             raise RepositoryError(
                 f"{base_custom.get('name')}@{base_custom.get('version')} is published as "
                 f"{base_custom.get('variant')}; a {variant} variant needs --hardware TAG "
-                "(e.g. aarch64-no-dotprod): the base is the one for any hardware"
+                "(e.g. aarch64-no-dotprod), or less RAM than the base for any hardware: the base "
+                "is the one for any hardware"
             )
         variants = base_custom.setdefault("variants", {})
         if variant in variants:
             raise RepositoryError(f"variant {variant} of this release is already published")
-        variants[variant] = {"hardware": list(hardware)}
+        variants[variant] = {"hardware": list(hardware), "min_ram_mb": min_ram_mb}
         return variant_path(str(base_custom["name"]), str(base_custom["version"]), variant)
 
     def _check_goes_up(self, name: str, version: str) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from agent.logs import configure_logging
+from model_packs import levels
 from model_packs.cli_errors import run_command
 from model_packs.errors import PackError
 from model_packs.format import DEFAULT_PACK_NAME, DEFAULT_PACK_VERSION, packs_dir, read_manifest, verify_pack
@@ -22,7 +23,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=DEFAULT_PACK_NAME)
     b.add_argument("--version", default=DEFAULT_PACK_VERSION)
     b.add_argument("--out", type=Path, help="packs directory (default: $EDGE_SLM_CACHE/packs)")
-    b.add_argument("--quantization", default="int8-block32", help="int8-block32 or int4-block32")
+    b.add_argument(
+        "--quant",
+        "--quantization",
+        dest="quantization",
+        default="int8",
+        choices=[*levels.ALIASES, *levels.LEVELS],
+        help="level: int8 (block 32), int4 (4-bit MatMulNBits, head too), mixed (4-bit layers, 8-bit head "
+        "and embedding), or a full level name (default: %(default)s)",
+    )
     b.add_argument(
         "--accuracy-level", type=int, default=4, choices=[1, 4], help="MatMulNBits compute: 4 int8, 1 fp32"
     )
@@ -47,7 +56,7 @@ def _build(args: argparse.Namespace) -> int:
         version=args.version,
         packs_dir=args.out or packs_dir(),
         source=args.source,
-        quantization=args.quantization,
+        quantization=levels.resolve(args.quantization),
         accuracy_level=args.accuracy_level,
         **{k: v for k in ("min_top1", "max_ppl_ratio") if (v := getattr(args, k)) is not None},
         context_length=args.context_length,

@@ -39,6 +39,7 @@ class Profile:
     machine: str
     features: frozenset[str]
     tags: frozenset[str]
+    ram_mb: int | None = None  # MemTotal: which variant of a release this board can hold
 
 
 def cpu_features(cpuinfo: str) -> frozenset[str]:
@@ -60,11 +61,25 @@ def tags_for(machine: str, features: frozenset[str], board: str = ANY) -> frozen
     return frozenset(tags)
 
 
-def detect(board: str = ANY, cpuinfo: Path = Path("/proc/cpuinfo")) -> Profile:
-    """This machine's profile; a missing /proc/cpuinfo gives no features (never an error)."""
+def total_ram_mb(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """MemTotal in MB: the board's RAM, not what is free now (a variant is chosen for the
+    board; the health gate checks what is free at install). None where it cannot be read."""
+    try:
+        for line in meminfo.read_text(errors="replace").splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def detect(board: str = ANY, cpuinfo: Path = Path("/proc/cpuinfo"), ram_mb: int | None = None) -> Profile:
+    """This machine's profile; a missing /proc/cpuinfo gives no features (never an error).
+    ``ram_mb`` overrides the board's MemTotal (tests, a container with a memory limit)."""
     try:
         features = cpu_features(cpuinfo.read_text(errors="replace"))
     except OSError:
         features = frozenset()
     arch = runtimes.machine()
-    return Profile(arch, features, tags_for(arch, features, board))
+    ram = ram_mb if ram_mb is not None else total_ram_mb()
+    return Profile(arch, features, tags_for(arch, features, board), ram)

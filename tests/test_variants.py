@@ -126,7 +126,8 @@ def test_the_fleet_lists_the_variant_in_the_signed_base_target(
     targets = repo.load("targets").signed.targets
     base = targets["packs/tiny/0.0.2.tar"].unrecognized_fields["custom"]
     assert base["variant"] == "int8-block32"
-    assert base["variants"] == {"int4-block32": {"hardware": ["aarch64-no-dotprod"]}}
+    int4_ram = read_manifest(release["int4"]).runtime.min_ram_mb
+    assert base["variants"] == {"int4-block32": {"hardware": ["aarch64-no-dotprod"], "min_ram_mb": int4_ram}}
     variant = targets["packs/tiny/0.0.2/int4-block32.tar"].unrecognized_fields["custom"]
     assert (variant["variant"], variant["hardware"], variant["version"]) == (
         "int4-block32",
@@ -235,3 +236,94 @@ def test_the_4bit_graph_computes_the_dequantized_product(tmp_path: Path) -> None
     assert (
         np.abs(y - x @ w.T).max() > np.abs(y - expected).max()
     )  # it is the 4-bit product, not the float one
+
+
+# ---------------------------------------------------------------- by RAM
+
+LOW_RAM = {
+    "min_ram_mb": 400,
+    "variants": {
+        "mixed-block32": {"hardware": ["any"], "min_ram_mb": 250},
+        "int4-block32": {"hardware": ["any"], "min_ram_mb": 200},
+        "int4-block32-acc1": {"hardware": ["aarch64-no-dotprod"], "min_ram_mb": 500},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("ram_mb", "tags", "chosen"),
+    [
+        (300, {"x86_64"}, "mixed-block32"),  # the largest variant that fits
+        (220, {"x86_64"}, "int4-block32"),
+        (150, {"x86_64"}, None),  # nothing fits: the base (its health gate refuses it with a reason)
+        (500, {"x86_64"}, None),  # the base fits
+        (None, {"x86_64"}, None),  # RAM unknown: the base
+        # published for this CPU, but too big for this board: the RAM rule picks
+        (300, {"aarch64", "aarch64-no-dotprod"}, "mixed-block32"),
+        (600, {"aarch64", "aarch64-no-dotprod"}, "int4-block32-acc1"),
+    ],
+)
+def test_choose_variant_by_ram(ram_mb: int | None, tags: set[str], chosen: str | None) -> None:
+    found = choose_variant(LOW_RAM, "tiny", "1.0.0", frozenset(tags), ram_mb)
+    assert (found.name if found else None) == chosen
+    if found and found.tag == "ram":
+        assert f"the base needs 400 MB of RAM, this device has {ram_mb} MB" in found.why
+
+
+def _with_min_ram(pack: Path, dest: Path, min_ram_mb: int) -> Path:
+    """A copy of ``pack`` whose manifest asks for ``min_ram_mb`` (as a larger model's would);
+    the manifest is not among the files it hashes, and TUF signs the tar it travels in."""
+    import json
+    import shutil
+
+    shutil.copytree(pack, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["runtime"]["min_ram_mb"] = min_ram_mb
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+@pytest.fixture()
+def ram_repo(tmp_path: Path, release: dict[str, Path]) -> FleetRepository:
+    """tiny 0.0.2 whose base needs 400 MB, with its 4-bit variant for any hardware."""
+    repo = FleetRepository(tmp_path / "repo", tmp_path / "keys")
+    repo.init()
+    repo.publish(_with_min_ram(release["base"], tmp_path / "big-base", 400))
+    repo.publish(release["int4"])  # no --hardware: allowed, it needs less RAM than the base
+    return repo
+
+
+@pytest.mark.parametrize(("ram_mb", "variant"), [(300, "int4-block32"), (4096, "int8-block32")])
+def test_a_board_too_small_for_the_base_installs_the_variant_that_fits(
+    tmp_path: Path, ram_repo: FleetRepository, release: dict[str, Path], ram_mb: int, variant: str
+) -> None:
+    store = PackStore(tmp_path / "dev")
+    store.seed(release["seed"], "tiny@0.0.1")
+    provision_trust(tmp_path / "dev" / "tuf", ram_repo.meta_dir / "1.root.json")
+    up = offline_updater(
+        store,
+        tmp_path / "dev" / "tuf",
+        BASE,
+        __version__,
+        ram_mb=ram_mb,
+        fetcher=MemoryRepository.snapshot_of(ram_repo.dir),
+        threads=1,
+    )
+    with structlog.testing.capture_logs() as logs:
+        path = up.install("tiny@0.0.2")
+    assert read_manifest(path).variant == variant
+    said = [e for e in logs if e["event"] == "pack_variant"]
+    if variant == "int4-block32":
+        assert said[0]["hardware"] == "ram" and "this device has 300 MB" in said[0]["why"]
+    else:
+        assert said[-1]["variant"] == "base"
+
+
+def test_a_variant_for_any_hardware_must_need_less_ram_than_the_base(
+    tmp_path: Path, release: dict[str, Path]
+) -> None:
+    repo = FleetRepository(tmp_path / "repo", tmp_path / "keys")
+    repo.init()
+    repo.publish(release["int4"])  # the small one as the base
+    with pytest.raises(RepositoryError, match="or less RAM than the base"):
+        repo.publish(_with_min_ram(release["base"], tmp_path / "big", 400))

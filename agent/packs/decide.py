@@ -4,9 +4,10 @@ Input: the instruction's ``NAME@VERSION``, the signed custom metadata that TUF v
 the active pack's version, this agent's version and hardware tags. Output: a :class:`Plan`, or
 an :class:`UpdateRejected` with the reason code that goes into ``update/status``.
 
-Variants: the release's base target lists its variants and the hardware each was published
-for (``custom.variants``); :func:`choose_variant` takes the first one published for one of
-this device's tags (model_packs/hardware.py), else the base.
+Variants: the release's base target lists its variants, the hardware each was published for
+and the RAM each needs (``custom.variants``); :func:`choose_variant` takes the first one
+published for one of this device's tags (model_packs/hardware.py) that fits its RAM; else, when
+the base needs more RAM than the device has, the largest variant that fits; else the base.
 """
 
 from __future__ import annotations
@@ -53,28 +54,72 @@ class Variant(NamedTuple):
 
     name: str
     path: str  # its TUF target path
-    tag: str  # the device's hardware tag it was published for
+    tag: str  # the device's hardware tag it was published for ("ram": chosen for its RAM)
     why: str
 
 
-def choose_variant(
-    custom: Mapping[str, Any] | None, name: str, version: str, tags: frozenset[str]
-) -> Variant | None:
-    """The first variant the base target lists for one of ``tags`` (``any`` never selects a
-    variant: the base is for any hardware), or None for the base itself. Malformed entries
-    are skipped: the signed base still installs."""
+class _Listed(NamedTuple):
+    name: str
+    boards: list[str]
+    min_ram_mb: int | None
+
+
+def _listed(custom: Mapping[str, Any] | None) -> list[_Listed]:
+    """The well-formed entries of ``custom.variants``; malformed ones are skipped (the signed
+    base still installs)."""
     variants = (custom or {}).get("variants")
     if not isinstance(variants, dict):
-        return None
+        return []
+    out = []
     for variant, entry in variants.items():
         boards = entry.get("hardware") if isinstance(entry, dict) else None
         if not isinstance(variant, str) or not layout.is_pack_name(variant) or not isinstance(boards, list):
             continue
-        matched = [b for b in boards if isinstance(b, str) and b != hw.ANY and b in tags]
-        if matched:
+        ram = entry.get("min_ram_mb")
+        ram_ok = isinstance(ram, int) and not isinstance(ram, bool) and ram > 0
+        out.append(_Listed(variant, [b for b in boards if isinstance(b, str)], ram if ram_ok else None))
+    return out
+
+
+def _fits(need: int | None, ram_mb: int | None) -> bool:
+    return ram_mb is None or need is None or need <= ram_mb
+
+
+def choose_variant(
+    custom: Mapping[str, Any] | None,
+    name: str,
+    version: str,
+    tags: frozenset[str],
+    ram_mb: int | None = None,
+) -> Variant | None:
+    """The first variant the base target lists for one of ``tags`` (``any`` never selects a
+    variant by hardware: the base is for any hardware) whose RAM fits ``ram_mb``; else, when
+    the base needs more than ``ram_mb``, the variant needing the most RAM that still fits (the
+    best quality this board can hold); else None for the base itself."""
+    listed = _listed(custom)
+    for v in listed:
+        matched = [b for b in v.boards if b != hw.ANY and b in tags]
+        if matched and _fits(v.min_ram_mb, ram_mb):
             why = hw.WHY.get(matched[0], f"this device is tagged {matched[0]}")
-            return Variant(variant, layout.variant_path(name, version, variant), matched[0], why)
-    return None
+            return Variant(v.name, layout.variant_path(name, version, v.name), matched[0], why)
+    base_ram = (custom or {}).get("min_ram_mb")
+    if ram_mb is None or not isinstance(base_ram, int) or base_ram <= ram_mb:
+        return None
+    suits = [
+        v
+        for v in listed
+        if v.min_ram_mb is not None
+        and v.min_ram_mb <= ram_mb
+        and (hw.ANY in v.boards or tags.intersection(v.boards))
+    ]
+    if not suits:
+        return None
+    best = max(suits, key=lambda v: v.min_ram_mb or 0)
+    why = (
+        f"the base needs {base_ram} MB of RAM, this device has {ram_mb} MB; "
+        f"{best.name} needs {best.min_ram_mb} MB"
+    )
+    return Variant(best.name, layout.variant_path(name, version, best.name), "ram", why)
 
 
 def check_custom(

@@ -62,6 +62,7 @@ class PackUpdater:
         gate: Gate,
         *,
         hardware: str = "any",
+        ram_mb: int | None = None,
         variants: bool = True,
         on_event: Callable[[UpdateEvent], None] | None = None,
         hook: Hook | None = None,
@@ -71,7 +72,8 @@ class PackUpdater:
         self.store, self.tuf_dir = store, tuf_dir
         self.base = repository_url.rstrip("/")
         self.agent_version = agent_version
-        self.profile = hw.detect(hardware)  # this CPU's tags: which variant of a release fits
+        # this CPU's tags and this board's RAM: which variant of a release fits
+        self.profile = hw.detect(hardware, ram_mb=ram_mb)
         self.variants = variants  # False: always the release's base target
         self.gate = gate
         self.sideload = sideload  # explicit: never inferred from the URL
@@ -98,7 +100,8 @@ class PackUpdater:
         chosen: list[Variant] = []
 
         def variant_for_this_cpu(base: TargetFile) -> str | None:
-            found = choose_variant(base.unrecognized_fields.get("custom"), name, version, self.profile.tags)
+            custom = base.unrecognized_fields.get("custom")
+            found = choose_variant(custom, name, version, self.profile.tags, self.profile.ram_mb)
             if found is None or not self.variants:
                 return None
             chosen.append(found)

@@ -47,6 +47,10 @@ class GraphOptions:
     block_size: int = 32
     accuracy_level: int = 4
     bits: int = 8  # 8, or 4: every linear layer and the LM head (the embedding table stays 8-bit)
+    # the MLP's gate, up and down at another width (the "mixed" level: 4-bit MLP, 8-bit
+    # attention, LM head and embedding); None: ``bits``
+    mlp_bits: int | None = None
+    head_bits: int | None = None  # the LM head's width (8: the embedding table's bytes); None: ``bits``
 
 
 @dataclass(frozen=True)
@@ -116,12 +120,13 @@ class _GraphBuilder:
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
-    def linear(self, x: str, w: np.ndarray, name: str, out: str) -> None:
-        """y = x @ w.T, with w [N, K] float (reference) or blockwise int8 (pack)."""
+    def linear(self, x: str, w: np.ndarray, name: str, out: str, bits: int | None = None) -> None:
+        """y = x @ w.T, with w [N, K] float (reference) or blockwise int8/int4 (pack);
+        ``bits`` overrides the graph's width for this matrix."""
         if not self.opts.quantized:
             self.node("MatMul", [x, self.init(f"{name}.weight", w.T.copy())], [out])
             return
-        if self.opts.bits == 4:
+        if (bits or self.opts.bits) == 4:
             self.linear_q4(x, quantize_blockwise_4bit(w, self.opts.block_size), name, out)
             return
         self.linear_q(x, quantize_blockwise(w, self.opts.block_size), name, out)
@@ -240,12 +245,13 @@ def _layer(
         domain="com.microsoft",
         epsilon=cfg.rms_eps,
     )
-    g.linear(ln2, w[f"{p}.gate"], f"{p}.gate", f"{p}.gate_out")
-    g.linear(ln2, w[f"{p}.up"], f"{p}.up", f"{p}.up_out")
+    mlp_bits = g.opts.mlp_bits
+    g.linear(ln2, w[f"{p}.gate"], f"{p}.gate", f"{p}.gate_out", mlp_bits)
+    g.linear(ln2, w[f"{p}.up"], f"{p}.up", f"{p}.up_out", mlp_bits)
     g.node("Sigmoid", [f"{p}.gate_out"], [f"{p}.gate_sig"])
     g.node("Mul", [f"{p}.gate_out", f"{p}.gate_sig"], [f"{p}.silu"])
     g.node("Mul", [f"{p}.silu", f"{p}.up_out"], [f"{p}.act"])
-    g.linear(f"{p}.act", w[f"{p}.down"], f"{p}.down", f"{p}.mlp_out")
+    g.linear(f"{p}.act", w[f"{p}.down"], f"{p}.down", f"{p}.mlp_out", mlp_bits)
     return f"{p}.mlp_out", res_m
 
 
@@ -330,8 +336,9 @@ def _lm_head(
     g: _GraphBuilder, w: dict[str, np.ndarray], embed_inits: list[TensorProto], embed_q: BlockQuantized
 ) -> None:
     head = w.get("lm_head")
-    if head is None and g.opts.quantized and g.opts.bits == 8:
+    head_bits = g.opts.head_bits or g.opts.bits
+    if head is None and g.opts.quantized and head_bits == 8:
         g.inits.extend(embed_inits)
         g.linear_q("selected", embed_q, "lm_head", "logits", shared=[t.name for t in embed_inits])
         return
-    g.linear("selected", w["embed"] if head is None else head, "lm_head", "logits")
+    g.linear("selected", w["embed"] if head is None else head, "lm_head", "logits", head_bits)
