@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import structlog
 
 from agent import units
-from agent.config import SensorConfig
+from agent.config import SensorConfig, SourceConfig
+from agent.sensors import extract
 from agent.sensors.windows import SensorWindow
 
 log = structlog.get_logger("edge_agent.sensors")
@@ -57,6 +58,11 @@ def parse_payload(payload: bytes, cfg: SensorConfig, now: float | None = None) -
         raise BadReading(f"not a number or JSON object: {payload[:40]!r}") from None
     unit: object = None
     ts: object = None
+    if cfg.source.json_path is not None:  # Zigbee2MQTT, Tasmota: one field of a larger object
+        try:
+            data = extract.pick(data, cfg.source.json_path)
+        except extract.NoNumber as exc:
+            raise BadReading(str(exc), exc.reason) from None
     if isinstance(data, dict):
         unit, ts, data = data.get("unit"), data.get("ts"), data.get("value")
     if isinstance(data, bool) or not isinstance(data, int | float):
@@ -97,17 +103,19 @@ def _finite(value: float) -> float:
     return value
 
 
-def parse_text(text: str, scale: float) -> float:
+def parse_text(text: str, src: SourceConfig) -> float:
+    """The number in a file's or command's text (extract.text_number), times ``scale``."""
     try:
-        return _finite(float(text.strip().split()[0]) * scale)
-    except (ValueError, IndexError):
-        raise BadReading(f"output is not a number: {text[:40]!r}") from None
+        value = extract.text_number(text, src.pattern, src.json_path)
+    except extract.NoNumber as exc:
+        raise BadReading(str(exc), exc.reason) from None
+    return _finite(value * src.scale)
 
 
 def read_file(cfg: SensorConfig) -> float:
     assert cfg.source.path is not None
     with open(cfg.source.path, encoding="utf-8") as fh:
-        return parse_text(fh.read(64), cfg.source.scale)
+        return parse_text(fh.read(extract.MAX_TEXT), cfg.source)
 
 
 def run_command(cfg: SensorConfig) -> float:
@@ -116,7 +124,7 @@ def run_command(cfg: SensorConfig) -> float:
     )
     if done.returncode != 0:
         raise BadReading(f"command exited {done.returncode}: {done.stderr.strip()[:80]}")
-    return parse_text(done.stdout, cfg.source.scale)
+    return parse_text(done.stdout, cfg.source)
 
 
 class Poller:
