@@ -24,11 +24,11 @@ class SensorHub:
     def __init__(self, cfg: AgentConfig, save_to: Path | None = None) -> None:
         self.save_to = save_to  # where windows survive a restart (None: memory only)
         self.windows = {s.name: SensorWindow(s) for s in cfg.sensors}
-        self.topics = {
-            (s.source.topic or cfg.topic(f"sensors/{s.name}")): s.name
-            for s in cfg.sensors
-            if s.source.type == "mqtt"
-        }
+        # a topic may feed several sensors (a Zigbee2MQTT device: temperature and humidity)
+        self.topics: dict[str, list[str]] = {}
+        for s in cfg.sensors:
+            if s.source.type == "mqtt":
+                self.topics.setdefault(s.source.topic or cfg.topic(f"sensors/{s.name}"), []).append(s.name)
         self.max_payload = cfg.limits.max_sensor_payload_bytes
         self._stop = threading.Event()
         self._pollers = [
@@ -64,11 +64,16 @@ class SensorHub:
         return sum(w.accepted for w in self.windows.values())
 
     def ingest(self, topic: str, payload: bytes) -> bool:
-        """Feed an MQTT reading; returns False if the topic is not a sensor topic."""
-        name = self.topics.get(topic)
-        if name is None:
+        """Feed an MQTT reading to every sensor on its topic; False if it is no sensor topic."""
+        names = self.topics.get(topic)
+        if names is None:
             return False
-        window = self.windows[name]
+        for name in names:
+            self._ingest_one(self.windows[name], payload)
+        return True
+
+    def _ingest_one(self, window: SensorWindow, payload: bytes) -> None:
+        name = window.cfg.name
         try:
             if len(payload) > self.max_payload:
                 raise BadReading(f"payload of {len(payload)} bytes is over {self.max_payload}", "too_large")
@@ -77,7 +82,6 @@ class SensorHub:
         except BadReading as exc:
             window.reject(exc.reason)
             log.warning("bad_reading", sensor=name, reason=exc.reason, error=str(exc)[:200])
-        return True
 
     def read(self, sensor: str, agg: str, window_s: float | None) -> Fact:
         if sensor not in self.windows:
