@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from agent.errors import AgentError
 from agent.inference import Engine, GenerationRequest, load_pack
 from agent.inference.sampling import SamplingParams
 from agent.logs import configure_logging
+from agent.progress import Progress
 from agent.transport import MqttError
 from agent.transport.options import add_broker_options, request_client
 from model_packs.cli_errors import run_command
@@ -63,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--client", default="operator", help="client name for fairness and rate limits")
         c.add_argument("--timeout", type=float, default=120.0)
         c.add_argument("--json", action="store_true", help="print the final reply as JSON")
+        c.add_argument(
+            "--no-status-check",
+            action="store_true",
+            help="send even when the device's retained status is missing or offline "
+            "(for brokers that keep no retained messages)",
+        )
     q = sub.choices["query"]
     q.add_argument("question")
     q.add_argument("--max-tokens", type=int)
@@ -217,7 +226,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace) -> int:
     import json
-    import time
 
     if args.command == "query":
         body: dict[str, object] = {"question": args.question, "stream": True}
@@ -231,19 +239,60 @@ def _remote(args: argparse.Namespace) -> int:
         if args.name == "reload":
             body = _signed_reload(args, body)
     started = time.monotonic()
-    with request_client(args, args.device, args.client, args.protocol) as client:
-        reply = client.request(
-            args.command,
-            body,
-            args.timeout,
-            on_chunk=None if args.json else _print_chunk,
-        )
+    watch = not args.no_status_check
+    with request_client(args, args.device, args.client, args.protocol, watch_status=watch) as client:
+        if watch:
+            _check_device(client.device_status(STATUS_WAIT_S), args.device, args.broker)
+        streamed = args.command == "query" and not args.json
+        progress = Progress(args.device, sys.stderr, enabled=sys.stderr.isatty())
+
+        def on_chunk(chunk: dict[str, object]) -> None:
+            progress.chunk(text_shown=streamed and sys.stdout.isatty())
+            if streamed:
+                _print_chunk(chunk)
+
+        with progress:
+            reply = client.request(args.command, body, args.timeout, on_chunk=on_chunk)
     elapsed_ms = (time.monotonic() - started) * 1000
     if args.json:
         print(json.dumps(reply, ensure_ascii=False))
     else:
         _show(args.command, reply, elapsed_ms)
     return 0 if reply.get("type") == "final" else 1
+
+
+STATUS_WAIT_S = 1.0
+"""How long to wait for a device's retained status: a broker sends it right after the SUBACK
+the client already waited for, so this only bounds the answer for a device it never saw."""
+
+
+def _check_device(status: dict[str, Any] | None, device: str, broker: str) -> None:
+    """Refuse at once what would otherwise wait out ``--timeout``: a device the broker has no
+    status for (never connected there: misspelt, or another broker), or one whose last status
+    is ``offline`` (a clean stop, or its last will when the connection was lost)."""
+    if status is None:
+        raise MqttError(
+            f"no device {device!r} on {broker}: it has never published a status there "
+            "(misspelt? another --broker?); use --no-status-check to send anyway",
+            "unknown_device",
+        )
+    if status.get("state") == "offline":
+        raise MqttError(
+            f"device {device!r} is offline{_since(status.get('ts'))}: nothing would answer", "device_offline"
+        )
+
+
+def _since(ts: object) -> str:
+    """When the offline document was made. A clean stop writes it as the agent stops; a last
+    will was written when the agent last connected, so it is the latest time known alive."""
+    import datetime
+
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        return ""
+    when = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    ago = max(0.0, time.time() - ts)
+    span = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else f"{ago / 3600:.1f} h"
+    return f" (its last status, from {when:%Y-%m-%d %H:%M:%S} UTC, {span} ago)"
 
 
 def _signed_reload(args: argparse.Namespace, body: dict[str, object]) -> dict[str, object]:

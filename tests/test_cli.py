@@ -40,7 +40,7 @@ def test_edge_fleet_unreachable_broker_exits_3(tmp_path: Path) -> None:
 
 
 def test_edge_agent_no_reply_exits_3(broker: LocalBroker) -> None:
-    target = ["--broker", broker.url, "--device", "nobody-home"]
+    target = ["--broker", broker.url, "--device", "nobody-home", "--no-status-check"]  # else unknown_device
     done = _cli("agent.cli", "read", *target, "--sensor", "t", "--timeout", "0.5")
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("edge-agent: error [no_reply]: no reply to "), done.stderr

@@ -34,6 +34,11 @@ class RequestClient:
     ``persistent`` keeps the session, and so the replies, across a broker restart.
     ``ca_file`` (or an ``mqtts://`` URL) turns TLS on; ``cert_file``/``key_file`` are the
     client certificate for brokers that require one.
+
+    ``watch_status`` also subscribes to the device's retained status document
+    (docs/protocol.md): :meth:`device_status` reads it before a request, so an operator learns
+    at once that a device is offline or unknown instead of waiting out the timeout, and
+    :meth:`wait` stops when the device goes offline (its last will) while a reply is awaited.
     """
 
     def __init__(
@@ -50,8 +55,12 @@ class RequestClient:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        watch_status: bool = False,
     ) -> None:
         self.root = topic_root.replace("{device_id}", device_id)
+        self.device_id = device_id
+        self.status_topic = f"{self.root}/status"
+        self.status: dict[str, Any] | None = None  # the latest status document seen
         self.v5 = protocol == "5"
         self.client_name = client
         # under the broker login when there is one: an ACL by identity lets each user read
@@ -69,7 +78,8 @@ class RequestClient:
             session_expiry_s=OPERATOR_SESSION_S,
         )
         cid = f"{client}-{uuid.uuid4().hex[:8]}"
-        self.transport = MqttTransport(cfg, cid, [self.reply_topic], persistent=persistent)
+        topics = [self.reply_topic, *([self.status_topic] if watch_status else [])]
+        self.transport = MqttTransport(cfg, cid, topics, persistent=persistent)
         self._pending: dict[str, list[dict[str, Any]]] = {}
 
     def __enter__(self) -> RequestClient:
@@ -117,8 +127,36 @@ class RequestClient:
                 inbound = self.transport.inbox.get(timeout=left)
             except queue.Empty:
                 continue
-            msg = _decode(inbound.payload)
-            self._pending.setdefault(str(msg.get("id")), []).append(msg)
+            self._take(inbound)
+            if inbound.topic == self.status_topic and not inbound.retain and _offline(self.status):
+                # a live offline document is the last will (or a clean stop): no reply will come
+                raise ClientError(
+                    f"device {self.device_id!r} went offline while {rid} was waiting for its reply",
+                    "device_offline",
+                )
+
+    def device_status(self, wait_s: float) -> dict[str, Any] | None:
+        """The device's status document (with ``watch_status``), or None when none arrived
+        within ``wait_s``: the broker has no retained status for that device id, so no agent
+        by that name has ever connected to it (a misspelt id, another broker or topic root).
+        A broker hands a retained message right after the SUBACK that :meth:`__enter__`
+        waited for, so a short wait is enough."""
+        deadline = time.monotonic() + wait_s
+        while self.status is None:
+            try:
+                self._take(self.transport.inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                return None
+        return self.status
+
+    def _take(self, inbound: Inbound) -> None:
+        """File one message: the status document, or a reply kept under its request id."""
+        msg = _decode(inbound.payload)
+        if inbound.topic == self.status_topic:
+            if msg.get("type") != "garbage":
+                self.status = msg
+            return
+        self._pending.setdefault(str(msg.get("id")), []).append(msg)
 
     def request(
         self,
@@ -161,6 +199,10 @@ class RequestClient:
             return self.transport.inbox.get(timeout=timeout_s)
         except queue.Empty:
             raise ClientError(f"nothing on {self.reply_topic} within {timeout_s:g}s", "no_reply") from None
+
+
+def _offline(status: dict[str, Any] | None) -> bool:
+    return status is not None and status.get("state") == "offline"
 
 
 def _decode(payload: bytes) -> dict[str, Any]:
