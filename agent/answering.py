@@ -434,6 +434,7 @@ def _usage(run: Completion | None, queue_wait_s: float, check_s: float) -> dict[
     u = run.usage if run is not None else None
     return {
         "prompt_tokens": u.prompt_tokens if u else 0,
+        "cached_prompt_tokens": u.cached_prompt_tokens if u else 0,
         "completion_tokens": u.completion_tokens if u else 0,
         "time_to_first_token_ms": round(u.time_to_first_token_s * 1000, 1) if u else 0.0,
         "tokens_per_s": round(u.decode_tokens_per_s, 1) if u else 0.0,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agent.errors import BadRequest, TooLarge
-from agent.inference import Engine, GenerationRequest
+from agent.inference import Engine, GenerationRequest, LoadedPack
 from agent.inference.sampling import SamplingParams
 
 
@@ -160,3 +160,52 @@ def test_deadline_stops_generation(tiny_engine: Engine) -> None:
     )
     done = tiny_engine.generate(req)
     assert done.finish_reason == "deadline" and len(done.token_ids) == 1
+
+
+# ---------------------------------------------------------------- prompt-prefix reuse, chunks
+
+
+def test_a_prompt_sharing_the_previous_ones_prefix_reuses_its_rows_and_answers_the_same(
+    tiny_pack: LoadedPack,
+) -> None:
+    """The second question starts like the first (system prompt, preamble): only the rest is
+    computed, and every token generated equals what an engine without the cache generates."""
+    cached, fresh = Engine(tiny_pack, threads=1), Engine(tiny_pack, threads=1, prefix_cache=False)
+    first, second = _prompt(cached, "temperature in bed 1?"), _prompt(cached, "temperature in bed 2?")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    a = cached.generate(GenerationRequest(first, 16))
+    b = cached.generate(GenerationRequest(second, 16))
+    assert a.usage.cached_prompt_tokens == 0
+    assert b.usage.cached_prompt_tokens == shared > 0
+    assert b.token_ids == fresh.generate(GenerationRequest(second, 16)).token_ids
+    assert fresh.generate(GenerationRequest(second, 16)).usage.cached_prompt_tokens == 0
+
+
+def test_the_same_prompt_twice_recomputes_only_its_last_token(tiny_engine: Engine) -> None:
+    prompt = _prompt(tiny_engine, "soil moisture?")
+    a = tiny_engine.generate(GenerationRequest(prompt, 8))
+    b = tiny_engine.generate(GenerationRequest(prompt, 8))
+    assert b.usage.cached_prompt_tokens == len(prompt) - 1 and a.token_ids == b.token_ids
+
+
+def test_a_teacher_forced_pass_in_between_leaves_the_cache_consistent(tiny_engine: Engine) -> None:
+    prompt = _prompt(tiny_engine, "vents?")
+    a = tiny_engine.generate(GenerationRequest(prompt, 8))
+    other = (prompt[3] + 1) % tiny_engine.arch.vocab_size
+    tiny_engine.logits_for([*prompt[:3], other, 6, 7])  # a health check's own tokens overwrite rows 3..
+    b = tiny_engine.generate(GenerationRequest(prompt, 8))
+    assert b.usage.cached_prompt_tokens == 3 and a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_a_prompt_fed_in_chunks_gives_the_same_logits(tiny_pack: LoadedPack, chunk: int) -> None:
+    prompt = _prompt(Engine(tiny_pack, threads=1), "a question long enough to span several chunks " * 2)
+    whole: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
+    one = Engine(tiny_pack, threads=1, prefill_chunk=4096, prefix_cache=False)
+    one.generate(GenerationRequest(prompt, 4, observe_logits=lambda x: whole.append(x.copy())))
+    chunked = Engine(tiny_pack, threads=1, prefill_chunk=chunk, prefix_cache=False)
+    chunked.generate(GenerationRequest(prompt, 4, observe_logits=lambda x: parts.append(x.copy())))
+    assert len(whole) == len(parts) == 4
+    for w, p in zip(whole, parts, strict=True):
+        np.testing.assert_allclose(p, w, atol=1e-2 * np.abs(w).max(), rtol=0)

@@ -5,6 +5,12 @@ that is bound (IO binding) as both ``past`` and ``present``: GroupQueryAttention
 the new rows in place, so a decode step moves only the new token's embedding in and one
 row of logits out. The embedding row is looked up from the pack's int8 table here, one
 row per token, because that table is the LM head's weights too.
+
+Because the rows stay in place, the engine remembers which tokens they hold: a prompt that
+starts like the previous one (the system prompt, an unchanged sensor preamble) is computed
+from the first token that differs. GroupQueryAttention continues a cache with several new
+tokens exactly as it computes them in one pass (the logits are bit-identical), so the prompt
+is also fed in chunks, which bounds the activations a long prompt needs.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Usage:
     # top-k/p and repetition penalty), of each sampled token, a final EOS included; None when
     # nothing was sampled. A confidence signal: 0 is certain, lower is less sure.
     mean_logprob: float | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values the previous run left
 
 
 @dataclass(frozen=True)
@@ -63,11 +70,31 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+# Prompt tokens per forward pass. Measured (bench/engine.py --prefill-chunks): a 1,500-token
+# prompt's activations grow with the chunk; see PREFILL_CHUNK's note in the README.
+PREFILL_CHUNK = 256
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class Engine:
     """Serves one generation at a time (a lock guards the shared KV buffers)."""
 
     def __init__(
-        self, pack: LoadedPack, threads: int | None = None, context_length: int | None = None
+        self,
+        pack: LoadedPack,
+        threads: int | None = None,
+        context_length: int | None = None,
+        *,
+        prefix_cache: bool = True,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         m = pack.manifest
         self.pack = pack
@@ -82,6 +109,9 @@ class Engine:
         self.template = ChatTemplate(pack.chat_template)
         self.eos_ids = frozenset(m.tokenizer.eos_token_ids)
         self._lock = threading.Lock()
+        self.prefix_cache = prefix_cache  # False: every prompt from its first token (benchmarks)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self._cached: list[int] = []  # the tokens whose keys and values rows 0.. of the buffers hold
         self._session = self._open_session()
         self._binding = self._session.io_binding()
         self._bind_kv_cache()
@@ -132,8 +162,24 @@ class Engine:
         else:
             out = np.empty((1, len(positions), self.arch.vocab_size), dtype=np.float32)
             b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        del self._cached[start:]  # rows from ``start`` on are rewritten (or garbage if this fails)
         self._session.run_with_iobinding(b)
+        self._cached.extend(ids)
         return np.asarray(out[0])
+
+    def _prefill(self, prompt: list[int]) -> tuple[np.ndarray, int]:
+        """Logits after ``prompt`` and how many of its tokens the cache already held: the
+        rows of the longest common prefix with what the buffers hold are kept (at least the
+        last token is computed, for its logits), the rest goes in chunks."""
+        reuse = min(common_prefix(self._cached, prompt), len(prompt) - 1) if self.prefix_cache else 0
+        pos, logits = reuse, None
+        while pos < len(prompt):
+            chunk = prompt[pos : pos + self.prefill_chunk]
+            logits = self._forward(chunk, pos)
+            pos += len(chunk)
+        if logits is None:
+            raise BadRequest("the prompt is empty")
+        return logits, reuse
 
     def logits_for(self, ids: list[int], rows: list[int] | None = None) -> np.ndarray:
         """Teacher-forced logits at ``rows`` of ``ids`` (default: every position): the LM
@@ -205,6 +251,7 @@ class _Run:
         self.pieces: list[str] = []
         self.generated: list[int] = []
         self.logprob_sum, self.sampled = 0.0, 0
+        self.cached = 0  # prompt tokens the engine's cache already held
 
     def _pick(self, logits: np.ndarray) -> int:
         """Sample the next token and add its log-softmax under the raw logits to the sum."""
@@ -236,8 +283,7 @@ class _Run:
             return "deadline"
         return None
 
-    def _forward(self, ids: list[int], start: int) -> np.ndarray:
-        logits = self.engine._forward(ids, start)
+    def _observed(self, logits: np.ndarray) -> np.ndarray:
         if self.req.observe_logits is not None:
             self.req.observe_logits(logits[-1])
         return logits
@@ -247,13 +293,14 @@ class _Run:
         t0 = time.perf_counter()
         if self.cancel is not None and self.cancel.is_set():
             return self._finish("cancelled", t0, t0)
-        logits = self._forward(prompt, 0)
+        logits, self.cached = self.engine._prefill(prompt)
+        self._observed(logits)
         self.sampler.remember(prompt)
         token = self._pick(logits[-1])
         t_first = time.perf_counter()
         reason = self._step(token)
         while reason is None:
-            logits = self._forward([token], len(prompt) + len(self.generated) - 1)
+            logits = self._observed(self.engine._forward([token], len(prompt) + len(self.generated) - 1))
             token = self._pick(logits[-1])
             reason = self._step(token)
         if reason != "stop":
@@ -272,5 +319,6 @@ class _Run:
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=end - t0,
             mean_logprob=self.logprob_sum / self.sampled if self.sampled else None,
+            cached_prompt_tokens=self.cached,
         )
         return Completion("".join(self.pieces), list(self.generated), reason, usage)
