@@ -24,6 +24,7 @@ from agent.authority import Authority, ReplayLedger, load_operator_keys
 from agent.config import AgentConfig, load_config, restart_needed, systemd_env
 from agent.dispatch import Dispatcher
 from agent.errors import Cancelled, Interrupted, ModelUnavailable
+from agent.homeassistant import Bridge, Ports
 from agent.journal import Pending, RequestJournal
 from agent.messages import ReplyTo, encode, error_reply
 from agent.notify import Notifier
@@ -37,10 +38,10 @@ from agent.scheduling import RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
 from agent.status import status_document
 from agent.telemetry.collect import Collector
-from agent.telemetry.metrics import Metrics
+from agent.telemetry.metrics import Answered, Metrics
 from agent.telemetry.service import TelemetryService
 from agent.telemetry.spool import Spool
-from agent.transport import MqttTransport
+from agent.transport import Inbound, MqttTransport
 from agent.transport.mqtt import Will
 from model_packs import hardware as hw
 from model_packs.instructions import Instruction
@@ -100,6 +101,23 @@ class Agent:
             self._telemetry_ack,
         )
         self.router = Router(lambda: self.cfg, self.hub, self.scheduler, self.limiter, handlers)
+        self.homeassistant = Bridge(  # discovery entries, state, questions (agent/homeassistant.py)
+            cfg,
+            __version__,
+            lambda: self.cfg.limits,
+            self.limiter,
+            self.scheduler,
+            Ports(
+                lambda topic, body, retain, wait_s: self.transport.publish(
+                    topic, body, retain, wait_s=wait_s
+                ),
+                self.reply,
+                lambda: self.transport.connected.is_set(),
+                lambda: self.scheduler.depth,
+                self._refused,
+                self.metrics.request,
+            ),
+        )
         self.hybrid: Hybrid = OFF  # the escalation section, validated and built in start()
         self.answerer = Answerer(
             self.active,
@@ -107,23 +125,26 @@ class Agent:
             self.hub,
             lambda: self.cfg,
             self.reply,
-            self.metrics.answered,
+            self._answered,
             lambda: self.hybrid,
         )
         self.transport = MqttTransport(
             cfg.mqtt,
             cfg.device_id,
-            self.router.subscriptions(),
+            self.router.subscriptions() + self.homeassistant.subscriptions(),
             on_connect=self._on_connect,
             max_packet_bytes=cfg.limits.max_packet_bytes,
             inbox_size=cfg.limits.inbox_size,
         )
         worker = threading.Thread(target=self.answerer.run, args=(self.stopping,), name="engine-worker")
         self.dispatcher = Dispatcher(
-            self.transport.inbox, self.router.handle, self.notifier, self.scheduler, worker
+            self.transport.inbox, self._inbound, self.notifier, self.scheduler, worker
         )
         dispatch = threading.Thread(target=self.dispatcher.run, args=(self.stopping,), name="dispatcher")
         self._threads = [dispatch, worker]
+        if self.homeassistant.needed():  # entries to publish, or old ones to clear
+            ha = threading.Thread(target=self.homeassistant.run, args=(self.stopping,), name="homeassistant")
+            self._threads.append(ha)
         for t in self._threads:
             t.daemon = True
 
@@ -185,7 +206,11 @@ class Agent:
         if self.authority is not None:
             self.authority = Authority(keys, self.authority.device_id, self.authority.ledger)
         restart = restart_needed(self.cfg, cfg)
-        kept = {k: getattr(self.cfg, k) for k in ("mqtt", "sensors", "device_id", "state_dir")}
+        if cfg.homeassistant != self.cfg.homeassistant:  # its subscriptions are made at start
+            restart.append("homeassistant")
+        kept = {
+            k: getattr(self.cfg, k) for k in ("mqtt", "sensors", "device_id", "state_dir", "homeassistant")
+        }
         self.cfg = dataclasses.replace(cfg, **kept)
         self.hybrid = hybrid
         return {**result, "restart_needed_for": restart}
@@ -281,8 +306,18 @@ class Agent:
     def _status_doc(self, state: str) -> bytes:
         return status_document(self.cfg.device_id, state, self.active.info(), self._hardware, self.cfg.tags)
 
+    def _inbound(self, msg: Inbound) -> None:
+        """Home Assistant's topics to its bridge, everything else to the router."""
+        if not self.homeassistant.handle(msg):
+            self.router.handle(msg)
+
+    def _answered(self, a: Answered) -> None:
+        self.metrics.answered(a)
+        self.homeassistant.answered(a)
+
     def _on_connect(self) -> None:
         self._publish_status()
+        self.homeassistant.connected_again()
         pending, self._interrupted = self._interrupted, []
         for p in pending:  # queries accepted by a run that crashed before answering them
             self.reply(p.reply, error_reply(p.id, 0, Interrupted("the agent restarted before answering")))
