@@ -13,35 +13,39 @@ from agent.inference import Engine, GenerationRequest, load_pack
 from agent.inference.sampling import SamplingParams
 from agent.logs import configure_logging
 from agent.progress import Progress
+from agent.sensors.windows import AGGREGATES
 from agent.transport import MqttError
 from agent.transport.options import add_broker_options, request_client
-from model_packs.cli_errors import run_command
+from model_packs.cli_errors import parse_args, run_command
 from model_packs.errors import PackError
 from model_packs.format import default_pack_path, read_manifest
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
-    p.add_argument("--log-level", default="warning")
+    p = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Run the agent daemon, ask a model pack locally, or query a running agent over MQTT.",
+    )
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="default: %(default)s")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ask", help="answer one question locally, streaming")
     a.add_argument("question")
     a.add_argument("--pack", type=Path, help="pack directory (default: the default pack in the cache)")
-    a.add_argument("--max-tokens", type=int)
-    a.add_argument("--temperature", type=float)
-    a.add_argument("--top-k", type=int)
-    a.add_argument("--top-p", type=float)
-    a.add_argument("--repetition-penalty", type=float)
-    a.add_argument("--seed", type=int)
+    a.add_argument("--max-tokens", type=int, help="tokens to generate at most (default: the pack's)")
+    a.add_argument("--temperature", type=float, help="0 is greedy (default: the pack's)")
+    a.add_argument("--top-k", type=int, help="default: the pack's")
+    a.add_argument("--top-p", type=float, help="default: the pack's")
+    a.add_argument("--repetition-penalty", type=float, help="default: the pack's")
+    a.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
     a.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     a.add_argument("--system", help="system prompt (default: the pack's)")
-    a.add_argument("--threads", type=int)
-    a.add_argument("--context-length", type=int)
+    a.add_argument("--threads", type=int, help="inference threads (default: the engine's choice)")
+    a.add_argument("--context-length", type=int, help="default: the pack's")
     pk = sub.add_parser("pack", help="model packs in the agent's store").add_subparsers(
         dest="pack_cmd", required=True
     )
     inst = pk.add_parser("install", help="sideload a signed pack from a local copy of the fleet repository")
-    inst.add_argument("--config", type=Path, required=True)
+    inst.add_argument("--config", type=Path, required=True, help="the agent's config file")
     inst.add_argument(
         "--from", dest="source", type=Path, required=True, help="repository copy (metadata/, targets/)"
     )
@@ -51,20 +55,32 @@ def _parser() -> argparse.ArgumentParser:
         help="load the active pack as the daemon does at start: a pack on trial runs its first "
         "health probe and is confirmed, or rolled back",
     )
-    pr.add_argument("--config", type=Path, required=True)
+    pr.add_argument("--config", type=Path, required=True, help="the agent's config file")
     r = sub.add_parser("run", help="run the MQTT daemon")
-    r.add_argument("--config", type=Path, required=True)
+    r.add_argument("--config", type=Path, required=True, help="the agent's config file (YAML)")
     for name, helptext in (
-        ("query", "ask a running agent"),
-        ("read", "exact sensor read"),
-        ("cmd", "send a command"),
+        ("query", "ask a running agent a question; the answer streams"),
+        ("read", "a sensor's exact reading or aggregate from a running agent (no model)"),
+        ("cmd", "send a command to a running agent: ping, status, cancel, reload"),
     ):
         c = sub.add_parser(name, help=helptext)
         add_broker_options(c)
-        c.add_argument("--device", required=True)
-        c.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
-        c.add_argument("--client", default="operator", help="client name for fairness and rate limits")
-        c.add_argument("--timeout", type=float, default=120.0)
+        c.add_argument("--device", required=True, help="the agent's device_id")
+        c.add_argument(
+            "--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default: %(default)s)"
+        )
+        c.add_argument(
+            "--client",
+            default="operator",
+            help="client name for fairness and rate limits (default: %(default)s)",
+        )
+        c.add_argument(
+            "--timeout",
+            type=float,
+            default=120.0,
+            metavar="SECONDS",
+            help="how long to wait for the final reply (default: %(default)g)",
+        )
         c.add_argument("--json", action="store_true", help="print the final reply as JSON")
         c.add_argument(
             "--no-status-check",
@@ -74,16 +90,28 @@ def _parser() -> argparse.ArgumentParser:
         )
     q = sub.choices["query"]
     q.add_argument("question")
-    q.add_argument("--max-tokens", type=int)
-    q.add_argument("--temperature", type=float)
-    q.add_argument("--seed", type=int)
+    q.add_argument("--max-tokens", type=int, help="default: the agent's prompt.max_tokens")
+    q.add_argument("--temperature", type=float, help="0 is greedy (default: the agent's prompt.temperature)")
+    q.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
     rd = sub.choices["read"]
-    rd.add_argument("--sensor", required=True)
-    rd.add_argument("--window", default=None)
-    rd.add_argument("--agg", default="last")
+    rd.add_argument("--sensor", required=True, help="sensor name or alias, as in the agent's config")
+    rd.add_argument(
+        "--window",
+        default=None,
+        metavar="DURATION",
+        help="how far back to aggregate: seconds or a number with ms, s, m, h or d (30s, 5m, 1h); "
+        "default: the sensor's window_s",
+    )
+    rd.add_argument(
+        "--agg",
+        default="last",
+        choices=AGGREGATES,
+        help="last reading, or mean, min, max, count over the window, or trend (change per minute); "
+        "default: %(default)s",
+    )
     cm = sub.choices["cmd"]
-    cm.add_argument("name", choices=["ping", "status", "cancel", "reload"])
-    cm.add_argument("--target-id")
+    cm.add_argument("name", choices=["ping", "status", "cancel", "reload"], help="the command")
+    cm.add_argument("--target-id", help="cancel: the id of the request to cancel")
     cm.add_argument(
         "--signing-key",
         type=Path,
@@ -91,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
         "passphrase in $EDGE_FLEET_KEY_PASSPHRASE when encrypted)",
     )
     return p
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _pick(value: float | int | None, default: float | int) -> float | int:
@@ -342,7 +373,7 @@ def _show(kind: str, reply: dict[str, object], elapsed_ms: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     configure_logging(args.log_level)
     return run_command(
         "edge-agent", lambda: _dispatch(args), errors=(AgentError, PackError), unreachable=(MqttError,)

@@ -1,4 +1,5 @@
-"""``edge-fleet``: the fleet manager's command line (signed pack repository for now).
+"""``edge-fleet``: the fleet manager's command line: the signed pack repository, devices and the
+broker, updates and rollouts, telemetry and its API.
 
 edge-fleet repo init        --repo DIR --keys DIR
 edge-fleet pack publish PACK --repo DIR --keys DIR [--min-agent-version V] [--hardware H ...]
@@ -52,7 +53,9 @@ ROOT_PASSPHRASE_ENV = "EDGE_FLEET_ROOT_PASSPHRASE"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="edge-fleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="edge-fleet",
+        description=(__doc__ or "").replace("``", ""),  # the overview, without the docstring's markup
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="group", required=True)
 
@@ -60,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--repo", type=Path, required=True)
         sp.add_argument("--keys", type=Path, required=True)
 
-    repo = sub.add_parser("repo").add_subparsers(dest="command", required=True)
+    repo = sub.add_parser("repo", help="the signed (TUF) pack repository: create it").add_subparsers(
+        dest="command", required=True
+    )
     init = repo.add_parser("init", help="new repository: 2-of-3 root keys, one key per online role")
     repo_args(init)
     init.add_argument("--root-keys", type=int, default=3)
@@ -71,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         help="where the root keys go (default KEYS/root): offline media; encrypted with "
         "$EDGE_FLEET_ROOT_PASSPHRASE, which init requires",
     )
-    pack = sub.add_parser("pack").add_subparsers(dest="command", required=True)
+    pack = sub.add_parser("pack", help="sign a built pack into the repository").add_subparsers(
+        dest="command", required=True
+    )
     pub = pack.add_parser("publish", help="sign a pack as a target")
     repo_args(pub)
     pub.add_argument("pack", type=Path)
@@ -88,9 +95,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sign a lower version as a rollback instruction (devices may then go back to it)",
     )
-    ts = sub.add_parser("timestamp").add_subparsers(dest="command", required=True)
+    ts = sub.add_parser("timestamp", help="re-sign the repository's short-lived timestamp").add_subparsers(
+        dest="command", required=True
+    )
     repo_args(ts.add_parser("refresh", help="re-sign timestamp.json (run it well within its 1-day expiry)"))
-    keys = sub.add_parser("keys").add_subparsers(dest="command", required=True)
+    keys = sub.add_parser(
+        "keys", help="the repository's role keys and the operators' signing keys"
+    ).add_subparsers(dest="command", required=True)
     rot = keys.add_parser("rotate", help="replace a role's keys (needs the root keys)")
     repo_args(rot)
     rot.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
@@ -102,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--repo", type=Path, required=True)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
-    dev = sub.add_parser("device").add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("device", help="provision, revoke or show one device").add_subparsers(
+        dest="command", required=True
+    )
     prov = dev.add_parser("provision", help="credentials, trusted root and config for a new device")
     prov.add_argument("device_id")
     prov.add_argument("--repo", type=Path, required=True, help="the fleet repository (its current root)")
@@ -117,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     rev = dev.add_parser("revoke", help="remove a device's broker credentials (then SIGHUP the broker)")
     rev.add_argument("device_id")
     rev.add_argument("--passwd", type=Path, required=True)
-    brk = sub.add_parser("broker").add_subparsers(dest="command", required=True)
+    brk = sub.add_parser("broker", help="the broker's ACL file and operator logins").add_subparsers(
+        dest="command", required=True
+    )
     acl = brk.add_parser("acl", help="the broker ACL file: access by authenticated identity")
     acl.add_argument("--out", type=Path, required=True)
     acl.add_argument("--operator", action="append", default=[], help="operator username (repeatable)")
@@ -134,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     usr.add_argument("name")
     usr.add_argument("--passwd", type=Path, required=True)
     usr.add_argument("--force", action="store_true")
-    upd = sub.add_parser("update").add_subparsers(dest="command", required=True)
+    upd = sub.add_parser("update", help="send a signed update instruction to one device").add_subparsers(
+        dest="command", required=True
+    )
     send = upd.add_parser("send", help="publish one rollout instruction to a device")
     add_broker_options(send)
     send.add_argument("--device", required=True)
@@ -157,7 +174,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _rollout_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """edge-fleet rollout ...: the API's rollout routes (fleet/api/rollouts.py)."""
-    ro = sub.add_parser("rollout").add_subparsers(dest="command", required=True)
+    ro = sub.add_parser(
+        "rollout", help="fleet-wide rollouts in health-gated waves, through the fleet API"
+    ).add_subparsers(dest="command", required=True)
     start = ro.add_parser("start", help="roll a published pack out in health-gated waves")
     start.add_argument("--target", required=True, help="NAME@VERSION, published with edge-fleet pack publish")
     start.add_argument("--selector", help="which devices (default all): hardware=X,tag=Y,pack=NAME,state=S")
@@ -247,12 +266,16 @@ def _service_parsers(
     )
     svc.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (chain), PEM")
     svc.add_argument("--tls-key", type=Path, help="the certificate's private key, PEM")
-    tok = sub.add_parser("token").add_subparsers(dest="command", required=True)
+    tok = sub.add_parser("token", help="the fleet API's access tokens").add_subparsers(
+        dest="command", required=True
+    )
     add = tok.add_parser("add", help="a new API token: its hash goes to the file, the token to stdout")
     add.add_argument("--role", choices=["read", "admin"], required=True)
     add.add_argument("--tokens", type=Path, required=True)
     add.add_argument("--name", default="token", help="a label kept beside the hash")
-    tel = sub.add_parser("telemetry").add_subparsers(dest="command", required=True)
+    tel = sub.add_parser("telemetry", help="the telemetry store's upkeep").add_subparsers(
+        dest="command", required=True
+    )
     prn = tel.add_parser(
         "prune", help="roll raw metrics older than --raw-days up into hours, then delete them"
     )

