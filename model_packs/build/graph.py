@@ -1,4 +1,4 @@
-"""Write a Llama/Qwen decoder as one fused onnxruntime graph.
+"""Write a Llama/Qwen or Gemma 3 decoder as one fused onnxruntime graph.
 
 The graph is what onnxruntime's fast CPU kernels want, about 13 nodes per layer:
 ``SkipSimplifiedLayerNormalization``, one packed-QKV ``MatMulNBits`` (8-bit, block 32,
@@ -6,6 +6,12 @@ The graph is what onnxruntime's fast CPU kernels want, about 13 nodes per layer:
 quantize.py), ``GroupQueryAttention`` with rotary embedding and
 a KV buffer shared by past and present, and a SiLU MLP. The float reference is the same
 graph with plain ``MatMul``, so the evaluation compares quantization and nothing else.
+
+Gemma 3 (what :class:`ModelConfig`'s extra fields switch on) adds: token rows scaled by
+sqrt(hidden) in the graph, RMSNorm of each q and k head before the attention (the packed
+QKV output is split, each part normed per head), a norm on the attention and MLP outputs
+before each residual add, a GELU (tanh) gate, and local layers whose attention sees a
+sliding window and whose rotary tables (``cos_cache_local``) have their own base.
 
 Inputs: ``inputs_embeds`` (the engine looks token rows up in the int8 table itself, so
 the tied embedding is stored once), ``logits_index`` (positions whose logits are
@@ -182,8 +188,8 @@ class _GraphBuilder:
         )
 
 
-def _rotary_caches(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+def _rotary_caches(cfg: ModelConfig, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
     freqs = np.outer(np.arange(cfg.max_context, dtype=np.float64), inv_freq)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
@@ -207,6 +213,25 @@ def _layer(
             domain="com.microsoft",
             epsilon=cfg.rms_eps,
         )
+    g.linear(_attention(g, w, i, ln), w[f"{p}.o"], f"{p}.o", f"{p}.o_out")
+    ln2, res_m = f"{p}.ln2", f"{p}.res_mlp"
+    g.node(
+        "SkipSimplifiedLayerNormalization",
+        [
+            _post_norm(g, w, f"{p}.o_out", f"{p}.post_attn_norm"),
+            res_a,
+            g.init(f"{p}.mlp_norm", w[f"{p}.mlp_norm"]),
+        ],
+        [ln2, "", "", res_m],
+        domain="com.microsoft",
+        epsilon=cfg.rms_eps,
+    )
+    return _post_norm(g, w, _mlp(g, w, p, ln2), f"{p}.post_mlp_norm"), res_m
+
+
+def _attention(g: _GraphBuilder, w: dict[str, np.ndarray], i: int, ln: str) -> str:
+    """Packed QKV projection and GroupQueryAttention (rotary inside); returns its output."""
+    cfg, p = g.cfg, f"layers.{i}"
     qkv_w = np.concatenate([w[f"{p}.q"], w[f"{p}.k"], w[f"{p}.v"]], axis=0)
     qkv = f"{p}.qkv"
     g.linear(ln, qkv_w, f"{p}.qkv", qkv)
@@ -214,18 +239,22 @@ def _layer(
         bias = np.concatenate([w[f"{p}.q_bias"], w[f"{p}.k_bias"], w[f"{p}.v_bias"]])
         g.node("Add", [qkv, g.init(f"{p}.qkv_bias", bias)], [f"{qkv}_b"])
         qkv = f"{qkv}_b"
+    qkv_inputs = _normed_qkv(g, w, p, qkv) if cfg.qk_norm else [qkv, "", ""]
+    local = not cfg.is_global(i)
+    rotary = (
+        ["cos_cache_local", "sin_cache_local"]
+        if local and cfg.rope_local_theta
+        else ["cos_cache", "sin_cache"]
+    )
     g.node(
         "GroupQueryAttention",
         [
-            qkv,
-            "",
-            "",
+            *qkv_inputs,
             f"past_key_values.{i}.key",
             f"past_key_values.{i}.value",
             "seqlens_k",
             "total_sequence_length",
-            "cos_cache",
-            "sin_cache",
+            *rotary,
         ],
         [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
         domain="com.microsoft",
@@ -233,26 +262,67 @@ def _layer(
         kv_num_heads=cfg.num_kv_heads,
         do_rotary=1,
         rotary_interleaved=0,
-        scale=float(1.0 / np.sqrt(cfg.head_dim)),
-        local_window_size=-1,
+        scale=cfg.query_scale or float(1.0 / np.sqrt(cfg.head_dim)),
+        # both count the current token: checked against transformers (tests/test_gemma.py)
+        local_window_size=cfg.sliding_window if local else -1,
     )
-    g.linear(f"{p}.attn", w[f"{p}.o"], f"{p}.o", f"{p}.o_out")
-    ln2, res_m = f"{p}.ln2", f"{p}.res_mlp"
+    return f"{p}.attn"
+
+
+def _normed_qkv(g: _GraphBuilder, w: dict[str, np.ndarray], p: str, qkv: str) -> list[str]:
+    """Split the packed projection and RMSNorm each q and k head (Gemma 3): [q, k, v]."""
+    cfg = g.cfg
+    sizes = [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+    split = g.const(f"{p}.qkv_sizes", np.array(sizes, dtype=np.int64))
+    g.node("Split", [qkv, split], [f"{p}.q_raw", f"{p}.k_raw", f"{p}.v_raw"], axis=-1)
+    out: list[str] = []
+    for kind, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
+        by_head = g.const(f"{p}.{kind}_by_head", np.array([0, 0, heads, cfg.head_dim], dtype=np.int64))
+        flat = g.const(f"{p}.{kind}_flat", np.array([0, 0, heads * cfg.head_dim], dtype=np.int64))
+        g.node("Reshape", [f"{p}.{kind}_raw", by_head], [f"{p}.{kind}_heads"])
+        norm = g.init(f"{p}.{kind}_norm", w[f"{p}.{kind}_norm"])
+        g.node(
+            "SimplifiedLayerNormalization",
+            [f"{p}.{kind}_heads", norm],
+            [f"{p}.{kind}_normed"],
+            axis=-1,
+            epsilon=cfg.rms_eps,
+        )
+        g.node("Reshape", [f"{p}.{kind}_normed", flat], [f"{p}.{kind}_n"])
+        out.append(f"{p}.{kind}_n")
+    return [*out, f"{p}.v_raw"]
+
+
+def _post_norm(g: _GraphBuilder, w: dict[str, np.ndarray], x: str, name: str) -> str:
+    """Gemma's RMSNorm of a sublayer's output before the residual add; else ``x`` itself."""
+    if not g.cfg.post_norms:
+        return x
     g.node(
-        "SkipSimplifiedLayerNormalization",
-        [f"{p}.o_out", res_a, g.init(f"{p}.mlp_norm", w[f"{p}.mlp_norm"])],
-        [ln2, "", "", res_m],
-        domain="com.microsoft",
-        epsilon=cfg.rms_eps,
+        "SimplifiedLayerNormalization",
+        [x, g.init(name, w[name])],
+        [f"{name}_out"],
+        axis=-1,
+        epsilon=g.cfg.rms_eps,
     )
+    return f"{name}_out"
+
+
+def _mlp(g: _GraphBuilder, w: dict[str, np.ndarray], p: str, x: str) -> str:
+    """Gated MLP: act(gate(x)) * up(x), then down; SiLU (Llama) or GELU-tanh (Gemma)."""
     mlp_bits = g.opts.mlp_bits
-    g.linear(ln2, w[f"{p}.gate"], f"{p}.gate", f"{p}.gate_out", mlp_bits)
-    g.linear(ln2, w[f"{p}.up"], f"{p}.up", f"{p}.up_out", mlp_bits)
-    g.node("Sigmoid", [f"{p}.gate_out"], [f"{p}.gate_sig"])
-    g.node("Mul", [f"{p}.gate_out", f"{p}.gate_sig"], [f"{p}.silu"])
-    g.node("Mul", [f"{p}.silu", f"{p}.up_out"], [f"{p}.act"])
+    g.linear(x, w[f"{p}.gate"], f"{p}.gate", f"{p}.gate_out", mlp_bits)
+    g.linear(x, w[f"{p}.up"], f"{p}.up", f"{p}.up_out", mlp_bits)
+    if g.cfg.activation == "gelu_tanh":
+        g.node("FastGelu", [f"{p}.gate_out"], [f"{p}.gelu"], domain="com.microsoft")
+        g.node("Mul", [f"{p}.gelu", f"{p}.up_out"], [f"{p}.act"])
+    elif g.cfg.activation == "silu":
+        g.node("Sigmoid", [f"{p}.gate_out"], [f"{p}.gate_sig"])
+        g.node("Mul", [f"{p}.gate_out", f"{p}.gate_sig"], [f"{p}.silu"])
+        g.node("Mul", [f"{p}.silu", f"{p}.up_out"], [f"{p}.act"])
+    else:
+        raise SourceModelError(f"activation {g.cfg.activation!r} is not supported (silu, gelu_tanh)")
     g.linear(f"{p}.act", w[f"{p}.down"], f"{p}.down", f"{p}.mlp_out", mlp_bits)
-    return f"{p}.mlp_out", res_m
+    return f"{p}.mlp_out"
 
 
 def _io(cfg: ModelConfig) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -298,10 +368,8 @@ def write_graph(
     layout, embed_inits = _write_embedding(out_dir / EMBED_FILE, embed_q)
     blob = _Blob(out_dir / WEIGHTS_FILE)
     g = _GraphBuilder(cfg, opts, blob)
-    cos, sin = _rotary_caches(cfg)
-    g.init("cos_cache", cos)
-    g.init("sin_cache", sin)
-    x, residual = "inputs_embeds", None
+    _rotary_inits(g)
+    x, residual = _scaled_embeds(g), None
     for i in range(cfg.num_layers):
         x, residual = _layer(g, w, i, x, residual)
         if progress:
@@ -330,6 +398,28 @@ def write_graph(
     if progress:
         progress(cfg.num_layers + 1, cfg.num_layers + 1)
     return layout
+
+
+def _rotary_inits(g: _GraphBuilder) -> None:
+    """cos/sin tables at the model's base, and at the local base if local layers have one."""
+    cfg = g.cfg
+    cos, sin = _rotary_caches(cfg, cfg.rope_theta)
+    g.init("cos_cache", cos)
+    g.init("sin_cache", sin)
+    if cfg.rope_local_theta and not all(cfg.is_global(i) for i in range(cfg.num_layers)):
+        cos, sin = _rotary_caches(cfg, cfg.rope_local_theta)
+        g.init("cos_cache_local", cos)
+        g.init("sin_cache_local", sin)
+
+
+def _scaled_embeds(g: _GraphBuilder) -> str:
+    """The token rows times the model's embedding scale (Gemma: sqrt(hidden)); the engine
+    feeds plain rows of the table the LM head shares."""
+    if g.cfg.embed_scale == 1.0:
+        return "inputs_embeds"
+    scale = g.const("embed_scale", np.array(g.cfg.embed_scale, dtype=np.float32))
+    g.node("Mul", ["inputs_embeds", scale], ["embeds_scaled"])
+    return "embeds_scaled"
 
 
 def _lm_head(

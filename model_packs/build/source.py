@@ -38,12 +38,30 @@ class ModelConfig:
     max_context: int
     tie_embeddings: bool
     attention_bias: bool
+    # Gemma-style features; the defaults describe a Llama/Qwen decoder, so packs of those
+    # families keep their graphs byte for byte.
+    activation: str = "silu"  # MLP gate: "silu" (Llama) or "gelu_tanh" (Gemma)
+    embed_scale: float = 1.0  # token rows are multiplied by this (Gemma: sqrt(hidden))
+    qk_norm: bool = False  # RMSNorm over each q and k head before rotary (weights q_norm, k_norm)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add
+    query_scale: float = 0.0  # attention scores' factor; 0: 1/sqrt(head_dim)
+    sliding_window: int = 0  # tokens a local layer sees, itself included; 0: every layer global
+    global_every: int = 0  # with a window: every n-th layer (n-1, 2n-1, ...) is global
+    rope_local_theta: float = 0.0  # the local layers' rotary base; 0: rope_theta
+
+    def is_global(self, layer: int) -> bool:
+        """Whether ``layer`` attends to the whole context (else to its sliding window)."""
+        if self.sliding_window <= 0:
+            return True
+        return self.global_every > 0 and (layer + 1) % self.global_every == 0
 
 
 @dataclass(frozen=True)
 class SourceModel:
     """A base model in memory. ``weights`` keys: embed, norm, lm_head (untied only), and
-    ``layers.{i}.{q,k,v,o,gate,up,down,attn_norm,mlp_norm}`` (+ ``{q,k,v}_bias``)."""
+    ``layers.{i}.{q,k,v,o,gate,up,down,attn_norm,mlp_norm}`` (+ ``{q,k,v}_bias``; with
+    ``qk_norm`` also ``q_norm, k_norm``; with ``post_norms`` ``post_attn_norm, post_mlp_norm``).
+    Norm weights are the factors applied (Gemma's ``1 + w``, as its GGUF stores them)."""
 
     name: str
     license: str
