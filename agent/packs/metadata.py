@@ -45,7 +45,11 @@ def refresh_target(
     """Refresh metadata from the trusted root in ``tuf_dir`` and return ``path``'s signed info,
     or, where ``instead`` names another target for it (a variant), that target's."""
     if not (tuf_dir / "root.json").exists():
-        raise UpdateRejected("no_trust", f"no trusted root in {tuf_dir}: provision the device first")
+        raise UpdateRejected(
+            "no_trust",
+            f"no trusted root in {tuf_dir}: provision the device first (updates.trusted_root: "
+            "the fleet's root.json, installed at the first start; docs/provisioning.md)",
+        )
     if not sideload:
         check_clock(tuf_dir, datetime.now(UTC))
     updater = Updater(
