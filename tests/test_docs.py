@@ -415,3 +415,81 @@ def test_readme_python_binds_every_name_it_uses(line: int, code: str) -> None:
 @pytest.mark.parametrize("line, code", readme_python(), ids=block_id)
 def test_readme_python_runs_as_written(line: int, code: str, real_pack_path: Path) -> None:
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_lists_every_doc() -> None:
+    text = README.read_text(encoding="utf-8")
+    unlisted = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{p.name})" not in text]
+    assert not unlisted, f"docs the README does not link: {unlisted}"
+
+
+# ---------------------------------------------------------------- operators' guides
+
+TROUBLESHOOTING_DOC = ROOT / "docs" / "troubleshooting.md"
+PROVISIONING_DOC = ROOT / "docs" / "provisioning.md"
+
+
+def test_every_update_reason_code_says_what_to_do() -> None:
+    in_code = reason_codes_in_source()
+    text = TROUBLESHOOTING_DOC.read_text(encoding="utf-8")
+    rows = rows_of(text, ["reason code", "what it means", "what to do"])
+    documented = {code_span(row[0]) for row in rows}
+    assert {"busy", "no_trust"} <= in_code, "the reason-code scan found nothing: is agent/packs moved?"
+    assert in_code == documented, (
+        f"reason codes without advice in docs/troubleshooting.md: {sorted(in_code - documented)}; "
+        f"there but never raised in agent/packs: {sorted(documented - in_code)}"
+    )
+    assert all(row[2].strip() for row in rows), "a reason code with no advice"
+
+
+def test_troubleshooting_covers_the_first_hour() -> None:
+    text = TROUBLESHOOTING_DOC.read_text(encoding="utf-8")
+    headings = ("Where the logs are", "No pack", "Broker unreachable", "Device offline", "Update rejected")
+    missing = [h for h in headings if f"\n## {h}\n" not in text]
+    assert not missing, f"docs/troubleshooting.md has no section for {missing}"
+    assert "journalctl -u edge-agent" in text
+    unit = (ROOT / "systemd" / "edge-agent.service").read_text(encoding="utf-8")
+    assert "TimeoutStartSec=180" in unit and "(180 s)" in text, "the start timeout the doc quotes changed"
+
+
+def test_a_device_without_trust_names_the_key_the_provisioning_doc_explains(tmp_path: Path) -> None:
+    from agent.packs.fetch import UrlFetcher
+    from agent.packs.metadata import refresh_target
+    from agent.packs.verify import UpdateRejected
+
+    with pytest.raises(UpdateRejected) as exc:
+        refresh_target(tmp_path / "tuf", "http://127.0.0.1:9", "packs/x/1.0.0.tar", UrlFetcher(), False)
+    assert exc.value.reason_code == "no_trust"
+    keys = set(schema_keys(AgentConfig))
+    named = {k for k in re.findall(r"[a-z_]+(?:\.[a-z_]+)+", str(exc.value)) if k in keys}
+    assert named == {"updates.trusted_root"}, f"the no_trust error names no config key: {exc.value}"
+    doc = PROVISIONING_DOC.read_text(encoding="utf-8")
+    for key in named:
+        assert f"`{key}`" in doc, f"docs/provisioning.md does not explain {key}"
+    assert "`no_trust`" in doc
+
+
+# ---------------------------------------------------------------- the license
+
+
+SPDX_TEXTS = {
+    # SPDX id -> (title lines, sha256 of the standard text as the Apache Software Foundation
+    # publishes it: https://www.apache.org/licenses/LICENSE-2.0.txt)
+    "Apache-2.0": (
+        ("Apache License", "Version 2.0, January 2004"),
+        "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30",
+    ),
+}
+
+
+def test_the_license_file_is_the_license_pyproject_states() -> None:
+    import hashlib
+    import tomllib
+
+    stated = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"]
+    assert stated in SPDX_TEXTS, f"pyproject states {stated!r}: add its standard text's check here"
+    titles, digest = SPDX_TEXTS[stated]
+    text = (ROOT / "LICENSE").read_bytes()
+    head = [line.strip() for line in text.decode("utf-8").splitlines()[:4]]
+    assert all(t in head for t in titles), head
+    assert hashlib.sha256(text).hexdigest() == digest, "LICENSE is not the standard text"
