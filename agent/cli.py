@@ -13,7 +13,7 @@ from agent.inference import Engine, GenerationRequest, load_pack
 from agent.inference.sampling import SamplingParams
 from agent.logs import configure_logging
 from agent.progress import Progress
-from agent.sensors.windows import AGGREGATES
+from agent.sensors.windows import AGGREGATES, age_text, read_text
 from agent.transport import MqttError
 from agent.transport.options import add_broker_options, request_client
 from model_packs.cli_errors import parse_args, run_command
@@ -321,9 +321,7 @@ def _since(ts: object) -> str:
     if not isinstance(ts, int | float) or isinstance(ts, bool):
         return ""
     when = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    ago = max(0.0, time.time() - ts)
-    span = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else f"{ago / 3600:.1f} h"
-    return f" (its last status, from {when:%Y-%m-%d %H:%M:%S} UTC, {span} ago)"
+    return f" (its last status, from {when:%Y-%m-%d %H:%M:%S} UTC, {age_text(time.time() - ts)} ago)"
 
 
 def _signed_reload(args: argparse.Namespace, body: dict[str, object]) -> dict[str, object]:
@@ -367,7 +365,10 @@ def _show(kind: str, reply: dict[str, object], elapsed_ms: float) -> None:
         print(f"\n[{passed}; source {reply.get('source')}; facts: {facts}]")
         print(f"[usage: {json.dumps(usage)}; round trip {elapsed_ms:.0f} ms]")
     elif kind == "read":
-        print(f"{reply.get('text')}   [round trip {elapsed_ms:.1f} ms]")
+        read = reply.get("facts")
+        fact = read[0] if isinstance(read, list) and read and isinstance(read[0], dict) else None
+        shown = read_text(fact) if fact is not None else str(reply.get("text"))  # an agent without facts
+        print(f"{shown}   [round trip {elapsed_ms:.1f} ms]")
     else:
         print(json.dumps(reply.get("result"), indent=2, ensure_ascii=False))
 

@@ -10,6 +10,7 @@ import pty
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.localbroker import LocalBroker
+from agent.sensors.windows import read_text
 from agent.transport import MqttError
 from agent.transport.client import RequestClient
 from agent.transport.options import broker_url
@@ -394,3 +396,50 @@ def test_edge_pack_build_without_the_build_extra_names_the_extra() -> None:
         "edge-pack: error [missing_extra]: this command needs the 'build' extra ("
     ), done.stderr
     assert "pip install 'edge-slm-agent[build]'" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- reads as a person reads them
+
+
+def test_read_prints_a_trend_in_the_sensors_unit_per_minute_and_no_reading_plainly(
+    running_agent: RunningAgent,
+) -> None:
+    now = time.time()
+    for age, value in ((120, 20.0), (60, 21.0), (0, 22.0)):  # one degree a minute
+        running_agent.publish("sensors/temperature", json.dumps({"value": value, "ts": now - age}))
+    with running_agent.client() as c:
+        deadline = time.monotonic() + 30
+        while c.request("read", {"sensor": "temperature", "agg": "count"}, 30)["value"] < 3:
+            assert time.monotonic() < deadline, "the readings never arrived"
+            time.sleep(0.05)
+    target = ["--broker", running_agent.broker.url, "--device", running_agent.cfg.device_id]
+    trend = _cli("agent.cli", "read", *target, "--sensor", "temperature", "--agg", "trend")
+    assert trend.returncode == 0, trend.stderr
+    assert re.match(
+        r"temperature trend over 1h: \+(0\.99\d*|1|1\.0\d*) °C per minute   \[round trip", trend.stdout
+    ), trend.stdout
+    count = _cli("agent.cli", "read", *target, "--sensor", "temperature", "--agg", "count", "--window", "1h")
+    assert count.stdout.startswith("temperature count over 1h: 3 readings   "), count.stdout
+    empty = _cli("agent.cli", "read", *target, "--sensor", "humidity", "--window", "10m")
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.startswith("humidity: no reading in the last 10m   "), empty.stdout
+    flat = _cli("agent.cli", "read", *target, "--sensor", "humidity", "--agg", "trend")
+    assert flat.stdout.startswith("humidity trend over 1h: no trend, fewer than two readings in that time"), (
+        flat.stdout
+    )
+
+
+def test_read_text_says_how_old_a_stale_reading_is() -> None:
+    fact = {
+        "sensor": "t",
+        "value": 21.5,
+        "unit": "°C",
+        "ts": 1000.0,
+        "stale": True,
+        "agg": "last",
+        "window": "1h",
+    }
+    assert read_text(fact, now=1300.0) == "t last over 1h: 21.5 °C (stale: the newest reading is 5 min old)"
+    assert read_text({**fact, "agg": "trend", "value": -0.855, "unit": "%"}, now=1030) == (
+        "t trend over 1h: -0.855 % per minute (stale: the newest reading is 30 s old)"
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +49,45 @@ class Fact:
             "agg": self.agg,
             "window": _window_text(self.window_s),
         }
+
+
+def read_text(fact: Mapping[str, object], now: float | None = None) -> str:
+    """A read for a person, from a fact as replies carry it (:meth:`Fact.to_json`): a trend
+    in the sensor's unit per minute, a count in readings, and no reading said in words."""
+    name, agg, window = fact.get("sensor"), fact.get("agg"), fact.get("window")
+    value, unit = fact.get("value"), str(fact.get("unit") or "")
+    where = f"{name} {agg} over {window}"
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        if agg == "trend":
+            return f"{where}: no trend, fewer than two readings in that time"
+        return f"{name}: no reading in the last {window}"
+    if agg == "count":
+        shown = f"{value:.0f} reading{'' if value == 1 else 's'}"
+    elif agg == "trend":
+        shown = f"{value:+.3g} {unit} per minute".replace("  ", " ")
+    else:
+        shown = f"{value:.6g} {unit}".rstrip()
+    return f"{where}: {shown}{_stale_text(fact, now)}"
+
+
+def _stale_text(fact: Mapping[str, object], now: float | None) -> str:
+    if not fact.get("stale"):
+        return ""
+    ts = fact.get("ts")
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        return " (stale)"
+    age = (time.time() if now is None else now) - ts
+    return f" (stale: the newest reading is {age_text(age)} old)"
+
+
+def age_text(seconds: float) -> str:
+    """A duration for a person: 45 s, 12 min, 3.5 h."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _window_text(seconds: float) -> str:
