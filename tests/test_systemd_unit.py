@@ -75,3 +75,22 @@ def test_the_wheel_carries_the_stated_license(wheel: zipfile.ZipFile) -> None:
     assert "License-Expression: Apache-2.0" in text and "License-File: LICENSE" in text, text[:800]
     shipped = next(n for n in wheel.namelist() if n.endswith(".dist-info/licenses/LICENSE"))
     assert wheel.read(shipped) == (ROOT / "LICENSE").read_bytes()
+
+
+def test_the_i2c_drop_in_of_the_sensor_guide_parses_and_stays_tight(tmp_path: Path) -> None:
+    """docs/sensors.md's drop-in for command sources that open /dev/i2c-*, applied after the
+    unit as systemd applies a drop-in: every key known, and the exposure measured with it
+    (1.6: only PrivateDevices= gives way, DevicePolicy=closed keeps every other device out)."""
+    guide = (ROOT / "docs" / "sensors.md").read_text(encoding="utf-8")
+    (drop_in,) = re.findall(r"^```ini\n(.*?)^```$", guide, re.S | re.M)
+    merged = tmp_path / "edge-agent.service"
+    merged.write_text(UNIT.read_text(encoding="utf-8") + "\n" + drop_in, encoding="utf-8")
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing (Debian: systemd)"
+    done = subprocess.run(
+        [analyze, "security", "--offline=true", str(merged)], capture_output=True, text=True, timeout=60
+    )
+    out = done.stdout + done.stderr
+    assert "Unknown key" not in out and "ignoring" not in out, out
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+    assert score and float(score.group(1)) <= 1.6, out
