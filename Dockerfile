@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY agent ./agent
 COPY model_packs ./model_packs
 COPY fleet ./fleet
+COPY tools ./tools
 RUN pip install . && useradd --system --home /data edge && mkdir -p /data && chown edge /data
 COPY systemd/agent.yaml /etc/edge-agent/agent.yaml
 USER edge
