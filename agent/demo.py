@@ -9,12 +9,18 @@ soil moisture, in the ``too_dry`` band) and a comparison ("Is the humidity above
 each the demo prints the verdict computed from the rules, the model's first try as it
 streamed, the final answer with its ``source`` (model or template) and ``retries``, and the
 ``checks`` of the text (docs/answers.md).
+
+The demo exits non-zero when a question or read fails (an error reply, no reply in time, the
+CLI's own failure), so ``make demo`` fails too. Its folder (``edge-demo-*``: the agent's config,
+state and log) and the broker's are removed at the end, unless it failed: then the agent's log
+is kept and the demo says where.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +48,8 @@ VERDICT_QUESTIONS = (
     "Should I water the plants?",
     "Is the humidity above 80 %?",
 )
+ANSWER_TIMEOUT_S = 300.0
+"""How long one question may take on a slow workstation before the demo calls it failed."""
 SENSORS = [
     {
         "name": "temperature",
@@ -88,9 +96,15 @@ def simulate(broker: LocalBroker, stop: threading.Event) -> None:
     sensors.stop()
 
 
-def _cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "agent.cli", *args]
-    subprocess.run(cmd, check=False, timeout=300)
+def _cli(*args: str, timeout_s: float) -> bool:
+    """One operator CLI command, as a person would type it; False when it failed (its exit
+    status, or no exit in time)."""
+    cmd = [sys.executable, "-m", "agent.cli", *args, "--timeout", f"{timeout_s:g}"]
+    try:
+        return subprocess.run(cmd, check=False, timeout=timeout_s + 30).returncode == 0
+    except subprocess.TimeoutExpired:
+        print(f"error: the CLI did not finish within {timeout_s + 30:g} s")
+        return False
 
 
 def _verdict_line(v: dict[str, Any]) -> str:
@@ -111,21 +125,26 @@ def _checks_line(checks: dict[str, Any] | None) -> str:
     )
 
 
-def _explained(url: str, question: str) -> None:
-    """One query with its verdicts, the first try, the final answer, source, retries, checks."""
+def _explained(url: str, question: str, timeout_s: float) -> bool:
+    """One query with its verdicts, the first try, the final answer, source, retries, checks;
+    False when it got no final reply."""
     first: list[str] = []
     started = time.monotonic()
-    with RequestClient(url, DEVICE, client="demo") as c:
-        reply = c.request(
-            "query",
-            {"question": question, "stream": True},
-            300,
-            lambda ch: first.append(str(ch.get("delta", ""))),
-        )
+    try:
+        with RequestClient(url, DEVICE, client="demo") as c:
+            reply = c.request(
+                "query",
+                {"question": question, "stream": True},
+                timeout_s,
+                lambda ch: first.append(str(ch.get("delta", ""))),
+            )
+    except ClientError as exc:
+        print(f"error [{exc.code}]: {exc}")
+        return False
     elapsed_ms = (time.monotonic() - started) * 1000
     if reply.get("type") != "final":
         print(f"error [{reply.get('code')}]: {reply.get('message')}")
-        return
+        return False
     for v in reply.get("verdicts") or []:
         print(f"  rules:       {_verdict_line(v)}")
     print(f"  model, 1st:  {''.join(first).strip()!r}")
@@ -138,6 +157,30 @@ def _explained(url: str, question: str) -> None:
         f"checks took {usage.get('checks_ms')} ms, round trip {elapsed_ms:.0f} ms"
     )
     print(f"  checks:      {_checks_line(reply.get('checks'))}")
+    return True
+
+
+def ask(broker_url: str, timeout_s: float = ANSWER_TIMEOUT_S) -> int:
+    """The demo's questions and reads to the agent on ``broker_url``, printed as they come;
+    returns how many failed."""
+    target = ["--broker", broker_url, "--device", DEVICE]
+    failed = 0
+    for question in QUESTIONS:
+        print(f"\n== {question}")
+        failed += not _cli("query", *target, question, timeout_s=timeout_s)
+    for question in VERDICT_QUESTIONS:
+        print(f"\n== {question}  (computed from the sensors' meaning, phrased by the model, checked)")
+        failed += not _explained(broker_url, question, timeout_s)
+    print("\n== exact read: mean temperature over the last 10 minutes")
+    read = ["read", *target, "--sensor"]
+    failed += not _cli(*read, "temperature", "--window", "10m", "--agg", "mean", timeout_s=timeout_s)
+    print("\n== exact read: soil moisture trend (per minute)")
+    failed += not _cli(*read, "soil_moisture", "--agg", "trend", timeout_s=timeout_s)
+    return failed
+
+
+STEPS = len(QUESTIONS) + len(VERDICT_QUESTIONS) + 2
+"""What :func:`ask` runs: the questions, the verdict questions and two exact reads."""
 
 
 def main() -> int:
@@ -167,13 +210,19 @@ def main() -> int:
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=log
         )
+        code = 1
         try:
-            return _session(broker, agent, workdir)
+            code = _session(broker, agent, workdir)
+            return code
         finally:
             agent.terminate()
             agent.wait(20)
             stop.set()
-            broker.stop()
+            broker.close()
+            if code == 0:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                print(f"demo: failed; the agent's log is kept in {workdir / 'agent.log'}", file=sys.stderr)
 
 
 def _session(broker: LocalBroker, agent: subprocess.Popen[bytes], workdir: Path) -> int:
@@ -192,17 +241,10 @@ def _session(broker: LocalBroker, agent: subprocess.Popen[bytes], workdir: Path)
                 raise
             time.sleep(0.5)
     time.sleep(2)  # a few readings into the windows
-    target = ["--broker", broker.url, "--device", DEVICE]
-    for question in QUESTIONS:
-        print(f"\n== {question}")
-        _cli("query", *target, question)
-    for question in VERDICT_QUESTIONS:
-        print(f"\n== {question}  (computed from the sensors' meaning, phrased by the model, checked)")
-        _explained(broker.url, question)
-    print("\n== exact read: mean temperature over the last 10 minutes")
-    _cli("read", *target, "--sensor", "temperature", "--window", "10m", "--agg", "mean")
-    print("\n== exact read: soil moisture trend (per minute)")
-    _cli("read", *target, "--sensor", "soil_moisture", "--agg", "trend")
+    failed = ask(broker.url)
+    if failed:
+        print(f"\ndemo: {failed} of {STEPS} questions and reads failed", file=sys.stderr)
+        return 1
     return 0
 
 

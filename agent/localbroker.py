@@ -1,7 +1,10 @@
 """A private mosquitto on a free loopback port, for the demo and the tests.
 
 Each instance gets its own generated config and directory; nothing is shared with a
-system broker. ``stop()``/``start()`` keep the port so clients can reconnect to it.
+system broker. ``stop()``/``start()`` keep the port so clients can reconnect to it;
+``close()`` (or leaving the ``with`` block) stops it and removes its directory. A directory
+the broker made itself is also removed when the object is collected or the process exits,
+so a caller that only stops it leaves no ``edge-mosquitto-*`` folder behind.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 
@@ -39,6 +43,10 @@ class LocalBroker:
         """``listener_conf``: extra lines for the listener (TLS files, password_file, ...)."""
         self.port = port or free_port()
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="edge-mosquitto-"))
+        # only a directory made here is removed unasked; a caller's stays until close()
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
+        if workdir is not None:
+            self._remove_dir.detach()
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
         self.conf.write_text(
@@ -87,9 +95,14 @@ class LocalBroker:
         self.proc.wait(timeout=10)
         self.proc = None
 
+    def close(self) -> None:
+        """Stop the broker and remove its directory (config, log, persistence)."""
+        self.stop()
+        self._remove_dir.detach()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
     def __enter__(self) -> LocalBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.close()

@@ -100,6 +100,13 @@ def _remove_agent_state_dirs() -> Iterator[None]:
     shutil.rmtree(STATE_ROOT, ignore_errors=True)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The default operator's key folder (tests/operators.py) is made once per session, outside
+    pytest's tmp_path: removed here so no ``edge-operator-*`` folder is left behind."""
+    if default_operator.cache_info().currsize:
+        shutil.rmtree(default_operator().pub.parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[LocalBroker]:
     """One private mosquitto per test session, on a free port with its own config."""
