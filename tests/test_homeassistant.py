@@ -21,6 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -408,6 +409,25 @@ def test_questions_share_one_rate_limited_client_key(ha: Module) -> None:
     assert codes[codes.index("rate_limited") :] == ["rate_limited"] * (
         len(codes) - codes.index("rate_limited")
     )
+
+
+def test_a_changed_section_needs_a_restart(ha: Module, tmp_path: Path) -> None:
+    """Its subscriptions are made at start: a reload keeps the running section and says so."""
+    assert ha.agent is not None
+    agent = ha.agent.agent
+    path = tmp_path / "agent.yaml"
+    changed = {
+        "device_id": ha.cfg.device_id,
+        "state_dir": ha.cfg.state_dir,
+        "mqtt": {"url": ha.broker.url},
+        "pack": {"path": str(ha.pack), "threads": 1},
+        "homeassistant": {"enabled": False},
+    }
+    path.write_text(yaml.safe_dump(changed), encoding="utf-8")
+    agent.config_path = path
+    assert "homeassistant" in agent.reload()["restart_needed_for"]
+    assert agent.cfg.homeassistant == ha.cfg.homeassistant
+    assert ha.doc("question")["command_topic"] in agent.homeassistant.subscriptions()
 
 
 def test_removing_the_section_clears_its_entries(ha: Module) -> None:
