@@ -251,6 +251,8 @@ class Module:
             "every discovery document", lambda: want <= {t for t, _, _ in self.recorder.messages}
         )
         self.docs = {t: json.loads(self.recorder.on(t)[-1]) for t in sorted(want)}
+        state = self.cfg.topic("ha/state")  # published right after them
+        self.recorder.wait_for("the first state document", lambda: self.recorder.on(state))
 
     def doc(self, object_id: str) -> dict[str, Any]:
         return next(d for t, d in self.docs.items() if t.endswith(f"/{object_id}/config"))
@@ -409,6 +411,18 @@ def test_questions_share_one_rate_limited_client_key(ha: Module) -> None:
     assert codes[codes.index("rate_limited") :] == ["rate_limited"] * (
         len(codes) - codes.index("rate_limited")
     )
+
+
+def test_home_assistant_starting_again_gets_the_documents_again(ha: Module) -> None:
+    """Home Assistant's birth message (``online`` on ``{prefix}/status``) asks for discovery
+    again, as its docs recommend, besides the retained copies."""
+    topic = next(iter(ha.docs))
+    before = len(ha.recorder.on(topic))
+    ha.recorder.publish(f"{PREFIX}/status", b"offline")  # its last will: nothing to do
+    ha.recorder.publish(f"{PREFIX}/status", b"online")
+    ha.recorder.wait_for("the documents again", lambda: len(ha.recorder.on(topic)) > before)
+    assert len(ha.recorder.on(topic)) == before + 1
+    assert json.loads(ha.recorder.on(topic)[-1]) == ha.docs[topic]
 
 
 def test_a_changed_section_needs_a_restart(ha: Module, tmp_path: Path) -> None:
