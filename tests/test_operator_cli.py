@@ -8,12 +8,14 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -443,3 +445,71 @@ def test_read_text_says_how_old_a_stale_reading_is() -> None:
     assert read_text({**fact, "agg": "trend", "value": -0.855, "unit": "%"}, now=1030) == (
         "t trend over 1h: -0.855 % per minute (stale: the newest reading is 30 s old)"
     )
+
+
+# ---------------------------------------------------------------- the daemon's log
+
+
+def _sensor(client: RequestClient, name: str) -> dict[str, Any]:
+    status = client.request("cmd", {"cmd": "status"}, 30)["result"]
+    found: dict[str, Any] = next(s for s in status["sensors"] if s["sensor"] == name)
+    return found
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_an_unreadable_sensor_warns_once_per_run_and_a_clean_stop_logs_no_warning_else(
+    broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
+) -> None:
+    """The sample config's cpu_temp off a Pi: its sysfs file is not there, every poll fails."""
+    device = f"nopi-{uuid.uuid4().hex[:6]}"
+    thermal = tmp_path / "thermal_zone0" / "temp"  # absent at first, as off a Pi
+    source = {"type": "file", "path": str(thermal), "scale": 0.001, "interval_s": 0.05}
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "device_id": device,
+                "mqtt": {"url": broker.url},
+                "pack": {"path": str(tiny_pack_path), "threads": 1},
+                "state_dir": str(tmp_path / "state"),
+                "log_level": "info",
+                "sensors": [{"name": "cpu_temp", "unit": "°C", "source": source}],
+                "limits": {"rate": {"per_s": 1000.0, "burst": 1000}},  # status is polled below
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    watcher = StatusWatcher(broker, f"edge/{device}/status")
+    try:
+        watcher.wait_state("online", 60)
+        with RequestClient(broker.url, device) as c:
+            _until(lambda: _sensor(c, "cpu_temp")["rejected"] >= 10, "ten failed polls")
+            thermal.parent.mkdir()
+            thermal.write_text("48312\n")
+            _until(lambda: _sensor(c, "cpu_temp")["accepted"] >= 1, "the sensor read again")
+            thermal.unlink()
+            before = _sensor(c, "cpu_temp")["rejected"]
+            _until(lambda: _sensor(c, "cpu_temp")["rejected"] >= before + 5, "the second run of failures")
+            counted = _sensor(c, "cpu_temp")["rejected_by_reason"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        watcher.close()
+        _forget(broker, device)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    warnings = [e for e in events if e["level"] in ("warning", "error", "critical")]
+    assert [e["event"] for e in warnings] == ["bad_reading", "bad_reading"], warnings  # one per run
+    assert all(e["sensor"] == "cpu_temp" and "No such file" in e["reason"] for e in warnings), warnings
+    assert counted["source"] >= before + 5  # every failure still counted (cmd status)
+    assert [e["event"] for e in events if e["event"] == "sensor_reading_again"] == ["sensor_reading_again"]
+    assert "mqtt_closed" in [e["event"] for e in events]  # the clean stop, at info

@@ -79,9 +79,9 @@ class SensorHub:
                 raise BadReading(f"payload of {len(payload)} bytes is over {self.max_payload}", "too_large")
             reading = parse_payload(payload, window.cfg)
             window.add(reading.value, reading.age_s)
-        except BadReading as exc:
-            window.reject(exc.reason)
-            log.warning("bad_reading", sensor=name, reason=exc.reason, error=str(exc)[:200])
+        except BadReading as exc:  # warned at the start of a run of refusals, then only counted
+            level = log.warning if window.reject(exc.reason) else log.debug
+            level("bad_reading", sensor=name, reason=exc.reason, error=str(exc)[:200])
 
     def read(self, sensor: str, agg: str, window_s: float | None) -> Fact:
         if sensor not in self.windows:

@@ -135,10 +135,19 @@ class Poller:
         self.thread = threading.Thread(target=self._loop, name=f"sensor-{window.cfg.name}", daemon=True)
 
     def _loop(self) -> None:
+        name = self.window.cfg.name
         while not self.stop.is_set():
             try:
-                self.window.add(self.read(self.window.cfg))
+                value = self.read(self.window.cfg)
             except (OSError, BadReading, subprocess.TimeoutExpired) as exc:
-                self.window.reject(exc.reason if isinstance(exc, BadReading) else "source")
-                log.warning("bad_reading", sensor=self.window.cfg.name, reason=str(exc))
+                reason = exc.reason if isinstance(exc, BadReading) else "source"
+                if self.window.reject(reason):  # e.g. a Pi's thermal zone off a Pi: every poll fails
+                    log.warning("bad_reading", sensor=name, reason=str(exc), then="counted in cmd status")
+                else:
+                    log.debug("bad_reading", sensor=name, reason=str(exc))
+            else:
+                failed = self.window.failing
+                self.window.add(value)
+                if failed is not None:
+                    log.info("sensor_reading_again", sensor=name, after_failures=failed[1])
             self.stop.wait(self.window.cfg.source.interval_s)

@@ -113,6 +113,9 @@ class SensorWindow:
         self.accepted = 0
         self.rejected = 0
         self.rejected_by_reason: Counter[str] = Counter()
+        # the current run of refusals (reason, length): a sensor this board cannot read fails
+        # every poll, and only the start of a run is worth a warning (the rest are counted)
+        self.failing: tuple[str, int] | None = None
 
     def add(self, value: float, age_s: float = 0.0) -> None:
         """A reading measured ``age_s`` before now (a payload's own ``ts``); one older than
@@ -126,13 +129,19 @@ class SensorWindow:
             else:
                 self._points.append(point)
             self.accepted += 1
+            self.failing = None
             self._trim(now)
 
-    def reject(self, reason: str) -> None:
-        """A reading refused: counted in total and by reason (``cmd status``)."""
+    def reject(self, reason: str) -> bool:
+        """A reading refused: counted in total and by reason (``cmd status``). True when it
+        starts a run of refusals (the first since a reading was accepted, or another reason
+        than the run's): the caller warns then and only counts the rest of the run."""
         with self._lock:
             self.rejected += 1
             self.rejected_by_reason[reason] += 1
+            first = self.failing is None or self.failing[0] != reason
+            self.failing = (reason, 1 if first or self.failing is None else self.failing[1] + 1)
+            return first
 
     def snapshot(self) -> list[tuple[float, float]]:
         """(wall time, value) of every reading in the window, oldest first, to save."""

@@ -218,11 +218,12 @@ class MqttTransport:
         return f"{self.cfg.host}:{self.cfg.port}"
 
     def stop(self, last: tuple[str, bytes] | None = None, timeout_s: float = 3.0) -> None:
-        """Publish ``last`` (retained, e.g. the offline status), then disconnect."""
+        """Publish ``last`` (retained, e.g. the offline status), then disconnect. From here on
+        a lost connection is part of stopping: logged at info, never retried."""
+        self._closing = True
         if last is not None and self.connected.is_set():
             info = self._client.publish(last[0], last[1], qos=1, retain=True)
             info.wait_for_publish(timeout_s)
-        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
 
