@@ -220,3 +220,13 @@ def test_bad_patterns_and_paths_are_refused_at_load_with_their_key() -> None:
     for key in ("sensors[0].source.pattern", "sensors[1].source.pattern", "sensors[2].source.pattern"):
         assert key in str(exc.value), str(exc.value)
     assert "sensors[3].source.json_path" in str(exc.value)
+
+
+def test_a_field_may_carry_its_own_unit_and_time() -> None:
+    cfg = config_from_mapping(
+        {"device_id": "x", "sensors": [{"name": "t", "unit": "°C", "source": {"json_path": "probe"}}]}, env={}
+    ).sensors[0]
+    now = time.time()
+    body = b'{"probe": {"value": 70.0, "unit": "\\u00b0F", "ts": %.1f}, "other": 1}' % (now - 30)
+    reading = parse_payload(body, cfg, now)
+    assert reading.value == pytest.approx(21.111, abs=1e-3) and reading.age_s == pytest.approx(30, abs=0.2)
