@@ -61,9 +61,12 @@ def request_client(
 
 
 class BrokerAddressError(ValueError):
-    """A ``--broker`` value that names no broker; ``code`` as every CLI error has one."""
+    """A ``--broker`` value that names no broker. Its ``code`` is the command line's, never
+    on the wire (so not among docs/protocol.md's error codes)."""
 
-    code = "bad_broker"
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = "bad_broker"
 
 
 def broker_url(value: str) -> str:
