@@ -23,6 +23,14 @@ from model_packs.versions import VersionError, parse_version
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# The graph a pack carries. "fused": the builder's own graph (inputs_embeds from the int8 table,
+# GroupQueryAttention over a preallocated KV buffer). "optimum": a Hugging Face model exported by
+# optimum (input_ids, attention_mask, position_ids, past_key_values.* in; logits, present.* out;
+# the past grows by concatenation). A manifest without the field is fused: every pack built
+# before the field existed stays valid, byte for byte.
+GRAPH_FUSED = "fused"
+GRAPH_OPTIMUM = "optimum"
+GRAPHS = (GRAPH_FUSED, GRAPH_OPTIMUM)
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,7 @@ class Manifest:
     builder: str
     format: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
+    graph: str = GRAPH_FUSED  # the graph flavour (GRAPHS); optional in the JSON
 
     @property
     def variant(self) -> str:
@@ -230,6 +239,14 @@ def _floors_by_machine(runtime: Mapping[str, Any]) -> dict[str, str]:
     return dict(raw)
 
 
+def _graph(data: Mapping[str, Any]) -> str:
+    """Optional (absent: the fused graph every earlier pack carries); one of GRAPHS."""
+    graph = data.get("graph", GRAPH_FUSED)
+    if graph not in GRAPHS:
+        raise ManifestError(f"manifest field graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
+    return str(graph)
+
+
 def _check_version(version: str) -> None:
     try:
         parse_version(version)
@@ -307,6 +324,7 @@ def parse_manifest(data: Any) -> Manifest:
         created=_get(data, "created", str, ""),
         builder=_get(data, "builder", str, ""),
         extra=dict(data.get("extra", {})),
+        graph=_graph(data),
     )
 
 

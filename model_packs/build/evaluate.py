@@ -2,7 +2,8 @@
 
 Teacher-forced: both graphs see the same tokens; we count how often their top-1
 predictions agree and compute each one's perplexity on the true next tokens. The
-quality gate turns those numbers into a yes or no.
+quality gate turns those numbers into a yes or no. Both graph flavours are read: the fused
+builder's (:class:`GraphRunner`) and an optimum export's (:class:`OptimumGraphRunner`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
+from model_packs import optimum_io
 from model_packs.build.source import ModelConfig
 from model_packs.errors import QualityGateError
 
@@ -39,14 +42,24 @@ def heldout_text() -> str:
     return resources.files("model_packs").joinpath("data/heldout.txt").read_text(encoding="utf-8")
 
 
+class LogitsRunner(Protocol):
+    """What :func:`evaluate` needs of a graph: every position's logits for a token list."""
+
+    def logits(self, ids: list[int]) -> np.ndarray: ...
+
+
+def _session(model_path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
 class GraphRunner:
-    """Full-sequence logits from a graph directory (no cache reuse: evaluation only)."""
+    """Full-sequence logits from a fused graph (no cache reuse: evaluation only)."""
 
     def __init__(self, model_path: Path, cfg: ModelConfig, embed: Embedder, threads: int = 2) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        self.session = _session(model_path, threads)
         self.cfg, self.embed = cfg, embed
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -65,6 +78,18 @@ class GraphRunner:
         return out
 
 
+class OptimumGraphRunner:
+    """Full-sequence logits from an optimum export (token ids in, an empty past)."""
+
+    def __init__(self, model_path: Path, threads: int = 2) -> None:
+        self.session = _session(model_path, threads)
+        self.layout = optimum_io.past_layout(self.session.get_inputs())
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        out = self.session.run(["logits"], optimum_io.feeds(self.layout, ids, 0, self.layout.empty()))
+        return np.asarray(out[0][0])
+
+
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     logz = np.log(np.exp(shifted).sum(axis=1))
@@ -76,8 +101,8 @@ def chunks(ids: list[int], size: int) -> list[list[int]]:
 
 
 def evaluate(
-    ref: GraphRunner,
-    quant: GraphRunner,
+    ref: LogitsRunner,
+    quant: LogitsRunner,
     ids: list[int],
     chunk: int = 256,
     progress: Callable[[int, int], None] | None = None,
