@@ -26,10 +26,12 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.errors import BadRequest, TooLarge
+from agent.inference.hf_graph import OptimumGraph
 from agent.inference.pack import LoadedPack
 from agent.inference.prompts import ChatTemplate, chat_messages
 from agent.inference.sampling import Sampler, SamplingParams
 from agent.inference.tokenizer import StopMatcher, StreamDecoder, TextTokenizer
+from model_packs.format import GRAPH_OPTIMUM
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ class Engine:
         self.prefix_cache = prefix_cache  # False: every prompt from its first token (benchmarks)
         self.prefill_chunk = max(1, prefill_chunk)
         self._cached: list[int] = []  # the tokens whose keys and values rows 0.. of the buffers hold
+        # an optimum export keeps its own past (hf_graph.py); the fused graph's buffers are bound here
+        self._optimum: OptimumGraph | None = None
+        if m.graph == GRAPH_OPTIMUM:
+            self._optimum = OptimumGraph(pack.model_path, self.threads, list(m.runtime.execution_providers))
+            return
         self._session = self._open_session()
         self._binding = self._session.io_binding()
         self._bind_kv_cache()
@@ -149,6 +156,14 @@ class Engine:
     def _forward(self, ids: list[int], start: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Run ``ids`` at positions start.. against the cache; return logits [len(rows), vocab]
         for the chosen rows of ``ids`` (default: the last one, what decoding needs)."""
+        if self._optimum is None:
+            return self._forward_fused(ids, start, rows)
+        del self._cached[start:]
+        logits = self._optimum.forward(ids, start, rows)
+        self._cached.extend(ids)
+        return logits
+
+    def _forward_fused(self, ids: list[int], start: int, rows: np.ndarray | None) -> np.ndarray:
         total = start + len(ids)
         b = self._binding
         b.bind_cpu_input("inputs_embeds", self.embed(ids)[None])
