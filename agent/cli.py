@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="default: %(default)s")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("ask", help="answer one question locally, streaming")
-    a.add_argument("question")
+    a.add_argument("question", help="the question (quote it)")
     a.add_argument("--pack", type=Path, help="pack directory (default: the default pack in the cache)")
     a.add_argument("--max-tokens", type=int, help="tokens to generate at most (default: the pack's)")
     a.add_argument("--temperature", type=float, help="0 is greedy (default: the pack's)")
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
             "(for brokers that keep no retained messages)",
         )
     q = sub.choices["query"]
-    q.add_argument("question")
+    q.add_argument("question", help="the question (quote it)")
     q.add_argument("--max-tokens", type=int, help="default: the agent's prompt.max_tokens")
     q.add_argument("--temperature", type=float, help="0 is greedy (default: the agent's prompt.temperature)")
     q.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")

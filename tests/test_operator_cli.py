@@ -379,6 +379,7 @@ def test_output_into_a_closed_pipe_ends_quietly_in_all_three_clis(
         ],
         "edge-agent --help": ["-m", "agent.cli", "read", "--help"],
         "edge-pack --help": ["-m", "model_packs.cli", "--help"],
+        "edge-fleet --help": ["-m", "fleet.cli", "--help"],
     }
     for name, argv in runs.items():
         done = _into_closed_pipe(*argv)

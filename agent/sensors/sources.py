@@ -141,7 +141,7 @@ class Poller:
                 value = self.read(self.window.cfg)
             except (OSError, BadReading, subprocess.TimeoutExpired) as exc:
                 reason = exc.reason if isinstance(exc, BadReading) else "source"
-                if self.window.reject(reason):  # e.g. a Pi's thermal zone off a Pi: every poll fails
+                if self.window.reject(reason):  # the sample's cpu_temp off a Pi fails every poll
                     log.warning("bad_reading", sensor=name, reason=str(exc), then="counted in cmd status")
                 else:
                     log.debug("bad_reading", sensor=name, reason=str(exc))
