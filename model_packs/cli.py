@@ -55,12 +55,50 @@ def _parser() -> argparse.ArgumentParser:
         "that optimum exports, from an HF directory (needs optimum-cli: docs/models.md) "
         "(default: %(default)s)",
     )
+    b.add_argument(
+        "--exporter",
+        choices=["fused", "optimum"],
+        default="fused",
+        help="fused: the builder's own graph, for the architectures it knows; optimum: any HF causal LM "
+        "that optimum exports, from an HF directory (needs optimum-cli: docs/models.md) "
+        "(default: %(default)s)",
+    )
     i = sub.add_parser("inspect", help="print a pack's manifest and evaluation")
     i.add_argument("pack", type=Path, help="pack directory")
     i.add_argument("--json", action="store_true", help="the manifest as JSON")
     v = sub.add_parser("verify", help="check every file against the manifest")
     v.add_argument("pack", type=Path, help="pack directory")
+    c = sub.add_parser(
+        "compare",
+        help="packs side by side: size, RSS, decode tokens/s, prefill, perplexity, top-1, golden agreement",
+    )
+    c.add_argument("packs", type=Path, nargs="+", help="pack directories (the first is the golden reference)")
+    c.add_argument(
+        "--rounds", type=int, default=3, help="measurements per pack, medians shown (default: %(default)s)"
+    )
+    c.add_argument("--threads", type=int, default=2, help="inference threads (default: %(default)s)")
+    c.add_argument("--png", type=Path, help="also draw the figures as a PNG chart (needs matplotlib)")
+    c.add_argument("--json", action="store_true", help="rows as JSON lines instead of the table")
     return p
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from model_packs import compare
+
+    for pack in args.packs:
+        verify_pack(pack)
+    if args.rounds < 1:
+        raise PackError("--rounds must be at least 1")
+    rows = compare.compare(args.packs, args.rounds, args.threads, compare.golden_prompts(args.packs[0]))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(compare.markdown_table(rows))
+    if args.png:
+        compare.chart(rows, args.png)
+        print(f"chart: {args.png}", file=sys.stderr)
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -79,6 +117,11 @@ def _build(args: argparse.Namespace) -> int:
         force=args.force,
     )
     if args.exporter == "optimum":
+        from model_packs.build.export_optimum import build_optimum_pack
+
+        path = build_optimum_pack(opts)
+    else:
+        if args.exporter == "optimum":
         from model_packs.build.export_optimum import build_optimum_pack
 
         path = build_optimum_pack(opts)
@@ -119,7 +162,7 @@ def _verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(_parser(), argv)
     configure_logging(args.log_level)
-    handlers = {"build": _build, "inspect": _inspect, "verify": _verify}
+    handlers = {"build": _build, "inspect": _inspect, "verify": _verify, "compare": _compare}
     return run_command("edge-pack", lambda: handlers[args.command](args), errors=(PackError,))
 
 
