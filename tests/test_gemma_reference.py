@@ -1,0 +1,80 @@
+"""Gemma 3 graphs against transformers' Gemma3ForCausalLM on the same weights.
+
+The tiny model (four layers, window 6) checks every Gemma feature on a sequence past its
+window; the real 270M checks the GGUF reading (norm factors, head size, rotary bases,
+the layer pattern that llama.cpp leaves implicit) on its own weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_packs.build.evaluate import GraphRunner
+from model_packs.build.graph import GraphOptions, write_graph
+from model_packs.build.load import load_source
+from model_packs.build.source_gemma import gemma_gguf_path
+from tests.reference_gemma import WINDOW, write_gemma_dir
+from tests.test_gemma import TOKENIZER_TEXT
+
+pytestmark = [pytest.mark.reference]
+torch = pytest.importorskip("torch", reason="the reference check needs the reference extra (torch)")
+transformers = pytest.importorskip("transformers", reason="the reference check needs transformers")
+
+
+def _float_logits(path: Path, out: Path, ids: list[int]) -> np.ndarray:
+    src = load_source(path)
+    out.mkdir(exist_ok=True)
+    write_graph(src, out, GraphOptions(quantized=False))
+    runner = GraphRunner(out / "model.onnx", src.config, lambda t: src.weights["embed"][t], threads=2)
+    return runner.logits(ids)
+
+
+def test_tiny_gemma_float_graph_matches_transformers(tmp_path: Path) -> None:
+    hf_dir = write_gemma_dir(tmp_path / "hf")
+    ids = [5, 17, 42, 99, 3, 250, 7, 7, 61, 120, 11, 300, 12, 13, 14, 200, 201, 9, 8, 77]
+    assert len(ids) > 3 * WINDOW
+    model = transformers.Gemma3ForCausalLM.from_pretrained(
+        str(hf_dir), torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = _float_logits(hf_dir, tmp_path / "graph", ids)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.realpack
+def test_gemma_270m_float_graph_matches_transformers_on_the_gguf(tmp_path: Path) -> None:
+    gguf = gemma_gguf_path()
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ids = [
+        2,
+        *tok("The greenhouse at the edge of the village was built in the spring", add_special_tokens=False)[
+            "input_ids"
+        ],
+    ]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    model.eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    del model
+    got = _float_logits(gguf, tmp_path, ids)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.realpack
+def test_gemma_tokenizer_matches_transformers_gguf_tokenizer() -> None:
+    from tokenizers import Tokenizer
+
+    gguf = gemma_gguf_path()
+    ref = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    ours = Tokenizer.from_str(load_source(gguf).tokenizer_json)
+    text = TOKENIZER_TEXT.replace("<start_of_turn>", "").replace("<end_of_turn>", "")
+    assert ours.encode(text, add_special_tokens=False).ids == ref(text, add_special_tokens=False)["input_ids"]
