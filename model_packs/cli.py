@@ -55,14 +55,6 @@ def _parser() -> argparse.ArgumentParser:
         "that optimum exports, from an HF directory (needs optimum-cli: docs/models.md) "
         "(default: %(default)s)",
     )
-    b.add_argument(
-        "--exporter",
-        choices=["fused", "optimum"],
-        default="fused",
-        help="fused: the builder's own graph, for the architectures it knows; optimum: any HF causal LM "
-        "that optimum exports, from an HF directory (needs optimum-cli: docs/models.md) "
-        "(default: %(default)s)",
-    )
     i = sub.add_parser("inspect", help="print a pack's manifest and evaluation")
     i.add_argument("pack", type=Path, help="pack directory")
     i.add_argument("--json", action="store_true", help="the manifest as JSON")
@@ -117,11 +109,6 @@ def _build(args: argparse.Namespace) -> int:
         force=args.force,
     )
     if args.exporter == "optimum":
-        from model_packs.build.export_optimum import build_optimum_pack
-
-        path = build_optimum_pack(opts)
-    else:
-        if args.exporter == "optimum":
         from model_packs.build.export_optimum import build_optimum_pack
 
         path = build_optimum_pack(opts)
