@@ -57,7 +57,7 @@ ORIGIN = "edge-slm-agent"
 AVAILABLE_STATES = ("online", "updating", "paused")  # serving: the entities are available
 STATES = (*AVAILABLE_STATES, "offline")
 PUBLISH_WAIT_S = 5.0  # a discovery publish the broker did not acknowledge by then: tried again
-RETRY_S = 5.0  # the pause after a failed turn (a broker that refuses: no busy loop)
+RETRY_S = (5.0, 300.0)  # the pause after a failed turn, doubling to the most (an ACL that refuses)
 
 # Templates Home Assistant renders (Jinja, ``value_json`` = the payload's JSON); only plain
 # Jinja, so the test renders them as Home Assistant would.
@@ -367,7 +367,7 @@ class Bridge:
         least every ``state_interval_s``; a failed turn is tried again at the next."""
         if not self.needed():
             return
-        due = 0.0
+        due, failures = 0.0, 0
         while not stopping.is_set():
             woken = self._wake.wait(0.5)
             if not self.ports.connected():
@@ -384,12 +384,14 @@ class Bridge:
                 if not self.enabled:
                     return  # the old entries are cleared: nothing more to do
                 self.publish_state()
-                due = now + self.settings.state_interval_s
+                due, failures = now + self.settings.state_interval_s, 0
             except Exception as exc:  # not acknowledged, refused, a disk error: again later
                 self._announce.set()
                 self._wake.set()
-                log.warning("ha_publish_failed", reason=str(exc)[:200])
-                stopping.wait(RETRY_S)
+                pause = min(RETRY_S[0] * 2**failures, RETRY_S[1])
+                failures = min(failures + 1, 8)
+                log.warning("ha_publish_failed", reason=str(exc)[:200], retry_in_s=pause)
+                stopping.wait(pause)
 
     def announce(self) -> None:
         """Clear the entries published before and no longer wanted, then publish the wanted

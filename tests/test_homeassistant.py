@@ -34,7 +34,10 @@ from agent.messages import ReplyTo
 from agent.scheduling import RateLimiter, Scheduler
 from agent.status import status_document
 from agent.transport import Inbound
+from fleet import devices
 from tests.conftest import RunningAgent, agent_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- Home Assistant's schema
 #
@@ -188,11 +191,13 @@ def render(template: str, payload: bytes) -> str:
 class Recorder:
     """Every message under the given filters, in order, with its retain flag."""
 
-    def __init__(self, broker: LocalBroker, filters: list[str]) -> None:
+    def __init__(self, broker: LocalBroker, filters: list[str], login: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._seen = threading.Condition()
         self._subscribed = threading.Event()
         self._c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if login is not None:
+            self._c.username_pw_set(*login)
         self._c.on_message = self._add
         self._c.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in filters])
         self._c.on_subscribe = lambda c, u, m, r, p: self._subscribed.set()
@@ -478,6 +483,57 @@ def test_removing_the_section_clears_its_entries(ha: Module) -> None:
         assert [t for t, _, _ in fresh.messages] == [f"{PREFIX}/marker"]
     finally:
         fresh.close()
+
+
+def _documented_acl() -> str:
+    """The broker ACL lines docs/homeassistant.md gives: the test uses exactly those."""
+    text = (ROOT / "docs" / "homeassistant.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```text\n(.*?)^```$", text, re.S | re.M)
+    return next(b for b in blocks if "user homeassistant" in b)
+
+
+def test_the_documented_broker_acl_is_enough_and_no_more(tmp_path: Path, real_pack_path: Path) -> None:
+    """The shipped ACL plus the lines the docs give: a provisioned device publishes its entries
+    and hears Home Assistant's birth message, Home Assistant's login reads them and the state and
+    asks; a device cannot publish another node's entries."""
+    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    logins = {user: uuid.uuid4().hex for user in ("gh-1", "homeassistant")}
+    for user, password in logins.items():
+        devices.add_user(passwd, user, password)
+    acl.write_text((ROOT / "deploy" / "mosquitto" / "acl").read_text() + "\n" + _documented_acl())
+    with LocalBroker(listener_conf=f"password_file {passwd}\nacl_file {acl}\n") as broker:
+        home = Recorder(
+            broker,
+            ["homeassistant/#", "edge/+/status", "edge/+/ha/state", "edge/+/ha/answer"],
+            ("homeassistant", logins["homeassistant"]),
+        )
+        mqtt_login = {"url": broker.url, "username": "gh-1", "password": logins["gh-1"]}
+        cfg = agent_config(broker.url, real_pack_path, device_id="gh-1", mqtt=mqtt_login, homeassistant={})
+        agent = RunningAgent(cfg, broker)
+        try:
+            configs = lambda: [t for t, p, _ in home.messages if t.endswith("/config") and p]  # noqa: E731
+            home.wait_for("the entries", lambda: len(configs()) == len(ENTITIES))
+            assert all(t.startswith("homeassistant/") and "/gh-1/" in t for t in configs())
+            home.wait_for(
+                "the status and state",
+                lambda: home.on(cfg.topic("status")) and home.on(cfg.topic("ha/state")),
+            )
+            home.publish(cfg.topic("ha/ask"), b"   ")  # Home Assistant's login may ask
+            home.wait_for("the answer", lambda: home.on(cfg.topic("ha/answer")))
+            assert json.loads(home.on(cfg.topic("ha/answer"))[0])["code"] == "bad_request"
+            home.publish("homeassistant/status", b"online")  # the device hears the birth message
+            home.wait_for("the entries again", lambda: len(configs()) == 2 * len(ENTITIES))
+            device = Recorder(broker, ["edge/gh-1/#"], ("gh-1", logins["gh-1"]))
+            try:  # another node's entry is dropped by the broker; the device's own goes through
+                device.publish("homeassistant/sensor/gh-2/x/config", b"{}")
+                device.publish("homeassistant/sensor/gh-1/marker/config", b"{}")
+                home.wait_for("the marker", lambda: home.on("homeassistant/sensor/gh-1/marker/config"))
+                assert home.on("homeassistant/sensor/gh-2/x/config") == []
+            finally:
+                device.close()
+        finally:
+            agent.stop()
+            home.close()
 
 
 # ---------------------------------------------------------------- pure parts, no broker
