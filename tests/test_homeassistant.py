@@ -311,10 +311,10 @@ def test_every_discovery_document_is_what_home_assistant_documents(ha: Module) -
         assert {t: json.loads(p) for t, p, retained in late.messages if retained} == ha.docs
     finally:
         late.close()
-    devices = [d["device"] for d in ha.docs.values()]
-    assert all(d == devices[0] for d in devices)
-    assert devices[0]["name"] == ha.cfg.device_id and devices[0]["identifiers"]
-    assert {"manufacturer", "model", "sw_version"} <= set(devices[0])
+    blocks = [d["device"] for d in ha.docs.values()]  # one device, described the same everywhere
+    assert all(b == blocks[0] for b in blocks)
+    assert blocks[0]["name"] == ha.cfg.device_id and blocks[0]["identifiers"]
+    assert {"manufacturer", "model", "sw_version"} <= set(blocks[0])
     assert len({d["unique_id"] for d in ha.docs.values()}) == len(ENTITIES)
     assert ha.doc("question")["max"] == MAX_QUESTION  # the agent's own limit, not HA's 255
     assert ha.agent is not None
