@@ -142,9 +142,9 @@ class Agent:
         )
         dispatch = threading.Thread(target=self.dispatcher.run, args=(self.stopping,), name="dispatcher")
         self._threads = [dispatch, worker]
-        if self.homeassistant.needed():  # entries to publish, or old ones to clear
-            ha = threading.Thread(target=self.homeassistant.run, args=(self.stopping,), name="homeassistant")
-            self._threads.append(ha)
+        # publishes the entries or clears old ones; returns at once when there are none
+        ha = threading.Thread(target=self.homeassistant.run, args=(self.stopping,), name="homeassistant")
+        self._threads.append(ha)
         for t in self._threads:
             t.daemon = True
 

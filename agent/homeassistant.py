@@ -359,7 +359,7 @@ class Bridge:
     # ------------------------------------------------------------ outbound
 
     def needed(self) -> bool:
-        """A thread only when there is something to publish or to clear."""
+        """Something to publish, or old entries to clear (reads the ledger: not before start)."""
         return self.enabled or bool(self._remembered())
 
     def run(self, stopping: threading.Event) -> None:
