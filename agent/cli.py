@@ -303,8 +303,9 @@ def _check_device(status: dict[str, Any] | None, device: str, broker: str) -> No
     is ``offline`` (a clean stop, or its last will when the connection was lost)."""
     if status is None:
         raise MqttError(
-            f"no device {device!r} on {broker}: it has never published a status there "
-            "(misspelt? another --broker?); use --no-status-check to send anyway",
+            f"no device {device!r} on {broker}: it has never published a status there (misspelt? "
+            "another --broker? or a broker ACL that hides edge/+/status from this login: then "
+            "--no-status-check sends anyway)",
             "unknown_device",
         )
     if status.get("state") == "offline":
