@@ -73,6 +73,9 @@ class SourceModel:
     chat_template: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # the model expects its BOS token before any text (Gemma: without it the held-out
+    # perplexity of Gemma 3 270M is 134 instead of 25.6, and int8 agrees on 93 % not 97 %)
+    add_bos: bool = False
 
 
 def default_gguf_path() -> Path:

@@ -211,4 +211,5 @@ def load_gguf(path: Path, progress: Progress | None = None) -> SourceModel:
         chat_template=template,
         bos_token_id=int(bos.contents()) if bos is not None else None,
         eos_token_ids=eos_ids,
+        add_bos=bos is not None and bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
     )

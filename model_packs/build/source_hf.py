@@ -187,4 +187,6 @@ def load_hf_dir(path: Path, progress: Progress | None = None) -> SourceModel:
         chat_template=str(template or ""),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        add_bos=bool(tok_cfg.get("add_bos_token", cfg.activation == "gelu_tanh"))
+        and raw.get("bos_token_id") is not None,
     )
