@@ -269,7 +269,6 @@ def _remote(args: argparse.Namespace) -> int:
         body = {"cmd": args.name, **({"target_id": args.target_id} if args.target_id else {})}
         if args.name == "reload":
             body = _signed_reload(args, body)
-    started = time.monotonic()
     watch = not args.no_status_check
     with request_client(args, args.device, args.client, args.protocol, watch_status=watch) as client:
         if watch:
@@ -282,6 +281,7 @@ def _remote(args: argparse.Namespace) -> int:
             if streamed:
                 _print_chunk(chunk)
 
+        started = time.monotonic()  # the round trip: from publish to the final reply
         with progress:
             reply = client.request(args.command, body, args.timeout, on_chunk=on_chunk)
     elapsed_ms = (time.monotonic() - started) * 1000
