@@ -4,6 +4,7 @@ devices that are offline or misspelt, help texts, pipes, missing extras, trend u
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pty
@@ -23,6 +24,7 @@ import yaml
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.localbroker import LocalBroker
+from agent.progress import Progress
 from agent.sensors.windows import read_text
 from agent.transport import MqttError
 from agent.transport.client import RequestClient
@@ -514,3 +516,18 @@ def test_an_unreadable_sensor_warns_once_per_run_and_a_clean_stop_logs_no_warnin
     assert counted["source"] >= before + 5  # every failure still counted (cmd status)
     assert [e["event"] for e in events if e["event"] == "sensor_reading_again"] == ["sensor_reading_again"]
     assert "mqtt_closed" in [e["event"] for e in events]  # the clean stop, at info
+
+
+def test_the_progress_line_gives_way_for_good_to_streamed_text() -> None:
+    screen = io.StringIO()
+    with Progress("greenhouse-1", screen, enabled=True, period_s=0.01) as progress:
+        _until(lambda: "waiting for the answer" in screen.getvalue(), "a progress frame")
+        progress.chunk(text_shown=True)
+        after = screen.getvalue()
+        assert after.endswith("\r\x1b[K")  # cleared before the text is printed
+        time.sleep(0.1)  # ten periods: no frame may come back over the text
+        assert screen.getvalue() == after
+    hidden = io.StringIO()
+    with Progress("greenhouse-1", hidden, enabled=False, period_s=0.01) as progress:
+        progress.chunk(text_shown=False)
+    assert hidden.getvalue() == "" and progress.chunks == 1
