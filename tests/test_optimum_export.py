@@ -1,0 +1,247 @@
+"""`edge-pack build --exporter optimum` on a family the fused builder does not know: GPT-2.
+
+A tiny randomly initialised GPT-2 is built here with transformers and saved with a tokenizer;
+optimum's exporter (its own environment: `make test` makes .venv-optimum and points
+EDGE_SLM_OPTIMUM_CLI at it) writes the float graph; the pack is quantized, gated, published,
+loaded by the device Engine, and its greedy text is held against transformers' own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from agent.inference import Engine, GenerationRequest
+from agent.inference.hf_graph import OptimumGraph
+from agent.inference.pack import LoadedPack, load_pack
+from model_packs.build.builder import BuildOptions
+from model_packs.build.export_optimum import OPTIMUM_CLI_ENV, build_optimum_pack, export_float, optimum_cli
+from model_packs.build.quantize import dequantize_blockwise, quantize_blockwise
+from model_packs.build.quantize_onnx import QuantizeOptions, quantize_graph
+from model_packs.cli import main as edge_pack
+from model_packs.errors import ManifestError, QualityGateError, SourceModelError
+from model_packs.format import GRAPH_FUSED, GRAPH_OPTIMUM, parse_manifest, read_manifest, verify_pack
+from tests.tiny_model import CHATML, train_tokenizer
+
+pytestmark = pytest.mark.optimum
+torch = pytest.importorskip("torch", reason="the tiny GPT-2 is built with torch (the reference extra)")
+transformers = pytest.importorskip("transformers", reason="the tiny GPT-2 is built with transformers")
+PROMPTS = ("The greenhouse temperature is", "Soil moisture reads")
+
+
+def _exporter_or_skip() -> None:
+    """`make test` installs the exporter and sets the variable; a bare pytest without either
+    skips, naming the make target. With the variable set, a broken exporter fails."""
+    if os.environ.get(OPTIMUM_CLI_ENV) is None and shutil.which("optimum-cli") is None:
+        pytest.skip(f"optimum's exporter is not installed: `make optimum`, then set {OPTIMUM_CLI_ENV}")
+
+
+def write_tiny_gpt2(path: Path, seed: int = 0) -> Path:
+    """2 layers, 64 wide, 4 heads, 128 positions, the tiny tokenizer; weights scaled so the
+    next-token choices are decisive (a flat random model flips argmaxes at any rounding)."""
+    tok = train_tokenizer()
+    eos = tok.token_to_id("<|im_end|>")
+    cfg = transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(50.0 if "wte" in name else 10.0)
+    model.save_pretrained(path)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", chat_template=CHATML
+    )
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def float_dir(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _exporter_or_skip()
+    out = tmp_path_factory.mktemp("float")
+    export_float(gpt2_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pack_path(gpt2_dir: Path, float_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built through the CLI, as a user would: `edge-pack build --exporter optimum`."""
+    packs = tmp_path_factory.mktemp("packs")
+    args = ["build", "--exporter", "optimum", "--source", str(gpt2_dir), "--out", str(packs)]
+    assert edge_pack([*args, "--name", "tiny-gpt2", "--version", "1.0.0", "--threads", "1"]) == 0
+    return packs / "tiny-gpt2-1.0.0"
+
+
+@pytest.fixture(scope="module")
+def pack(pack_path: Path) -> LoadedPack:
+    return load_pack(pack_path, check_ram=False)
+
+
+def _hf_greedy(gpt2_dir: Path, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation, recomputed from the full sequence every step."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+def graph_dims(graph: onnx.GraphProto, name: str) -> list[int]:
+    return next(list(t.dims) for t in graph.initializer if t.name == name)
+
+
+def _greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    return engine.generate(GenerationRequest(prompt, n, ignore_eos=True)).token_ids
+
+
+def _prompt(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer.encode_parts([(text, True)])
+
+
+def test_pack_is_gated_and_says_its_graph(pack_path: Path) -> None:
+    m = verify_pack(pack_path)
+    assert m.graph == GRAPH_OPTIMUM
+    assert m.base_model["name"] == "tiny-gpt2" and m.extra["exporter"] == "optimum"
+    assert m.evaluation.passed and m.evaluation.top1_agreement >= 0.93
+    assert (
+        m.architecture.num_layers == 2 and m.architecture.num_kv_heads == 4 and m.architecture.head_dim == 16
+    )
+    assert m.generation.context_length == 128  # clamped to the model's positions
+    assert len(m.golden) == 3 and all(g.token_ids for g in m.golden)
+    assert sorted(m.files) == ["chat_template.jinja", "model.onnx", "tokenizer.json", "weights.bin"]
+
+
+def test_weights_are_blockwise_and_the_embedding_is_stored_once(pack: LoadedPack, gpt2_dir: Path) -> None:
+    graph = onnx.load(str(pack.model_path), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 9  # 4 per layer and the tied LM head
+    assert ops.count("GatherBlockQuantized") == 1 and "Gemm" not in ops
+    matmul_weights = {i for n in graph.node if n.op_type == "MatMul" for i in n.input} & {
+        t.name for t in graph.initializer
+    }
+    assert not matmul_weights  # no float matrix left by a constant
+    wte = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).transformer.wte.weight.detach().numpy()
+    want = dequantize_blockwise(quantize_blockwise(wte, 32), wte.shape[1])
+    ids = [0, 5, wte.shape[0] - 1]
+    np.testing.assert_array_equal(pack.embedding.rows(ids), want[ids])  # the manifest's table
+    # the Gather's [vocab, hidden] codes and the tied head's [vocab, blocks, 32] are one region
+    offsets = {
+        tuple(t.dims): int({e.key: e.value for e in t.external_data}["offset"])
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.UINT8 and t.dims[0] == wte.shape[0]
+    }
+    vocab, hidden = wte.shape
+    at = pack.manifest.embedding.codes_offset
+    assert offsets == {(vocab, hidden): at, (vocab, hidden // 32, 32): at}
+    floats = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert not [n for n in floats if sorted(graph_dims(graph, n)) == sorted([vocab, hidden])]  # no float copy
+
+
+def test_float_export_greedy_equals_transformers(pack: LoadedPack, float_dir: Path, gpt2_dir: Path) -> None:
+    engine = Engine(dataclasses.replace(pack, path=float_dir), threads=1)  # the export, unquantized
+    for text in PROMPTS:
+        prompt = _prompt(engine, text)
+        assert _greedy(engine, prompt, 24) == _hf_greedy(gpt2_dir, prompt, 24)
+
+
+def test_quantized_pack_greedy_stays_close_to_transformers(pack: LoadedPack, gpt2_dir: Path) -> None:
+    engine = Engine(pack, threads=1)
+    for text in PROMPTS:
+        prompt = _prompt(engine, text)
+        got, want = _greedy(engine, prompt, 24), _hf_greedy(gpt2_dir, prompt, 24)
+        assert got[:4] == want[:4]
+        assert sum(a == b for a, b in zip(got, want, strict=True)) >= 0.75 * len(want)
+
+
+def test_incremental_decoding_equals_full_recomputation(pack: LoadedPack) -> None:
+    graph = OptimumGraph(pack.model_path, 1, ["CPUExecutionProvider"])
+    ids = [int(t) for t in np.random.default_rng(1).integers(0, pack.manifest.architecture.vocab_size, 40)]
+    full = graph.forward(ids, 0, np.arange(len(ids)))
+    graph.forward(ids[:25], 0)
+    steps = [graph.forward([t], 25 + i)[0] for i, t in enumerate(ids[25:])]
+    np.testing.assert_allclose(np.stack(steps), full[25:], atol=1e-3 * np.abs(full).max(), rtol=0)
+    assert graph.rows == len(ids)
+    again = graph.forward(ids[10:12], 10, np.arange(2))  # back to row 10: later rows are dropped
+    np.testing.assert_allclose(again, full[10:12], atol=1e-3 * np.abs(full).max(), rtol=0)
+    assert graph.rows == 12
+
+
+def test_engine_prefix_reuse_matches_a_fresh_prompt(pack: LoadedPack) -> None:
+    reused, fresh = Engine(pack, threads=1), Engine(pack, threads=1, prefix_cache=False)
+    _greedy(reused, _prompt(reused, "The greenhouse temperature is 21 degrees and"), 8)
+    prompt = _prompt(reused, "The greenhouse temperature is 30 percent and")
+    done = reused.generate(GenerationRequest(prompt, 12, ignore_eos=True))
+    assert done.usage.cached_prompt_tokens > 0
+    assert done.token_ids == _greedy(fresh, prompt, 12)
+
+
+def test_int4_level_uses_4bit_kernels(float_dir: Path, tmp_path: Path) -> None:
+    report = quantize_graph(
+        float_dir / "model.onnx", tmp_path, QuantizeOptions({"attention": 4, "mlp": 4, "lm_head": 8})
+    )
+    assert report.bits == {4: 8, 8: 1}
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    bits = sorted(
+        a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    )
+    assert bits == [4] * 8 + [8]
+    session = OptimumGraph(tmp_path / "model.onnx", 1, ["CPUExecutionProvider"])
+    reference = OptimumGraph(float_dir / "model.onnx", 1, ["CPUExecutionProvider"])
+    ids = list(range(3, 43))
+    got, want = session.forward(ids, 0, np.arange(40)), reference.forward(ids, 0, np.arange(40))
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.6  # 4 bits on a random model: close, not equal
+
+
+def test_the_gate_refuses_and_publishes_nothing(gpt2_dir: Path, float_dir: Path, tmp_path: Path) -> None:
+    opts = BuildOptions(name="strict", version="1.0.0", packs_dir=tmp_path, source=gpt2_dir, min_top1=0.9999)
+    with pytest.raises(QualityGateError):
+        build_optimum_pack(opts)
+    assert not (tmp_path / "strict-1.0.0").exists() and not list(tmp_path.glob(".strict-staging-*"))
+
+
+def test_same_inputs_find_the_pack(pack_path: Path, gpt2_dir: Path) -> None:
+    before = (pack_path / "manifest.json").read_bytes()
+    opts = BuildOptions(name="tiny-gpt2", version="1.0.0", packs_dir=pack_path.parent, source=gpt2_dir)
+    assert build_optimum_pack(opts) == pack_path
+    assert (pack_path / "manifest.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------- without the exporter
+
+
+def test_missing_exporter_is_a_stable_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(OPTIMUM_CLI_ENV, str(tmp_path / "no-such-optimum-cli"))
+    with pytest.raises(SourceModelError, match="make optimum") as err:
+        optimum_cli()
+    assert err.value.code == "bad_source"
+
+
+def test_manifest_graph_field_is_optional_and_checked(tiny_pack_path: Path) -> None:
+    raw = json.loads((tiny_pack_path / "manifest.json").read_text())
+    assert "graph" not in raw and read_manifest(tiny_pack_path).graph == GRAPH_FUSED
+    assert parse_manifest({**raw, "graph": GRAPH_OPTIMUM}).graph == GRAPH_OPTIMUM
+    with pytest.raises(ManifestError, match="graph must be one of"):
+        parse_manifest({**raw, "graph": "tflite"})
