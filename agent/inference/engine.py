@@ -15,6 +15,7 @@ is also fed in chunks, which bounds the activations a long prompt needs.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import threading
@@ -77,6 +78,17 @@ def default_threads() -> int:
 PREFILL_CHUNK = 256
 
 
+def release_free_heap() -> None:
+    """Hand the heap pages freed while loading back to the kernel. glibc keeps them for reuse
+    otherwise: parsing tokenizer.json and the graph leaves about 16 MB free but resident
+    (measured with malloc_trim on the default pack). No-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
@@ -124,6 +136,7 @@ class Engine:
         self._bind_kv_cache()
         self._logits_one = np.zeros((1, 1, self.arch.vocab_size), dtype=np.float32)
         self._logits_one_ort = ort.OrtValue.ortvalue_from_numpy(self._logits_one)
+        release_free_heap()
 
     def _open_session(self) -> ort.InferenceSession:
         opts = ort.SessionOptions()
