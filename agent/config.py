@@ -11,6 +11,7 @@ Environment overrides: ``EDGE_AGENT_DEVICE_ID``, ``EDGE_AGENT_MQTT_URL``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -354,8 +355,9 @@ def _build(cls: type[Any], data: Mapping[str, Any], path: str, problems: list[st
 # ---------------------------------------------------------------- checks
 
 
-def _check(cfg: AgentConfig) -> Iterator[str]:
-    """Every problem the values have together (each names its key)."""
+def _check(cfg: AgentConfig, sensors: list[tuple[int, SensorConfig]]) -> Iterator[str]:
+    """Every problem the values have together (each names its key). ``sensors``: the sensors
+    to check with their index in the file (``cfg.sensors``, or those that could be built)."""
     for i, tag in enumerate(cfg.tags):
         if not re.fullmatch(r"[A-Za-z0-9._:=-]{1,64}", tag):
             yield f"tags[{i}]: {tag[:80]!r} must be 1-64 letters, digits or . _ : = -"
@@ -407,7 +409,7 @@ def _check(cfg: AgentConfig) -> Iterator[str]:
     ):
         if getattr(cfg.limits, name) < 1:
             yield f"limits.{name}: must be >= 1"
-    yield from _check_sensors(cfg.sensors)
+    yield from _check_sensors(sensors)
     if cfg.homeassistant is not None:
         yield from check_homeassistant(cfg.homeassistant)
 
@@ -445,9 +447,9 @@ def _check_extraction(src: SourceConfig, p: str) -> Iterator[str]:
         yield f"{p}.source.json_path: {src.json_path[:60]!r} has an empty step (keys joined by '.')"
 
 
-def _check_sensors(sensors: tuple[SensorConfig, ...]) -> Iterator[str]:
+def _check_sensors(sensors: list[tuple[int, SensorConfig]]) -> Iterator[str]:
     seen: set[str] = set()
-    for i, s in enumerate(sensors):
+    for i, s in sensors:
         p = f"sensors[{i}]"
         if not re.fullmatch(r"[a-z0-9_]{1,48}", s.name):
             yield f"{p}.name: {s.name!r} must be lowercase letters, digits or '_'"
@@ -497,10 +499,24 @@ def config_from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None =
     if cfg.mqtt.password is not None and cfg.mqtt.username is None:
         # a password alone logs in as the device id: the identity the broker ACL expects
         cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, username=cfg.device_id))
-    problems.extend(_check(cfg))
+    built = list(enumerate(cfg.sensors)) if cfg.sensors else _sensors_built(raw.get("sensors"))
+    problems.extend(_check(cfg, built))
     if problems:
         raise config_error(problems)
     return cfg
+
+
+def _sensors_built(raw: object) -> list[tuple[int, SensorConfig]]:
+    """The sensors that can be built when the list as a whole could not (one lacks its name):
+    their own checks still run. Their build problems are already recorded, so dropped here."""
+    if not isinstance(raw, list):
+        return []
+    built = []
+    for i, item in enumerate(raw):
+        if isinstance(item, Mapping):
+            with contextlib.suppress(_Unbuildable):
+                built.append((i, _build(SensorConfig, item, f"sensors[{i}]", [])))
+    return built
 
 
 def config_error(problems: list[str]) -> ConfigError:
