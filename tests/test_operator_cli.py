@@ -64,7 +64,7 @@ def test_problems_in_a_list_and_unknown_keys_are_all_reported(tmp_path: Path) ->
     path = tmp_path / "agent.yaml"
     path.write_text(
         "device_id: a\nbogus: 1\nsensors:\n  - {name: t, max_age_s: soon}\n  - {unit: C}\n"
-        "telemetry: {ack: nobody}\n"
+        "  - {name: Bad}\n  - {name: f, source: {type: file}}\ntelemetry: {ack: nobody}\n"
     )
     with pytest.raises(ConfigError) as err:
         load_config(path, env={})
@@ -73,6 +73,8 @@ def test_problems_in_a_list_and_unknown_keys_are_all_reported(tmp_path: Path) ->
         "bogus: unknown key",
         "sensors[0].max_age_s",
         "sensors[1].name: required key",
+        "sensors[2].name: 'Bad' must be lowercase",  # checked although sensors[1] cannot be built
+        "sensors[3].source.path: required for a file source",
         "telemetry.ack",
     ):
         assert f"  {key}" in message, message
