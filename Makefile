@@ -9,12 +9,14 @@ BIN := $(VENV)/bin
 BUILD_STAMP := $(VENV)/.deps-build
 DEV_STAMP := $(VENV)/.deps-dev
 REFERENCE_STAMP := $(VENV)/.deps-reference
+OPTIMUM_VENV ?= .venv-optimum
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.deps-optimum
 TORCH := torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
-.PHONY: install pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt bench-answers mosquitto browser clean-cache
+.PHONY: install optimum pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt bench-answers mosquitto browser clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +46,20 @@ $(REFERENCE_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[reference]'
 	touch $@
 
+# optimum's exporter (edge-pack build --exporter optimum) in a venv of its own: its optimum-onnx
+# pins transformers<4.58, the reference extra has 5.x. The builder runs its optimum-cli
+# ($$EDGE_SLM_OPTIMUM_CLI); torch's CPU build as for the reference extra.
+$(OPTIMUM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q --no-index --no-deps '$(TORCH)' 2>/dev/null \
+	  || $(OPTIMUM_VENV)/bin/python -m pip install -q --no-deps --index-url $(TORCH_CPU_INDEX) '$(TORCH)'
+	$(OPTIMUM_VENV)/bin/python -m pip install -q -e '.[optimum]'
+	touch $@
+
+optimum: $(OPTIMUM_STAMP)
+
 # Everything for development (what `make test` uses).
-install: $(BUILD_STAMP) $(DEV_STAMP) $(REFERENCE_STAMP)
+install: $(BUILD_STAMP) $(DEV_STAMP) $(REFERENCE_STAMP) $(OPTIMUM_STAMP)
 
 # Builds the default pack into $(EDGE_SLM_CACHE)/packs once; later runs find it and stop.
 pack: $(BUILD_STAMP)
@@ -65,8 +79,8 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null; \
 	  else echo "chromium is missing: sudo apt-get install -y chromium chromium-driver"; exit 1; fi; }
 
-test: pack mosquitto browser $(DEV_STAMP) $(REFERENCE_STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: pack mosquitto browser $(DEV_STAMP) $(REFERENCE_STAMP) $(OPTIMUM_STAMP)
+	EDGE_SLM_OPTIMUM_CLI=$(CURDIR)/$(OPTIMUM_VENV)/bin/optimum-cli $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The device side on emulated arm64 boards (Pi 4: Cortex-A72, Pi 5: Cortex-A76) under qemu-user:
 # a Debian bookworm root with its own python3, the device install from aarch64 wheels, `edge-agent
