@@ -87,7 +87,7 @@ test: pack mosquitto browser $(DEV_STAMP) $(REFERENCE_STAMP) $(OPTIMUM_STAMP)
 # ask` and signed sideloads through the health gate. Needs root; cached in $(EDGE_SLM_CACHE)/arm64.
 # Options through ARM64_ARGS, e.g. ARM64_ARGS="--cpu cortex-a76 --case good" (see --help).
 ARM64_ARGS ?=
-test-arm64: pack
+test-arm64: pack $(DEV_STAMP)  # the harness runs edge-fleet (fleet extra) to publish the packs
 	@command -v qemu-aarch64-static >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 \
 	  && [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || { \
 	  if [ "$$(id -u)" = 0 ]; then \
