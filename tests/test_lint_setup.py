@@ -29,10 +29,16 @@ def _name(requirement: str) -> str:
 
 def _lint_distributions() -> set[str]:
     """What `make lint`'s venv holds: the device install, the dev and fleet extras, and what
-    they require in turn (read from the installed distributions' metadata)."""
+    they require in turn."""
+    return installed_closure(LINT_EXTRAS)
+
+
+def installed_closure(extras: tuple[str, ...]) -> set[str]:
+    """The project's requirements with ``extras``, and what those require in turn, as names
+    (read from the installed distributions' metadata: the test venv has every extra)."""
     project = PYPROJECT["project"]
     wanted = [Requirement(r) for r in project["dependencies"]]
-    for extra in LINT_EXTRAS:
+    for extra in extras:
         wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
     seen: set[str] = set()
     while wanted:
