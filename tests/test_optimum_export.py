@@ -72,6 +72,32 @@ def write_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def write_tiny(family: str, path: Path) -> Path:
+    """A tiny OPT (Linear layers exported as MatMul and Gemm with bias, tied head) or GPT-NeoX
+    (fused query_key_value, rotary, an untied head), decisive as the GPT-2 is."""
+    tok = train_tokenizer()
+    eos, vocab = tok.token_to_id("<|im_end|>"), tok.get_vocab_size()
+    shape = {"vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    ids = {"max_position_embeddings": 128, "bos_token_id": eos, "eos_token_id": eos}
+    if family == "opt":
+        cfg = transformers.OPTConfig(**shape, **ids, ffn_dim=128, word_embed_proj_dim=64, pad_token_id=0)
+        model = transformers.OPTForCausalLM(cfg)
+    else:
+        cfg = transformers.GPTNeoXConfig(**shape, **ids, intermediate_size=128, tie_word_embeddings=False)
+        model = transformers.GPTNeoXForCausalLM(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(50.0 if "embed" in name else 10.0)
+    model.eval().save_pretrained(path)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", chat_template=CHATML
+    )
+    fast.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
@@ -99,9 +125,9 @@ def pack(pack_path: Path) -> LoadedPack:
     return load_pack(pack_path, check_ram=False)
 
 
-def _hf_greedy(gpt2_dir: Path, prompt: list[int], n: int) -> list[int]:
+def _hf_greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy continuation, recomputed from the full sequence every step."""
-    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -231,6 +257,23 @@ def test_same_inputs_find_the_pack(pack_path: Path, gpt2_dir: Path) -> None:
     opts = BuildOptions(name="tiny-gpt2", version="1.0.0", packs_dir=pack_path.parent, source=gpt2_dir)
     assert build_optimum_pack(opts) == pack_path
     assert (pack_path / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt-neox"])
+def test_other_families_build_gate_and_serve(family: str, tmp_path: Path) -> None:
+    _exporter_or_skip()
+    source = write_tiny(family, tmp_path / f"tiny-{family}")
+    opts = BuildOptions(name=f"tiny-{family}", version="1.0.0", packs_dir=tmp_path / "packs", source=source)
+    pack = load_pack(build_optimum_pack(opts), check_ram=False)
+    assert pack.manifest.graph == GRAPH_OPTIMUM and pack.manifest.evaluation.passed
+    graph = onnx.load(str(pack.model_path), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("MatMulNBits") == 2 * (6 if family == "opt" else 4) + 1
+    engine, fresh = Engine(pack, threads=1), Engine(pack, threads=1, prefix_cache=False)
+    prompt = _prompt(engine, PROMPTS[0])
+    got, want = _greedy(engine, prompt, 16), _hf_greedy(source, prompt, 16)
+    assert got[:4] == want[:4] and sum(a == b for a, b in zip(got, want, strict=True)) >= 12
+    again = _prompt(engine, PROMPTS[0] + " 30")  # reuses the rows of the first prompt
+    assert _greedy(engine, again, 8) == _greedy(fresh, again, 8)
 
 
 # ---------------------------------------------------------------- without the exporter
