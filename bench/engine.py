@@ -1,202 +1,136 @@
-"""Decode speed and prefill time: our engine vs llama.cpp on the same weights and threads.
+"""Decode and prefill: our engine against llama.cpp, a fair race, in one run on one machine.
 
-Prints one JSON line. Each side runs in its own subprocess (so peak RSS is its own),
-with the same prompt text, greedy decoding of the same number of tokens (EOS ignored)
-and the same thread count. llama.cpp runs the Q8_0 requantization of the GGUF our pack
-was built from. Memory bandwidth is measured in the same run, and the bandwidth bound
-is (bytes of weights read per token) / bandwidth.
+Prints one JSON line. Four sides, each in its own process on the same token ids
+(model_packs.compare.workload: the default pack's tokenizer and chat template), the same
+threads and context (2048): our int8 pack against llama.cpp Q8_0, our int4 pack against
+llama.cpp Q4_0, both llama.cpp types requantized from the GGUF our packs are built from, at
+llama.cpp's best settings (flash attention, a batch as large as the prompt; bench/llama_side.py)
+and truly greedy on both sides. The sides run round after round in rotated order (interleaved,
+so drift falls on all of them); each figure is the median over ``--rounds`` with its min..max.
+Two prompts: the short greenhouse question (about 60 tokens, then 64 decoded tokens) and a long
+one (about 1,500 tokens).
 
-    python bench/engine.py [--threads 2] [--tokens 128] [--runs 3]
+The bandwidth bound: every weight byte is read once per decoded token (layers and the LM head,
+which for int8 is the embedding table), over the read bandwidth measured in the same run with
+the same threads.
+
+    python -m bench.engine [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import resource
-import statistics
-import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PROMPT = (
-    "You are the assistant of a greenhouse controller. The air temperature is 27.5 C, "
-    "relative humidity 81 percent and soil moisture 22 percent. Explain in a few sentences "
-    "whether the vents should be opened and whether the beds need water."
-)
-# The same ChatML text for both sides, so both prefill the same tokens.
-CHAT = f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+from agent.logs import configure_logging
+from bench import llama_side
+from model_packs import compare, levels
+from model_packs.format import DEFAULT_PACK_NAME, DEFAULT_PACK_VERSION, packs_dir, read_manifest
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_ours(threads: int, tokens: int, runs: int) -> dict[str, Any]:
-    from agent.inference import Engine, GenerationRequest, load_pack
-    from model_packs.format import default_pack_path
-
-    engine = Engine(load_pack(default_pack_path()), threads=threads)
-    prompt = engine.tokenizer.encode(CHAT)
-    rss_loaded = _peak_rss_mb()
-    results = []
-    for _ in range(runs + 1):  # first run warms up
-        done = engine.generate(GenerationRequest(prompt, tokens, ignore_eos=True))
-        results.append(done.usage)
-    results = results[1:]
-    return {
-        "prompt_tokens": len(prompt),
-        "decode_tok_s": statistics.median(u.decode_tokens_per_s for u in results),
-        "prefill_s": statistics.median(u.time_to_first_token_s for u in results),
-        "rss_after_load_mb": round(rss_loaded, 1),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-    }
-
-
-def q8_gguf() -> Path:
-    """Requantize the pack's source GGUF to Q8_0 once, into the cache."""
-    import llama_cpp
-
-    from model_packs.build.source import default_gguf_path
-    from model_packs.format import cache_root
-
-    out = cache_root() / "bench" / "SmolLM2-135M-Instruct.Q8_0.gguf"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.allow_requantize = True
-        params.nthread = 2
-        tmp = out.with_suffix(".tmp")
-        rc = llama_cpp.llama_model_quantize(str(default_gguf_path()).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise SystemExit(f"llama_model_quantize failed with {rc}")
-        tmp.rename(out)
-    return out
-
-
-def run_llama(threads: int, tokens: int, runs: int) -> dict[str, Any]:
-    from llama_cpp import Llama
-
-    path = q8_gguf()
-    llm = Llama(
-        model_path=str(path),
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_ctx=1024,
-        n_batch=512,
-        verbose=False,
-    )
-    prompt = llm.tokenize(CHAT.encode(), add_bos=False, special=True)
-    rss_loaded = _peak_rss_mb()
-    decode, prefill = [], []
-    for _ in range(runs + 1):
-        llm.reset()  # type: ignore[no-untyped-call]
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t1 = time.perf_counter()
-        for _ in range(tokens - 1):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t2 = time.perf_counter()
-        prefill.append(t1 - t0)
-        decode.append((tokens - 1) / (t2 - t1))
-    return {
-        "prompt_tokens": len(prompt),
-        "decode_tok_s": statistics.median(decode[1:]),
-        "prefill_s": statistics.median(prefill[1:]),
-        "rss_after_load_mb": round(rss_loaded, 1),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "model_bytes": path.stat().st_size,
-    }
-
-
-def bandwidth_gb_s(threads: int, size_mb: int = 1024) -> float:
-    """Read bandwidth: ``threads`` threads summing disjoint halves of a large array."""
+def bandwidth_gb_s(threads: int, size_mb: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth (median of ``repeats``): ``threads`` threads summing disjoint parts of a
+    large array."""
     arr = np.ones(size_mb * 2**20 // 8, dtype=np.float64)
     parts = np.array_split(arr, threads)
-    best = 0.0
-    for _ in range(3):
+    runs = []
+    for _ in range(repeats):
         workers = [threading.Thread(target=p.sum) for p in parts]
         t0 = time.perf_counter()
         for w in workers:
             w.start()
         for w in workers:
             w.join()
-        best = max(best, arr.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
+        runs.append(arr.nbytes / (time.perf_counter() - t0) / 1e9)
+    return float(np.median(runs))
 
 
-def weight_bytes_per_token() -> int:
-    """Every MatMulNBits weight (incl. the LM head, which is the embedding) once per token."""
-    from model_packs.format import default_pack_path, read_manifest
+def weight_bytes_per_token(pack: Path) -> int:
+    """Bytes of weights a decode step reads: the layers' file, plus the embedding table when the
+    LM head shares it (an 8-bit head); a 4-bit head is its own matrix inside weights.bin."""
+    m = read_manifest(pack)
+    shared_head = m.quantization.method in ("int8-block32", "mixed-block32", "mixed-attn8-block32")
+    return m.files["weights.bin"].length + (m.files[m.embedding.file].length if shared_head else 0)
 
-    m = read_manifest(default_pack_path())
-    return m.files["weights.bin"].length + m.files[m.embedding.file].length
+
+def pack(level: str) -> Path:
+    from model_packs.build.builder import BuildOptions, build_pack
+
+    opts = BuildOptions(
+        name=DEFAULT_PACK_NAME, version=DEFAULT_PACK_VERSION, packs_dir=packs_dir(), quantization=level
+    )
+    return build_pack(opts)
 
 
-def _side(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--side",
-        name,
-        "--threads",
-        str(args.threads),
-        "--tokens",
-        str(args.tokens),
-        "--runs",
-        str(args.runs),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+def sides(threads: int, work: Path) -> tuple[dict[str, Path], dict[str, Callable[[], dict[str, Any]]]]:
+    ours = {"int8": pack(levels.resolve("int8")), "int4": pack(levels.resolve("int4"))}
+    measure = compare.measure_in_subprocess
+    run: dict[str, Callable[[], dict[str, Any]]] = {
+        name: functools.partial(measure, path, threads, work) for name, path in ours.items()
+    }
+    for ftype in ("Q8_0", "Q4_0"):
+        gguf = llama_side.gguf_at(ftype)
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("llama_side.py")),
+            *("--gguf", str(gguf), "--ids", str(work), "--threads", str(threads)),
+        ]
+        run[ftype] = functools.partial(compare.run_side, cmd, f"llama.cpp {ftype}")
+    return ours, run
+
+
+def pair(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of medians, >1 when ours is better, with each side's own spread."""
+    return {
+        "decode_ratio": round(ours["decode_tok_s"] / theirs["decode_tok_s"], 3),
+        "prefill_short_ratio": round(theirs["prefill_short_ms"] / ours["prefill_short_ms"], 3),
+        "prefill_long_ratio": round(theirs["prefill_long_ms"] / ours["prefill_long_ms"], 3),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--side", choices=["ours", "llama"])
     args = p.parse_args()
-    if args.side:
-        fn = run_ours if args.side == "ours" else run_llama
-        print(json.dumps(fn(args.threads, args.tokens, args.runs)))
-        return
-    ours, llama = _side("ours", args), _side("llama", args)
+    configure_logging("warning")  # stdout carries the one JSON line
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        work = Path(tmp) / "work.json"
+        packs, run = sides(args.threads, work)
+        work.write_text(json.dumps(compare.workload(packs["int8"], compare.golden_prompts(packs["int8"]))))
+        measured = compare.run_rounds(run, args.rounds, compare.progress)
     bw = bandwidth_gb_s(args.threads)
-    per_token = weight_bytes_per_token()
-    bound = bw * 1e9 / per_token
-    print(
-        json.dumps(
-            {
-                "bench": "engine",
-                "threads": args.threads,
-                "decode_tokens": args.tokens,
-                "ours_decode_tok_s": round(ours["decode_tok_s"], 1),
-                "llama_cpp_q8_0_decode_tok_s": round(llama["decode_tok_s"], 1),
-                "decode_ratio_vs_llama_cpp": round(ours["decode_tok_s"] / llama["decode_tok_s"], 3),
-                "ours_prefill_s": round(ours["prefill_s"], 4),
-                "ours_prompt_tokens": ours["prompt_tokens"],
-                "llama_cpp_prefill_s": round(llama["prefill_s"], 4),
-                "llama_cpp_prompt_tokens": llama["prompt_tokens"],
-                "prefill_ratio_vs_llama_cpp": round(ours["prefill_s"] / llama["prefill_s"], 3),
-                "read_bandwidth_gb_s": round(bw, 2),
-                "weight_bytes_per_token": per_token,
-                "bandwidth_bound_tok_s": round(bound, 1),
-                "ours_share_of_bandwidth_bound": round(ours["decode_tok_s"] / bound, 3),
-                "ours_peak_rss_mb": ours["peak_rss_mb"],
-                "ours_rss_after_load_mb": ours["rss_after_load_mb"],
-                "llama_cpp_peak_rss_mb": llama["peak_rss_mb"],
-            }
-        )
-    )
+    keep = ("decode_tok_s", "prefill_short_ms", "prefill_long_ms", "rss_after_load_mb", "peak_rss_mb")
+    out: dict[str, Any] = {
+        "bench": "engine",
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "short_prompt_tokens": measured["int8"]["short_prompt_tokens"],
+        "long_prompt_tokens": measured["int8"]["long_prompt_tokens"],
+        "read_bandwidth_gb_s": round(bw, 2),
+    }
+    for name, m in measured.items():
+        out[name] = {k: m[k] for k in keep} | {f"{k}_spread": m[f"{k}_spread"] for k in keep}
+    for ours, theirs in (("int8", "Q8_0"), ("int4", "Q4_0")):
+        out[f"{ours}_vs_{theirs}"] = pair(measured[ours], measured[theirs])
+        per_token = weight_bytes_per_token(packs[ours])
+        bound = bw * 1e9 / per_token
+        out[ours] |= {
+            "weight_bytes_per_token": per_token,
+            "bandwidth_bound_tok_s": round(bound, 1),
+            "share_of_bandwidth_bound": round(measured[ours]["decode_tok_s"] / bound, 3),
+        }
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

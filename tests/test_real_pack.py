@@ -99,3 +99,32 @@ def test_special_tokens_typed_into_a_question_stay_text(real_engine: Engine) -> 
     assert plain.count(end) == injected.count(end) == 2
     rendered = real_engine.template.render(chat_messages("What is the temperature?", "Be brief."))
     assert plain == real_engine.tokenizer.encode(rendered)  # ordinary questions: the same ids as before
+
+
+FULL_CONTEXT = """
+import json, sys
+from pathlib import Path
+from agent.inference import Engine, GenerationRequest, load_pack
+from model_packs.compare import long_prompt_text
+engine = Engine(load_pack(Path(sys.argv[1])), threads=2)
+text = long_prompt_text()
+ids = engine.prompt_ids(text + " " + text)[: engine.context_length - 8]
+done = engine.generate(GenerationRequest(ids, 8, ignore_eos=True))
+status = dict(l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines())
+hwm_mb = int(status["VmHWM"].split()[0]) // 1024
+print(json.dumps({"tokens": len(ids) + len(done.token_ids), "hwm_mb": hwm_mb}))
+"""
+
+
+def test_min_ram_mb_holds_a_process_at_full_context(real_pack_path: Path) -> None:
+    """A fresh process fills the whole context (prompt and answer): its peak resident memory
+    stays within the manifest's min_ram_mb, which is what the device checks before loading."""
+    import json
+
+    m = read_manifest(real_pack_path)
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_CONTEXT, str(real_pack_path)], capture_output=True, text=True, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == m.generation.context_length
+    assert got["hwm_mb"] <= m.runtime.min_ram_mb, (got, m.runtime.min_ram_mb)

@@ -1,0 +1,137 @@
+"""The llama.cpp side of the races (bench/engine.py, bench/quant.py), at its best settings.
+
+Same weights: llama.cpp requantizes the GGUF our packs are built from (Q4_1 layers, Q8_0 head)
+to the type raced, once, into the cache. Same work: the token ids our side feeds (the pack's
+tokenizer and chat template; SmolLM2's GGUF carries the same vocabulary), the same context size
+(2048), the same threads, greedy decoding of the same number of tokens with EOS ignored.
+llama.cpp's own best settings: flash attention on, a batch as large as the prompt, the model
+memory-mapped. Greedy for real: the sampler is top-k 1 at temperature 0 (``Llama.generate``);
+reading ``scores`` with ``logits_all=False`` gives zeros, and argmax of zeros feeds token 0 back.
+
+Run in its own process (``python bench/llama_side.py --gguf PATH --ids FILE``) so its resident
+memory is its own; prints one JSON line in the shape of model_packs.compare.measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+FTYPES = ("Q4_0", "Q4_K_M", "Q8_0")
+CONTEXT = 2048
+
+
+def _status_mb() -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon"):
+            out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+def gguf_at(ftype: str) -> Path:
+    """The pack's source GGUF requantized to ``ftype`` (Q4_0, Q4_K_M, Q8_0), cached."""
+    import llama_cpp
+
+    from model_packs.build.source import default_gguf_path
+    from model_packs.format import cache_root
+
+    out = cache_root() / "bench" / f"SmolLM2-135M-Instruct.{ftype}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True
+    params.nthread = 2
+    tmp = out.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(default_gguf_path()).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize to {ftype} failed with {rc}")
+    tmp.rename(out)
+    return out
+
+
+def _greedy(llm: Any, ids: list[int], n: int) -> tuple[list[int], float, float]:
+    """(tokens, seconds to the first token, seconds for the rest) of a greedy run of ``n``."""
+    out: list[int] = []
+    # llama-cpp-python's generate() reuses the cached prefix of the last prompt even with
+    # reset=True; our side is measured with its prefix cache off, so this side starts empty
+    llm.reset()
+    t0 = time.perf_counter()
+    t_first = t0
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if not out:
+            t_first = time.perf_counter()
+        out.append(int(tok))
+        if len(out) >= n:
+            break
+    return out, t_first - t0, time.perf_counter() - t_first
+
+
+def measure(gguf: Path, threads: int, ids: dict[str, Any]) -> dict[str, Any]:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=CONTEXT,
+        n_batch=CONTEXT,
+        n_ubatch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=True,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    after_load = _status_mb()
+    short, long_ids, decode = ids["short"], ids["long"], int(ids["decode_tokens"])
+    _greedy(llm, short, 4)  # warm-up
+    tokens, _, rest = _greedy(llm, short, decode)
+    _, first_short, _ = _greedy(llm, short, 1)
+    _, first_long, _ = _greedy(llm, long_ids, 1)
+    golden = [_greedy(llm, g, int(ids["golden_tokens"]))[0] for g in ids["golden"]]
+    return {
+        "load_s": round(load_s, 3),
+        "rss_after_load_mb": after_load["VmRSS"],
+        "anon_after_load_mb": after_load.get("RssAnon"),
+        "peak_rss_mb": _status_mb()["VmHWM"],
+        "decode_tok_s": round((len(tokens) - 1) / rest, 2) if rest > 0 else 0.0,
+        "prefill_short_ms": round(first_short * 1000, 1),
+        "short_prompt_tokens": len(short),
+        "prefill_long_ms": round(first_long * 1000, 1),
+        "long_prompt_tokens": len(long_ids),
+        "golden_tokens": golden,
+    }
+
+
+def logits_all(gguf: Path, threads: int) -> Any:
+    """A second instance that keeps every position's logits (for perplexity, not for speed)."""
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=str(gguf),
+        n_ctx=CONTEXT,
+        n_batch=CONTEXT,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        verbose=False,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--gguf", type=Path, required=True)
+    p.add_argument("--ids", type=Path, required=True, help="JSON: short, long, golden, decode/golden tokens")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    print(json.dumps(measure(args.gguf, args.threads, json.loads(args.ids.read_text()))))
+
+
+if __name__ == "__main__":
+    main()
