@@ -16,7 +16,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export EDGE_SLM_CACHE ?= $(HOME)/.cache/edge-slm
 PYTEST_ARGS ?=
 
-.PHONY: install optimum pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt bench-answers mosquitto browser clean-cache
+.PHONY: install optimum pack test test-fast test-arm64 fuzz lint demo bench bench-mqtt bench-answers bench-quant mosquitto browser clean-cache
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -117,13 +117,24 @@ demo: pack mosquitto
 	@$(BIN)/edge-pack inspect $(EDGE_SLM_CACHE)/packs/smollm2-135m-instruct-1.0.0
 	$(BIN)/python -m agent.demo
 
-bench: pack mosquitto $(DEV_STAMP)
+BENCH_STAMP := $(VENV)/.deps-bench
+$(BENCH_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python bench/engine.py
+	touch $@
+
+bench: pack mosquitto $(DEV_STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m bench.engine
 	$(BIN)/python bench/mqtt.py
 	$(BIN)/python bench/update.py
 	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.prefix
+	$(BIN)/python -m bench.prepack
 	$(BIN)/python bench/answers.py
+
+# Quantization levels side by side (our int8/mixed/int4 packs, llama.cpp Q8_0/Q4_K_M/Q4_0):
+# one JSON line, the README's table and chart (builds the int4 and mixed packs when missing).
+bench-quant: pack $(DEV_STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m bench.quant --table quant-table.md --png quant-chart.png
 
 bench-mqtt: pack mosquitto
 	$(BIN)/python bench/mqtt.py
