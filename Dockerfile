@@ -4,7 +4,8 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 \
     EDGE_SLM_CACHE=/data/cache EDGE_AGENT_STATE_DIR=/data/state
 WORKDIR /opt/edge-slm-agent
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE MANIFEST.in ./
+COPY docs ./docs
 COPY agent ./agent
 COPY model_packs ./model_packs
 COPY fleet ./fleet
