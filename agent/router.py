@@ -35,6 +35,7 @@ from agent.messages import (
 )
 from agent.scheduling import Job, RateLimiter, Scheduler
 from agent.sensors.hub import SensorHub
+from agent.sensors.windows import read_text
 from agent.transport import Inbound
 from model_packs.instructions import Instruction
 
@@ -167,15 +168,10 @@ class Router:
     def _read(self, data: dict[str, Any], target: ReplyTo) -> str:
         r = parse_read(data)
         fact = self.hub.read(r.sensor, r.agg, r.window_s)
-        shown = "no reading" if fact.value is None else f"{fact.value:.6g}"
-        stale = " (stale)" if fact.stale else ""
-        text = (
-            f"{fact.sensor} {fact.agg} over {fact.to_json()['window']}: {shown} {fact.unit}".rstrip() + stale
-        )
         body = final_reply(
             r.id,
             0,
-            text=text,
+            text=read_text(fact.to_json()),  # the CLI's words: a trend per minute, no reading plainly
             value=fact.value,
             facts=[fact.to_json()],
             grounded=True,

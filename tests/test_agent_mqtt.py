@@ -80,6 +80,8 @@ def test_read_answers_exactly_from_the_window(running_agent: RunningAgent) -> No
             assert r["facts"][0]["stale"] is False and r["facts"][0]["window"] == "5m"
         trend = c.request("read", {"sensor": "temperature", "agg": "trend"}, 10)
         assert trend["value"] > 0
+        # the reply's text says a trend in the sensor's unit per minute (not the unit itself)
+        assert trend["text"].startswith("temperature trend over") and "°C per minute" in trend["text"]
 
 
 def test_stale_reading_is_reported_stale(broker: LocalBroker, tiny_pack_path: Path, start_agent: Any) -> None:
@@ -91,7 +93,7 @@ def test_stale_reading_is_reported_stale(broker: LocalBroker, tiny_pack_path: Pa
     time.sleep(0.6)
     with ra.client() as c:
         r = c.request("read", {"sensor": "temperature"}, 10)
-    assert r["value"] == 19.0 and r["facts"][0]["stale"] is True and "(stale)" in r["text"]
+    assert r["value"] == 19.0 and r["facts"][0]["stale"] is True and "(stale: the newest reading is" in r["text"]
 
 
 def _raw(ra: RunningAgent, kind: str, payload: bytes) -> dict[str, Any]:
