@@ -107,6 +107,31 @@ def test_connect_raises_when_nothing_listens() -> None:
     assert err.value.code == "unreachable" and "cannot reach the broker" in err.value.message
 
 
+def test_a_broker_that_cannot_be_reached_is_logged_once_then_counted_and_found_later(tmp_path: Path) -> None:
+    """start() retries in the background: the first failed attempt is a warning naming the
+    broker, the next ones debug lines with the count; a broker that comes up is connected to."""
+    import structlog
+
+    port = free_port()
+    t = _transport(f"mqtt://127.0.0.1:{port}")
+    with structlog.testing.capture_logs() as logs:
+        t.start()
+        try:
+            deadline = time.monotonic() + 10
+            while sum(e["event"] == "mqtt_connect_failed" for e in logs) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            failed = [e for e in logs if e["event"] == "mqtt_connect_failed"]
+            assert [e["log_level"] for e in failed[:3]] == ["warning", "debug", "debug"]
+            assert failed[0]["broker"] == f"127.0.0.1:{port}" and failed[2]["attempts"] == 3
+            broker = LocalBroker(port=port, workdir=tmp_path).start()
+            try:
+                assert t.wait_connected(15)
+            finally:
+                broker.stop()
+        finally:
+            t.stop()
+
+
 def test_connect_is_refused_with_a_wrong_password(tmp_path: Path) -> None:
     pwfile = tmp_path / "passwords"
     pwfile.touch()

@@ -128,6 +128,7 @@ class MqttTransport:
         self._refused: str | None = None
         self._unacked: set[int] = set()  # SUBSCRIBE packet ids of this connection
         self._closing = False
+        self._connect_failures = 0  # attempts in a row that did not reach the broker
         self._client = self._make_client(client_id, will)
 
     # ------------------------------------------------------------ setup
@@ -151,6 +152,7 @@ class MqttTransport:
         self._set_delay(client, self.cfg.reconnect.min_s)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_message = self._handle_message
         client.on_subscribe = self._handle_subscribe
         client.on_publish = self._handle_publish
@@ -247,6 +249,7 @@ class MqttTransport:
             return
         self._refused = None
         self.connects += 1
+        self._connect_failures = 0
         self._backoff.reset()
         self._set_delay(client, self.cfg.reconnect.min_s)
         self._subscribe_all(client)
@@ -293,6 +296,21 @@ class MqttTransport:
         delay = self._backoff.next_delay()
         self._set_delay(client, delay)
         log.warning("mqtt_disconnected", reason=str(reason), retry_in_s=round(delay, 2))
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """The broker could not be reached (refused, unresolvable, timed out) and paho will try
+        again. The first failure in a row is a warning, so a wrong address or a stopped broker
+        shows in the log at once; the rest are debug (the count goes on), with a growing wait."""
+        if self._closing:
+            return
+        self._connect_failures += 1
+        delay = self._backoff.next_delay()
+        self._set_delay(client, delay)
+        fields = {"broker": self._where(), "attempts": self._connect_failures, "retry_in_s": round(delay, 2)}
+        if self._connect_failures == 1:
+            log.warning("mqtt_connect_failed", **fields, hint="is the broker running and reachable?")
+        else:
+            log.debug("mqtt_connect_failed", **fields)
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         """MQTT 5 tells a refused publish apart (PUBACK reason >= 0x80): seen and counted,
