@@ -22,7 +22,9 @@ repeated; the median and the spread (min, max) of each figure are reported.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -90,6 +92,7 @@ def main() -> None:
     configure_logging("warning")
     raise_nofile_limit(2 * args.devices + 512)
     tmp = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
+    atexit.register(shutil.rmtree, tmp, True)  # nothing left behind in /tmp
     private, public, _ = create_operator_key(tmp, "fleet")
     tag = uuid.uuid4().hex[:8]
     rounds: list[dict[str, float]] = []

@@ -11,8 +11,10 @@ does the whole update (health gate in a shadow session, atomic switch).
 
 from __future__ import annotations
 
+import atexit
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,7 @@ def main() -> None:
     pack = default_pack_path()
     manifest = read_manifest(pack)
     work = Path(tempfile.mkdtemp(prefix="bench-update-"))
+    atexit.register(shutil.rmtree, work, True)  # nothing left behind in /tmp
     repo = FleetRepository(work / "repo", work / "keys")
     repo.init()
     published = repo.publish(pack)

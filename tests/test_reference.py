@@ -17,7 +17,7 @@ from model_packs.build.load import load_source
 from model_packs.build.source import SourceModel, default_gguf_path
 
 pytestmark = [pytest.mark.reference, pytest.mark.realpack]
-torch = pytest.importorskip("torch", reason="the reference check needs the build extra (torch)")
+torch = pytest.importorskip("torch", reason="needs the reference extra (torch): make test installs it")
 transformers = pytest.importorskip("transformers", reason="the reference check needs transformers")
 
 

@@ -43,7 +43,8 @@ class Parts:
         self.refused: list[tuple[str, str]] = []
         self.hub = SensorHub(self.cfg)
         self.scheduler = Scheduler(self.cfg.limits)
-        ledger = ReplayLedger(Path(tempfile.mkdtemp(prefix="router-ledger-")) / "instructions.json")
+        self._ledger_dir = tempfile.TemporaryDirectory(prefix="router-ledger-")  # removed with the harness
+        ledger = ReplayLedger(Path(self._ledger_dir.name) / "instructions.json")
         self.authority = Authority(
             load_operator_keys(self.cfg.security.operator_keys), self.cfg.device_id, ledger
         )
