@@ -8,6 +8,7 @@ the layer pattern that llama.cpp leaves implicit) on its own weights.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,10 +48,19 @@ def test_tiny_gemma_float_graph_matches_transformers(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
-@pytest.mark.realpack
-def test_gemma_270m_float_graph_matches_transformers_on_the_gguf(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def hf_gemma_tokenizer() -> Any:
+    """transformers' own conversion of the GGUF vocabulary (slow: about 40 s)."""
     gguf = gemma_gguf_path()
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+@pytest.mark.realpack
+def test_gemma_270m_float_graph_matches_transformers_on_the_gguf(
+    tmp_path: Path, hf_gemma_tokenizer: Any
+) -> None:
+    gguf = gemma_gguf_path()
+    tok = hf_gemma_tokenizer
     ids = [
         2,
         *tok("The greenhouse at the edge of the village was built in the spring", add_special_tokens=False)[
@@ -70,11 +80,13 @@ def test_gemma_270m_float_graph_matches_transformers_on_the_gguf(tmp_path: Path)
 
 
 @pytest.mark.realpack
-def test_gemma_tokenizer_matches_transformers_gguf_tokenizer() -> None:
+def test_gemma_tokenizer_matches_transformers_gguf_tokenizer(hf_gemma_tokenizer: Any) -> None:
+    from gguf import GGUFReader
     from tokenizers import Tokenizer
 
-    gguf = gemma_gguf_path()
-    ref = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    ours = Tokenizer.from_str(load_source(gguf).tokenizer_json)
+    from model_packs.build.source_gguf import build_tokenizer_json
+
+    ref = hf_gemma_tokenizer
+    ours = Tokenizer.from_str(build_tokenizer_json(GGUFReader(str(gemma_gguf_path()))))
     text = TOKENIZER_TEXT.replace("<start_of_turn>", "").replace("<end_of_turn>", "")
     assert ours.encode(text, add_special_tokens=False).ids == ref(text, add_special_tokens=False)["input_ids"]
