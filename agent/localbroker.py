@@ -71,8 +71,14 @@ class LocalBroker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> LocalBroker:
+        # its own session: a Ctrl-C in the terminal (make demo) reaches the agent and this
+        # process, which stop the broker last, instead of killing the broker under a live agent
+        # (which then logged a lost connection while stopping)
         self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [self.binary, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -227,3 +227,14 @@ def test_a_publish_the_broker_refuses_is_counted_not_taken_for_delivered(tmp_pat
     finally:
         t.stop()
         broker.stop()
+
+
+def test_the_local_broker_is_out_of_reach_of_a_ctrl_c_in_our_terminal(tmp_path: Path) -> None:
+    """make demo's broker runs in its own session: the SIGINT a terminal sends to our process
+    group does not kill it under the live agent; the demo stops it last."""
+    import os
+
+    with LocalBroker(workdir=tmp_path) as broker:
+        assert broker.proc is not None
+        assert os.getsid(broker.proc.pid) != os.getsid(0)
+        assert os.getpgid(broker.proc.pid) != os.getpgid(0)
