@@ -141,9 +141,11 @@ def run(rounds: int, threads: int) -> list[dict[str, Any]]:
     parts = heldout_parts()
     ref = float_logits(threads, parts)
     rows = [{**compare.pack_row(path), **measured[name]} for name, path in packs.items()]
+    vocab = rows[0]["tokenizer"]  # the GGUF carries the same vocabulary: golden tokens compare
     for ftype, gguf in ggufs.items():
         compare.progress(f"llama.cpp {ftype}: perplexity against float")
-        rows.append({**llama_row(ftype, gguf), **measured[ftype], **llama_quality(gguf, threads, parts, ref)})
+        quality = llama_quality(gguf, threads, parts, ref)
+        rows.append({**llama_row(ftype, gguf), "tokenizer": vocab, **measured[ftype], **quality})
     return compare.with_golden_agreement(rows)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from agent.logs import configure_logging
@@ -81,7 +82,8 @@ def _compare(args: argparse.Namespace) -> int:
         verify_pack(pack)
     if args.rounds < 1:
         raise PackError("--rounds must be at least 1")
-    rows = compare.compare(args.packs, args.rounds, args.threads, compare.golden_prompts(args.packs[0]))
+    with tempfile.TemporaryDirectory(prefix="edge-compare-") as tmp:
+        rows = compare.compare(args.packs, args.rounds, args.threads, Path(tmp))
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -55,7 +55,33 @@ def long_prompt_text() -> str:
     return facts + " Summarise the readings in one sentence."
 
 
-def measure(pack: Path, threads: int, golden: Sequence[str]) -> dict[str, Any]:
+def workload(pack: Path, golden: Sequence[str]) -> dict[str, Any]:
+    """The token ids every side is given (the pack's tokenizer and chat template), cut to fit
+    the pack's context (a test pack's is short): short and long prompt, golden prompts, and
+    how many tokens to decode."""
+    from agent.inference.pack import load_pack
+    from agent.inference.prompts import ChatTemplate, chat_messages
+    from agent.inference.tokenizer import TextTokenizer
+
+    loaded = load_pack(pack, check_ram=False, hash_files=False)
+    context = loaded.manifest.generation.context_length
+    system = loaded.manifest.generation.system_prompt
+    tok, template = TextTokenizer(loaded.tokenizer_json), ChatTemplate(loaded.chat_template)
+
+    def ids(text: str) -> list[int]:
+        return tok.encode_parts(template.render_parts(chat_messages(text, system)))
+
+    short = ids(SHORT_PROMPT)[: context // 2]
+    return {
+        "short": short,
+        "long": ids(long_prompt_text())[: context - 8],
+        "golden": [ids(p) for p in golden],
+        "decode_tokens": min(DECODE_TOKENS, context - len(short)),
+        "golden_tokens": min(GOLDEN_TOKENS, context // 4),
+    }
+
+
+def measure(pack: Path, threads: int, work: dict[str, Any]) -> dict[str, Any]:
     """One pack in this process: load, then short and long prompts, decode, golden tokens."""
     from agent.inference import Engine, GenerationRequest, load_pack
 
@@ -63,17 +89,13 @@ def measure(pack: Path, threads: int, golden: Sequence[str]) -> dict[str, Any]:
     engine = Engine(load_pack(pack), threads=threads, prefix_cache=False)
     load_s = time.perf_counter() - t0
     after_load = _status_mb()
-    short = engine.prompt_ids(SHORT_PROMPT)[: engine.context_length // 2]
+    short, long_ids = work["short"], work["long"]
     engine.generate(GenerationRequest(short, 4, ignore_eos=True))  # warm-up: kernels, arena
-    decode = min(DECODE_TOKENS, engine.context_length - len(short))
-    run = engine.generate(GenerationRequest(short, decode, ignore_eos=True))
-    # a pack with a short context (tests) gets the long prompt cut to fit
-    long_ids = engine.prompt_ids(long_prompt_text())[: engine.context_length - 8]
+    run = engine.generate(GenerationRequest(short, work["decode_tokens"], ignore_eos=True))
     long_run = engine.generate(GenerationRequest(long_ids, 8, ignore_eos=True))
-    golden_n = min(GOLDEN_TOKENS, engine.context_length // 4)
     tokens = [
-        engine.generate(GenerationRequest(engine.prompt_ids(p), golden_n, ignore_eos=True)).token_ids
-        for p in golden
+        engine.generate(GenerationRequest(g, work["golden_tokens"], ignore_eos=True)).token_ids
+        for g in work["golden"]
     ]
     return {
         "load_s": round(load_s, 3),
@@ -89,15 +111,18 @@ def measure(pack: Path, threads: int, golden: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def measure_in_subprocess(pack: Path, threads: int, golden: Sequence[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "model_packs.compare", "--measure", str(pack), "--threads", str(threads)]
-    for p in golden:
-        cmd += ["--golden", p]
+def run_side(cmd: list[str], what: str) -> dict[str, Any]:
+    """Run one measuring process; its last stdout line is the JSON result."""
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise PackError(f"measuring {pack} failed: {out.stderr.strip()[-2000:]}")
+        raise PackError(f"measuring {what} failed: {out.stderr.strip()[-2000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def measure_in_subprocess(pack: Path, threads: int, work_file: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "model_packs.compare", "--measure", str(pack), "--threads", str(threads)]
+    return run_side([*cmd, "--work", str(work_file)], str(pack))
 
 
 def golden_agreement(tokens: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> float:
@@ -144,6 +169,7 @@ def pack_row(pack: Path) -> dict[str, Any]:
     return {
         "name": pack.name,
         "kind": "pack",
+        "tokenizer": m.files[m.tokenizer.file].sha256[:12],  # golden agreement needs the same vocabulary
         "level": m.quantization.method,
         "size_mb": pack_size_mb(pack),
         "ppl": round(ev.perplexity_quant, 3),
@@ -166,22 +192,33 @@ def run_rounds(
     return {n: summarise(v) for n, v in runs.items()}
 
 
-def compare(packs: Sequence[Path], rounds: int, threads: int, golden: Sequence[str]) -> list[dict[str, Any]]:
-    sides: dict[str, Callable[[], dict[str, Any]]] = {
-        str(p): functools.partial(measure_in_subprocess, p, threads, golden) for p in packs
-    }
-    measured = run_rounds(sides, rounds, lambda s: print(f"[compare] {s}", file=sys.stderr, flush=True))
+def progress(line: str) -> None:
+    print(f"[compare] {line}", file=sys.stderr, flush=True)
+
+
+def compare(packs: Sequence[Path], rounds: int, threads: int, workdir: Path) -> list[dict[str, Any]]:
+    """Rows for ``packs``: each pack gets the same texts as token ids of its own tokenizer and
+    chat template (written into ``workdir``); the golden prompts are the first pack's."""
+    golden = golden_prompts(packs[0])
+    sides: dict[str, Callable[[], dict[str, Any]]] = {}
+    for i, pack in enumerate(packs):
+        work = workdir / f"work-{i}.json"
+        work.write_text(json.dumps(workload(pack, golden)))
+        sides[str(pack)] = functools.partial(measure_in_subprocess, pack, threads, work)
+    measured = run_rounds(sides, rounds, progress)
     rows = [{**pack_row(p), **measured[str(p)]} for p in packs]
     return with_golden_agreement(rows)
 
 
 def with_golden_agreement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Golden agreement against the first row; the token lists leave the rows."""
-    reference = rows[0]["golden_tokens"]
+    """Golden agreement against the first row, for rows with the first row's tokenizer (token
+    ids of another vocabulary cannot be compared: None); the token lists leave the rows."""
+    reference, vocab = rows[0]["golden_tokens"], rows[0].get("tokenizer")
     out = []
     for row in rows:
         tokens = row.pop("golden_tokens")
-        out.append({**row, "golden_agreement": golden_agreement(tokens, reference)})
+        same = row.get("tokenizer") == vocab
+        out.append({**row, "golden_agreement": golden_agreement(tokens, reference) if same else None})
     return out
 
 
@@ -247,9 +284,9 @@ def main_measure(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m model_packs.compare")
     p.add_argument("--measure", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--golden", action="append", default=[])
+    p.add_argument("--work", type=Path, required=True, help="JSON from workload()")
     args = p.parse_args(argv)
-    print(json.dumps(measure(args.measure, args.threads, args.golden)))
+    print(json.dumps(measure(args.measure, args.threads, json.loads(args.work.read_text()))))
     return 0
 
 
