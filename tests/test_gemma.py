@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from agent.inference import Engine, GenerationRequest, load_pack
+from agent.inference import Engine, GenerationRequest, LoadedPack, load_pack
 from model_packs.build import source_gemma
 from model_packs.build.builder import BuildOptions, build_pack
 from model_packs.build.evaluate import GraphRunner, heldout_text
@@ -46,9 +46,14 @@ def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_gemma_engine(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def tiny_gemma_pack(tiny_gemma_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedPack:
     opts = tiny_build_options(tiny_gemma_dir, tmp_path_factory.mktemp("gemma-packs"), name="tiny-gemma")
-    return Engine(load_pack(build_pack(opts), check_ram=False), threads=1)
+    return load_pack(build_pack(opts), check_ram=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_engine(tiny_gemma_pack: LoadedPack) -> Engine:
+    return Engine(tiny_gemma_pack, threads=1)
 
 
 def test_hf_gemma_config_and_norm_factors(tiny_gemma_dir: Path) -> None:
@@ -112,6 +117,28 @@ def test_tiny_gemma_incremental_decoding_matches_full_recompute(tiny_gemma_engin
         want = full[len(prompt) - 1 + step]
         np.testing.assert_allclose(logits, want, atol=1e-2 * np.abs(want).max(), rtol=0)
         assert int(want.argmax()) == done.token_ids[step]
+
+
+@pytest.mark.parametrize("chunk", [1, WINDOW - 1, WINDOW + 1, 4096])
+def test_prompt_in_chunks_and_a_reused_prefix_give_the_same_logits(
+    tiny_gemma_pack: LoadedPack, chunk: int
+) -> None:
+    """Rows appended to a cache (prefill in chunks, a prompt continuing a cached one) see
+    the same window as one pass over the whole prompt."""
+    question = "a question long enough to span the window several times over"
+    whole: list[np.ndarray] = []
+    one = Engine(tiny_gemma_pack, threads=1, prefill_chunk=4096, prefix_cache=False)
+    prompt = one.prompt_ids(question, "The greenhouse sensors.")
+    assert len(prompt) > 3 * WINDOW
+    one.generate(GenerationRequest(prompt, 4, observe_logits=lambda x: whole.append(x.copy())))
+    chunked = Engine(tiny_gemma_pack, threads=1, prefill_chunk=chunk)
+    chunked.generate(GenerationRequest(prompt[: len(prompt) // 2], 2))  # a cached prefix
+    parts: list[np.ndarray] = []
+    done = chunked.generate(GenerationRequest(prompt, 4, observe_logits=lambda x: parts.append(x.copy())))
+    assert done.usage.cached_prompt_tokens > WINDOW
+    assert len(whole) == len(parts) == 4
+    for w, p in zip(whole, parts, strict=True):
+        np.testing.assert_allclose(p, w, atol=1e-2 * np.abs(w).max(), rtol=0)
 
 
 def test_completion_prompt_starts_with_bos_and_ends_at_answer(tiny_gemma_engine: Engine) -> None:
