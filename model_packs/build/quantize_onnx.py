@@ -300,7 +300,8 @@ def quantize_graph(float_model: Path, out_dir: Path, opts: QuantizeOptions) -> Q
     model = onnx.load(str(float_model))
     graph = model.graph
     gather, table = find_embedding(graph)
-    linears = find_linears(graph, vocab=table.shape[0])
+    # a constant narrower than a block (a rotary frequency row, say) is no weight matrix: kept float
+    linears = [w for w in find_linears(graph, vocab=table.shape[0]) if min(w.matrix.shape) >= opts.block_size]
     if not linears:
         raise SourceModelError("the exported graph has no MatMul or Gemm by a constant weight to quantize")
     blob = _Blob(out_dir / WEIGHTS_FILE)
