@@ -23,7 +23,14 @@ from agent.inference.hf_graph import OptimumGraph
 from agent.inference.pack import LoadedPack, load_pack
 from model_packs import runtimes
 from model_packs.build.builder import BuildOptions
-from model_packs.build.export_optimum import OPTIMUM_CLI_ENV, build_optimum_pack, export_float, optimum_cli
+from model_packs.build.export_optimum import (
+    OPTIMUM_CLI_ENV,
+    build_optimum_pack,
+    export_float,
+    exporter_source,
+    optimum_cli,
+    read_model_dir,
+)
 from model_packs.build.quantize import dequantize_blockwise, quantize_blockwise
 from model_packs.build.quantize_onnx import QuantizeOptions, quantize_graph
 from model_packs.cli import main as edge_pack
@@ -72,7 +79,7 @@ def write_tiny_gpt2(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_tiny(family: str, path: Path) -> Path:
+def write_tiny(family: str, path: Path, rope: dict[str, float | str] | None = None) -> Path:
     """A tiny OPT (Linear layers exported as MatMul and Gemm with bias, tied head) or GPT-NeoX
     (fused query_key_value, rotary, an untied head), decisive as the GPT-2 is."""
     tok = train_tokenizer()
@@ -83,7 +90,10 @@ def write_tiny(family: str, path: Path) -> Path:
         cfg = transformers.OPTConfig(**shape, **ids, ffn_dim=128, word_embed_proj_dim=64, pad_token_id=0)
         model = transformers.OPTForCausalLM(cfg)
     else:
-        cfg = transformers.GPTNeoXConfig(**shape, **ids, intermediate_size=128, tie_word_embeddings=False)
+        extra = {"rope_parameters": rope} if rope else {}
+        cfg = transformers.GPTNeoXConfig(
+            **shape, **ids, intermediate_size=128, tie_word_embeddings=False, **extra
+        )
         model = transformers.GPTNeoXForCausalLM(cfg)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -274,6 +284,33 @@ def test_other_families_build_gate_and_serve(family: str, tmp_path: Path) -> Non
     assert got[:4] == want[:4] and sum(a == b for a, b in zip(got, want, strict=True)) >= 12
     again = _prompt(engine, PROMPTS[0] + " 30")  # reuses the rows of the first prompt
     assert _greedy(engine, again, 8) == _greedy(fresh, again, 8)
+
+
+def test_rotary_settings_saved_by_transformers_5_reach_the_export(tmp_path: Path) -> None:
+    """transformers 5 writes them as rope_parameters only, which the exporter's 4.57 ignores."""
+    _exporter_or_skip()
+    rope: dict[str, float | str] = {
+        "rope_theta": 500000.0,
+        "partial_rotary_factor": 0.5,
+        "rope_type": "default",
+    }
+    source = write_tiny("gpt-neox", tmp_path / "neox", rope)
+    assert "rope_theta" not in json.loads((source / "config.json").read_text())
+    seen = exporter_source(read_model_dir(source), tmp_path / "scratch")
+    float_model = export_float(seen, tmp_path / "float")
+    ids = list(range(3, 63))
+    with torch.no_grad():
+        model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = OptimumGraph(float_model, 1, ["CPUExecutionProvider"]).forward(ids, 0, np.arange(len(ids)))
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max(), rtol=0)
+
+
+def test_rotary_settings_without_an_old_spelling_are_refused(tmp_path: Path) -> None:
+    rope: dict[str, float | str] = {"rope_theta": 500000.0, "rope_type": "linear", "factor": 8.0}
+    src = read_model_dir(write_tiny("gpt-neox", tmp_path / "neox", rope))
+    with pytest.raises(SourceModelError, match="rope_parameters"):
+        exporter_source(src, tmp_path / "scratch")
 
 
 # ---------------------------------------------------------------- without the exporter

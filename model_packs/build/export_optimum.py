@@ -146,6 +146,41 @@ def optimum_cli() -> str:
     return found
 
 
+# transformers 5 writes the rotary settings into ``rope_parameters``; the exporter's 4.57 reads
+# only the old top-level keys and silently takes its defaults (checked: a Llama saved by 5.x
+# with base 100000 is read back as 10000). So each setting is also written the 4.x ways.
+_ROPE_4X = {
+    "rope_theta": ("rope_theta", "rotary_emb_base"),
+    "partial_rotary_factor": ("partial_rotary_factor", "rotary_pct"),
+}
+
+
+def exporter_source(src: HfModelDir, scratch: Path) -> Path:
+    """The directory the exporter reads: the source, or where its config spells the rotary
+    settings only the transformers 5 way, a copy of it in ``scratch`` (links to its files)
+    whose config.json says them the 4.x way too. Settings with no 4.x spelling are refused."""
+    rope = src.config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return src.path
+    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", *_ROPE_4X}:
+        raise SourceModelError(
+            f"{src.path}: rope_parameters {rope} has no spelling optimum's transformers 4.57 reads "
+            "(only the default rotary type with rope_theta and partial_rotary_factor is translated)"
+        )
+    added = {old: rope[new] for new, olds in _ROPE_4X.items() if new in rope for old in olds}
+    added = {k: v for k, v in added.items() if k not in src.config}
+    if not added:
+        return src.path
+    shadow = scratch / src.path.name
+    shadow.mkdir(parents=True)
+    for f in src.path.iterdir():
+        if f.name != "config.json":
+            (shadow / f.name).symlink_to(f.resolve())
+    (shadow / "config.json").write_text(json.dumps({**src.config, **added}, indent=2))
+    log.info("rope_parameters_translated", added=added)
+    return shadow
+
+
 def export_float(source: Path, out_dir: Path) -> Path:
     """Run optimum's ONNX export of ``source`` into ``out_dir``; returns the float graph."""
     cmd = [optimum_cli(), "export", "onnx", "--model", str(source), "--task", TASK, str(out_dir)]
@@ -193,7 +228,7 @@ def build_optimum_pack(opts: BuildOptions) -> Path:
 
 def _build_into(staging: Path, src: HfModelDir, opts: BuildOptions, key: str) -> None:
     with tempfile.TemporaryDirectory(prefix="float-", dir=opts.packs_dir) as float_dir:
-        float_model = export_float(src.path, Path(float_dir))
+        float_model = export_float(exporter_source(src, Path(float_dir) / "source"), Path(float_dir))
         progress = StepProgress(f"quantize {opts.quantization}")
         qopts = QuantizeOptions(levels.widths(opts.quantization), accuracy_level=opts.accuracy_level)
         report = quantize_graph(float_model, staging, qopts)
