@@ -148,9 +148,11 @@ def failed_names(checks: Mapping[str, Any] | None) -> list[str]:
 # ---------------------------------------------------------------- the agent's pieces
 
 
-def open_pack(threads: int, workdir: Path) -> ActivePack:
-    """The default pack served as the agent serves it: a store seeded from the cache, booted."""
-    active = ActivePack(PackStore(workdir / "store"), engine_factory(PackConfig(threads=threads)))
+def open_pack(threads: int, workdir: Path, pack: Path | None = None) -> ActivePack:
+    """The pack (default: the default pack in the cache) served as the agent serves it: a
+    store seeded from it, booted."""
+    seed = None if pack is None else str(pack)
+    active = ActivePack(PackStore(workdir / "store"), engine_factory(PackConfig(threads=threads)), seed)
     active.boot()
     if active.info() is None:
         raise SystemExit(f"no pack serves: {active.error} (run `make pack`)")
@@ -260,16 +262,23 @@ def record(case: Mapping[str, Any], rnd: int, got: Mapping[str, Any]) -> Record:
     return rec
 
 
-def run(cases_path: Path, rounds: int, threads: int) -> tuple[list[Record], dict[str, Any]]:
+def run(
+    cases_path: Path, rounds: int, threads: int, pack: Path | None = None
+) -> tuple[list[Record], dict[str, Any]]:
     data = yaml.safe_load(cases_path.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory(prefix="bench-answers-") as tmp:  # the store holds a pack copy
-        return _run(data, cases_path, rounds, threads, Path(tmp))
+        return _run(data, cases_path, rounds, threads, Path(tmp), pack)
 
 
 def _run(
-    data: Mapping[str, Any], cases_path: Path, rounds: int, threads: int, workdir: Path
+    data: Mapping[str, Any],
+    cases_path: Path,
+    rounds: int,
+    threads: int,
+    workdir: Path,
+    pack: Path | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    active = open_pack(threads, workdir)
+    active = open_pack(threads, workdir, pack)
     configs = {name: domain_config(name, d, threads, workdir) for name, d in data["domains"].items()}
     records: list[Record] = []
     for rnd in range(rounds):
@@ -393,12 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="times through the set (default: 1)")
     p.add_argument("--threads", type=int, default=2, help="engine threads (default: 2)")
     p.add_argument("--records", type=Path, help="also write every answer as a JSON line here")
+    p.add_argument("--pack", type=Path, help="the pack to answer with (default: the default pack)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     configure_logging("error")  # stdout is the one JSON line
     started = time.monotonic()
-    recs, info = run(args.cases, args.rounds, args.threads)
+    recs, info = run(args.cases, args.rounds, args.threads, args.pack)
     if args.records is not None:
         with args.records.open("w", encoding="utf-8") as fh:
             for r in recs:

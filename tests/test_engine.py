@@ -209,3 +209,16 @@ def test_a_prompt_fed_in_chunks_gives_the_same_logits(tiny_pack: LoadedPack, chu
     assert len(whole) == len(parts) == 4
     for w, p in zip(whole, parts, strict=True):
         np.testing.assert_allclose(p, w, atol=1e-2 * np.abs(w).max(), rtol=0)
+
+
+def test_an_answer_start_after_a_completion_prompt_gets_its_space(tiny_pack: LoadedPack) -> None:
+    """Gemma's completion template ends "Answer:": the computed "Yes, " must read "Answer: Yes,"
+    (a chat turn ends in a newline and takes the start as it is)."""
+    import dataclasses
+
+    completion = "{% for m in messages %}Question: {{ m['content'] }}{% endfor %}\\nAnswer:"
+    engine = Engine(dataclasses.replace(tiny_pack, chat_template=completion), threads=1)
+    text = engine.tokenizer.decode(engine.prompt_ids("vents?", "", answer_start="Yes, "))
+    assert text.endswith("Answer: Yes, ") or text.endswith("Answer: Yes,")
+    chat = Engine(tiny_pack, threads=1)
+    assert chat.tokenizer.decode(chat.prompt_ids("vents?", "", answer_start="Yes, ")).endswith("\nYes, ")

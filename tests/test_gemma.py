@@ -269,3 +269,18 @@ def test_gemma_pack_passes_its_gate_and_answers(gemma_pack_path: Path) -> None:
     assert "Paris" in done.text, json.dumps(done.text)
     # the answer is one line: the newline ends it
     assert done.finish_reason == "eos" and "\n" not in done.text
+
+
+@pytest.mark.realpack
+def test_edge_pack_build_model_preset_names_the_gemma_source_and_pack() -> None:
+    """`edge-pack build --model gemma3-270m` builds from the joined GGUF under that name."""
+    from model_packs import cli
+    from model_packs.build.source_gemma import gemma_gguf_path
+
+    args = cli._parser().parse_args(["build", "--model", "gemma3-270m"])
+    assert (args.name or args.model) == "gemma3-270m"
+    assert cli._model_source(args.model) == gemma_gguf_path()
+    default = cli._parser().parse_args(["build"])
+    assert (default.name or default.model) == "smollm2-135m-instruct" and cli._model_source(
+        default.model
+    ) is None

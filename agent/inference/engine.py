@@ -231,7 +231,13 @@ class Engine:
         tokenized as content, so it cannot carry special tokens."""
         system = self.pack.manifest.generation.system_prompt if system_prompt is None else system_prompt
         parts = self.template.render_parts(chat_messages(question, system))
-        return self.tokenizer.encode_parts([*parts, (answer_start, True)] if answer_start else parts)
+        if not answer_start:
+            return self.tokenizer.encode_parts(parts)
+        # a completion prompt ends "Answer:" (Gemma's template); a chat turn ends in a newline
+        rendered = "".join(text for text, _ in parts)
+        if rendered and not rendered[-1].isspace() and not answer_start[0].isspace():
+            answer_start = " " + answer_start
+        return self.tokenizer.encode_parts([*parts, (answer_start, True)])
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """Limits are errors, never silent clamps: name the limit that was hit."""

@@ -55,7 +55,9 @@ from model_packs.format import (
 from model_packs.progress import StepProgress
 
 log = structlog.get_logger("edge_slm.build")
-BUILDER_VERSION = "4"  # 4: min_ram_mb from its measured parts (runtime.memory); 3: onnxruntime floors
+# 5: the start token before each evaluation chunk where the model expects one (Gemma 3);
+# 4: min_ram_mb from its measured parts (runtime.memory); 3: per-machine onnxruntime floors
+BUILDER_VERSION = "5"
 # (min top-1 agreement, max perplexity ratio) against the float model, by level. int4 measured
 # on SmolLM2-135M: top-1 0.83, perplexity x1.097 (the layers are exact against the Q4_1 source;
 # the loss is the 4-bit LM head's, whose source is Q8_0); int8: 0.967, x1.009; mixed (4-bit MLP,
@@ -253,7 +255,8 @@ def _evaluate(
     quant_embed = table.rows
     ref = GraphRunner(ref_dir / MODEL_FILE, src.config, lambda t: float_embed[t], opts.threads)
     quant = GraphRunner(staging / MODEL_FILE, src.config, quant_embed, opts.threads)
-    return evaluate(ref, quant, ids, opts.eval_chunk, StepProgress("evaluate vs float"))
+    bos = src.bos_token_id if src.add_bos else None
+    return evaluate(ref, quant, ids, opts.eval_chunk, StepProgress("evaluate vs float"), bos=bos)
 
 
 def _golden(staging: Path, opts: BuildOptions) -> list[dict[str, Any]]:

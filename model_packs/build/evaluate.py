@@ -106,9 +106,13 @@ def evaluate(
     ids: list[int],
     chunk: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    bos: int | None = None,
 ) -> EvalResult:
+    """``bos``: the start token a model expects before any text (Gemma 3): put before each
+    chunk, so every chunk token is scored as the model reads text (Gemma 3 270M without it:
+    float perplexity 134 and int8 top-1 0.931; with it 25.6 and 0.968, measured)."""
     agree, nll_f, nll_q, count = 0, 0.0, 0.0, 0
-    parts = chunks(ids, chunk)
+    parts = chunks(ids, chunk) if bos is None else [[bos, *c] for c in chunks(ids, chunk)]
     for i, part in enumerate(parts):
         lf, lq = ref.logits(part)[:-1], quant.logits(part)[:-1]
         targets = np.asarray(part[1:], dtype=np.int64)
