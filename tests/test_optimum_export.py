@@ -169,6 +169,9 @@ def test_pack_is_gated_and_says_its_graph(pack_path: Path) -> None:
     assert m.generation.context_length == 128  # clamped to the model's positions
     assert len(m.golden) == 3 and all(g.token_ids for g in m.golden)
     assert sorted(m.files) == ["chat_template.jinja", "model.onnx", "tokenizer.json", "weights.bin"]
+    memory = json.loads((pack_path / "manifest.json").read_text())["runtime"]["memory"]
+    assert memory.pop("total_mb") == m.runtime.min_ram_mb == sum(memory.values())
+    assert set(memory) == {"runtime_mb", "tokenizer_mb", "weights_mb", "kv_cache_mb", "activations_mb"}
     # GatherBlockQuantized over 8-bit codes: onnxruntime 1.22 refuses the graph
     floors = [m.runtime.onnxruntime, *m.runtime.onnxruntime_by_machine.values()]
     assert all(runtimes.version_tuple(f) >= (1, 23, 0) for f in floors)

@@ -31,6 +31,9 @@ import structlog
 from model_packs import levels, runtimes
 from model_packs.build.builder import (
     BUILDER_ID,
+    PREPACK_FACTOR,
+    RUNTIME_MB,
+    TOKENIZER_FACTOR,
     BuildOptions,
     _golden,
     _publish,
@@ -49,7 +52,7 @@ from model_packs.build.quantize_onnx import (
 )
 from model_packs.errors import SourceModelError
 from model_packs.fileio import sha256_file
-from model_packs.format import GRAPH_OPTIMUM, MANIFEST_NAME, file_entry, parse_manifest
+from model_packs.format import GRAPH_OPTIMUM, MANIFEST_NAME, FileEntry, file_entry, parse_manifest
 from model_packs.optimum_io import PastLayout
 from model_packs.progress import StepProgress
 
@@ -258,6 +261,30 @@ def _floors() -> tuple[str, dict[str, str]]:
     return at_least(any_machine), {m: at_least(v) for m, v in by_machine.items()}
 
 
+def memory_need(
+    src: HfModelDir, past: PastLayout, report: QuantizeReport, entries: dict[str, FileEntry], context: int
+) -> dict[str, int]:
+    """``min_ram_mb`` and its parts, as the fused builder states them (builder.memory_need),
+    with what an export costs more: the past twice (each pass concatenates it into a new one)
+    and a prefill chunk's logits for every row (the export returns them all; the engine copies
+    the rows it wants). SmolLM2-135M built this way (bench/flavours.py): 610 MB stated, peak
+    RSS over the full 2,048-token context 568 MB."""
+    chunk = min(PREFILL_ROWS, context)
+    heads = src.number("num_attention_heads", "n_head", "num_heads", default=past.kv_heads)
+    inner = src.number("intermediate_size", "n_inner", "ffn_dim", default=4 * report.embedding.cols)
+    kv = 2 * 2 * past.layers * past.kv_heads * past.head_dim * 4 * context
+    scores = heads * chunk * context * 4
+    logits = 2 * chunk * report.embedding.rows * 4
+    parts = {
+        "runtime_mb": RUNTIME_MB,
+        "tokenizer_mb": int(entries["tokenizer.json"].length * TOKENIZER_FACTOR / 2**20) + 1,
+        "weights_mb": int(entries[WEIGHTS_FILE].length * PREPACK_FACTOR / 2**20) + 1,
+        "kv_cache_mb": int(kv / 2**20) + 1,
+        "activations_mb": int((scores + 3 * chunk * inner * 4 + logits) / 2**20) + 1,
+    }
+    return {**parts, "total_mb": sum(parts.values())}
+
+
 def max_context(src: HfModelDir) -> int:
     return src.number("max_position_embeddings", "n_positions", "n_ctx", "seq_length", default=2048)
 
@@ -284,15 +311,8 @@ def _manifest(
     entries = {
         p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
     }
-    total = sum(e.length for e in entries.values())
     context = min(opts.context_length, max_context(src))
-    # Measured on SmolLM2-135M (bench/flavours.py): RSS after load 1.9x the pack (onnxruntime
-    # keeps pre-packed copies of the weights), peak 568 MB over the full 2,048-token context;
-    # this estimate says 634 MB there. The past is concatenated each pass: the old and the new
-    # one live together for a moment.
-    kv_bytes = 2 * 2 * past.layers * past.kv_heads * past.head_dim * 4 * context
-    # the export returns logits for every input row: a prefill chunk's, and the engine's copy
-    logits_bytes = 2 * PREFILL_ROWS * report.embedding.rows * 4
+    memory = memory_need(src, past, report, entries, context)
     ort_any, ort_by_machine = _floors()
     emb = report.embedding
     min_top1, max_ratio = quality_gate(opts)
@@ -337,7 +357,8 @@ def _manifest(
             "eos_token_ids": list(src.eos_token_ids),
         },
         "runtime": {
-            "min_ram_mb": int((total * 2 + kv_bytes + logits_bytes) / 2**20) + 64,
+            "min_ram_mb": memory["total_mb"],
+            "memory": memory,
             "onnxruntime": ort_any,
             "onnxruntime_by_machine": ort_by_machine,
             "execution_providers": ["CPUExecutionProvider"],
