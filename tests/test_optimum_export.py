@@ -265,6 +265,21 @@ def test_the_gate_refuses_and_publishes_nothing(gpt2_dir: Path, float_dir: Path,
     assert not (tmp_path / "strict-1.0.0").exists() and not list(tmp_path.glob(".strict-staging-*"))
 
 
+def test_a_start_token_is_scored_within_the_positions(gpt2_dir: Path, tmp_path: Path) -> None:
+    """A tokenizer that puts BOS first: each held-out chunk gets it, and still fits the 128
+    positions (a 128-token chunk plus BOS would index past GPT-2's position table)."""
+    _exporter_or_skip()
+    source = tmp_path / "gpt2-bos"
+    shutil.copytree(gpt2_dir, source)
+    tok_cfg = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "add_bos_token": True}))
+    assert read_model_dir(source).add_bos
+    opts = BuildOptions(
+        name="bos", version="1.0.0", packs_dir=tmp_path / "packs", source=source, eval_chunk=512
+    )
+    assert verify_pack(build_optimum_pack(opts)).evaluation.passed
+
+
 def test_same_inputs_find_the_pack(pack_path: Path, gpt2_dir: Path) -> None:
     before = (pack_path / "manifest.json").read_bytes()
     opts = BuildOptions(name="tiny-gpt2", version="1.0.0", packs_dir=pack_path.parent, source=gpt2_dir)

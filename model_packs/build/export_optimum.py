@@ -80,6 +80,7 @@ class HfModelDir:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     sha256: str
+    add_bos: bool = False  # the tokenizer puts the start token before any text (tokenizer_config)
 
     def number(self, *keys: str, default: int) -> int:
         """The first of ``keys`` config.json has (families spell the same thing differently)."""
@@ -126,6 +127,7 @@ def read_model_dir(path: Path) -> HfModelDir:
         bos_token_id=bos if isinstance(bos, int) else None,
         eos_token_ids=eos,
         sha256=_dir_digest(path),
+        add_bos=isinstance(bos, int) and bool(tok_cfg.get("add_bos_token", False)),
     )
 
 
@@ -295,8 +297,10 @@ def _evaluate(
     from tokenizers import Tokenizer
 
     ids = Tokenizer.from_str(src.tokenizer_json).encode(heldout_text(), add_special_tokens=False).ids
-    chunk = min(opts.eval_chunk, max_context(src))
-    return evaluate(ref, quant, list(ids[: opts.heldout_tokens]), chunk, StepProgress("evaluate vs float"))
+    bos = src.bos_token_id if src.add_bos else None  # scored as the model reads text (builder)
+    chunk = min(opts.eval_chunk, max_context(src) - (bos is not None))  # a start token fits too
+    progress = StepProgress("evaluate vs float")
+    return evaluate(ref, quant, list(ids[: opts.heldout_tokens]), chunk, progress, bos=bos)
 
 
 def _manifest(
