@@ -55,9 +55,10 @@ from model_packs.format import (
 from model_packs.progress import StepProgress
 
 log = structlog.get_logger("edge_slm.build")
-# 5: the start token before each evaluation chunk where the model expects one (Gemma 3);
-# 4: min_ram_mb from its measured parts (runtime.memory); 3: per-machine onnxruntime floors
-BUILDER_VERSION = "5"
+# 6: min_ram_mb counts the tokenizer and the load's peak; 5: the start token before each
+# evaluation chunk where the model expects one (Gemma 3); 4: min_ram_mb from its measured parts
+# (runtime.memory); 3: per-machine onnxruntime floors
+BUILDER_VERSION = "6"
 # (min top-1 agreement, max perplexity ratio) against the float model, by level. int4 measured
 # on SmolLM2-135M: top-1 0.83, perplexity x1.097 (the layers are exact against the Q4_1 source;
 # the loss is the 4-bit LM head's, whose source is Q8_0); int8: 0.967, x1.009; mixed (4-bit MLP,
@@ -370,37 +371,50 @@ def _manifest(
     }
 
 
-# What a serving process holds beside the pack's weights, KV cache and prefill activations,
-# measured on x86_64 with the default pack: python, numpy, onnxruntime, tokenizers and the
+# What a serving process holds beside the pack's weights, tokenizer, KV cache and prefill
+# activations, measured on x86_64 with the default pack: python, numpy, onnxruntime and the
 # agent's imports, the arena and the logits (peak 413 MB at a full 2,048-token context, of which
-# 169 weights, 91 KV, 23 activations: 130 left); with a margin.
-RUNTIME_MB = 140
+# 169 weights, 91 KV, 23 activations, 17 tokenizer: 113 left); with a margin.
+RUNTIME_MB = 125
 # onnxruntime's pre-packed MatMulNBits weights against the bytes in the pack (block sums and
 # scales in its own layout): 170 MB for 148 MB of weights and shared head, measured.
 PREPACK_FACTOR = 1.15
+# Loading pre-packs the LM head from the embedding table with a transient copy: the load peak
+# stood 19 MB above the settled RSS for SmolLM2 (30 MB table), 107 MB for Gemma 3 (190 MB).
+LOAD_TRANSIENT_FACTOR = 0.75
+# A loaded `tokenizers` instance against its tokenizer.json, after the engine hands freed heap
+# back: 17 MB for SmolLM2's 1.5 MB, 100 MB for Gemma 3's 13.6 MB (measured).
+TOKENIZER_FACTOR = 11.5
 
 
 def memory_need(cfg: Any, opts: BuildOptions, entries: dict[str, Any]) -> dict[str, int]:
-    """The RAM a process serving the pack needs at full context (``min_ram_mb``) and its parts:
-    the runtime, the pre-packed weights (the layers, and the embedding table when the 8-bit LM
-    head computes from it), the KV cache at ``context_length`` (float32 keys and values) and one
-    prefill chunk's activations (attention scores against the whole context, the MLP)."""
+    """The RAM a process serving the pack needs (``min_ram_mb``): the larger of its peak while
+    loading and at full context. Parts: the runtime, the tokenizer, the pre-packed weights (the
+    layers, and the embedding table when the 8-bit LM head computes from it), then either the
+    load's transient copy or the KV cache at ``context_length`` (float32 keys and values) and
+    one prefill chunk's activations (attention scores against the whole context, the MLP)."""
     from agent.inference.engine import PREFILL_CHUNK
 
     head_reads_table = cfg.tie_embeddings and levels.widths(opts.quantization)["lm_head"] == 8
     files = (WEIGHTS_FILE, EMBED_FILE) if head_reads_table else (WEIGHTS_FILE,)
     weights = sum(e.length for name, e in entries.items() if name in files)
+    tokenizer = entries["tokenizer.json"].length if "tokenizer.json" in entries else 0
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * opts.context_length
     chunk = min(PREFILL_CHUNK, opts.context_length)
     scores = cfg.num_heads * chunk * opts.context_length * 4
     mlp = 3 * chunk * cfg.intermediate_size * 4
+    table = entries[EMBED_FILE].length if EMBED_FILE in entries else 0
     parts = {
         "runtime_mb": RUNTIME_MB,
+        "tokenizer_mb": int(tokenizer * TOKENIZER_FACTOR / 2**20) + 1,
         "weights_mb": int(weights * PREPACK_FACTOR / 2**20) + 1,
+        "load_transient_mb": int(table * LOAD_TRANSIENT_FACTOR / 2**20) + 1,
         "kv_cache_mb": int(kv / 2**20) + 1,
         "activations_mb": int((scores + mlp) / 2**20) + 1,
     }
-    return {**parts, "total_mb": sum(parts.values())}
+    settled = parts["runtime_mb"] + parts["tokenizer_mb"] + parts["weights_mb"]
+    full_context = settled + parts["kv_cache_mb"] + parts["activations_mb"]
+    return {**parts, "total_mb": max(full_context, settled + parts["load_transient_mb"])}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
