@@ -110,7 +110,7 @@ def llama_row(ftype: str, gguf: Path) -> dict[str, Any]:
         "name": f"llama.cpp {ftype}",
         "kind": "llama.cpp",
         "level": ftype,
-        "size_mb": round(gguf.stat().st_size / 2**20, 1),
+        "size_mb": round(gguf.stat().st_size / 1e6, 1),  # MB, as the packs
     }
 
 

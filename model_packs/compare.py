@@ -47,7 +47,8 @@ def _status_mb() -> dict[str, float]:
 
 
 def pack_size_mb(pack: Path) -> float:
-    return round(sum(p.stat().st_size for p in pack.iterdir() if p.is_file()) / 2**20, 1)
+    """Bytes on disk in MB (1e6, as edge-pack inspect says them)."""
+    return round(sum(p.stat().st_size for p in pack.iterdir() if p.is_file()) / 1e6, 1)
 
 
 def long_prompt_text() -> str:
