@@ -149,6 +149,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"pack        {m.name} {m.version}  ({args.pack})")
     print(f"base model  {m.base_model.get('name')}  license {m.license}")
     print(f"quantized   {m.quantization.method} bits={m.quantization.bits} block={m.quantization.block_size}")
+    print(f"graph       {m.graph} (fused: the builder's own graph; optimum: an exported one)")
     print(f"size        {sum(f.length for f in m.files.values()) / 1e6:.1f} MB in {len(m.files)} files")
     floors = "".join(f", {arch} {v}" for arch, v in sorted(m.runtime.onnxruntime_by_machine.items()))
     print(f"runtime     onnxruntime {m.runtime.onnxruntime}{floors}, min RAM {m.runtime.min_ram_mb} MB")
