@@ -295,7 +295,6 @@ def _manifest(
     entries = {
         p.name: file_entry(p) for p in sorted(staging.iterdir()) if p.is_file() and p.name != MANIFEST_NAME
     }
-    files = {name: {"sha256": e.sha256, "length": e.length} for name, e in entries.items()}
     ort_any, ort_by_machine = runtimes.manifest_floors()
     memory = memory_need(cfg, opts, entries)
     return {
@@ -331,17 +330,47 @@ def _manifest(
             "scales_offset": layout.scales_offset,
             "zero_point": layout.zero_point,
         },
+        **manifest_tail(
+            opts,
+            bos=src.bos_token_id,
+            eos=src.eos_token_ids,
+            memory=memory,
+            floors=(ort_any, ort_by_machine),
+            context=opts.context_length,
+            result=result,
+            entries=entries,
+        ),
+        "golden": golden,
+    }
+
+
+def manifest_tail(
+    opts: BuildOptions,
+    *,
+    bos: int | None,
+    eos: tuple[int, ...],
+    memory: dict[str, int],
+    floors: tuple[str, dict[str, str]],
+    context: int,
+    result: EvalResult,
+    entries: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest sections every builder writes alike (the fused one here, the optimum
+    exporter): tokenizer, runtime needs, generation defaults, the evaluation against its gate,
+    the files, who built it and when. ``golden`` is added once the pack can run."""
+    min_top1, max_ratio = quality_gate(opts)
+    return {
         "tokenizer": {
             "file": "tokenizer.json",
             "chat_template_file": "chat_template.jinja",
-            "bos_token_id": src.bos_token_id,
-            "eos_token_ids": list(src.eos_token_ids),
+            "bos_token_id": bos,
+            "eos_token_ids": list(eos),
         },
         "runtime": {
             "min_ram_mb": memory["total_mb"],
             "memory": memory,
-            "onnxruntime": ort_any,
-            "onnxruntime_by_machine": ort_by_machine,
+            "onnxruntime": floors[0],
+            "onnxruntime_by_machine": floors[1],
             "execution_providers": ["CPUExecutionProvider"],
         },
         "generation": {
@@ -350,7 +379,7 @@ def _manifest(
             "top_k": 0,
             "top_p": 1.0,
             "repetition_penalty": 1.0,
-            "context_length": opts.context_length,
+            "context_length": context,
             "system_prompt": "",
         },
         "evaluation": {
@@ -359,12 +388,12 @@ def _manifest(
             "perplexity_float": result.perplexity_float,
             "perplexity_quant": result.perplexity_quant,
             "ppl_ratio": result.ppl_ratio,
-            "min_top1": quality_gate(opts)[0],
-            "max_ppl_ratio": quality_gate(opts)[1],
+            "min_top1": min_top1,
+            "max_ppl_ratio": max_ratio,
             "passed": True,
         },
-        "golden": golden,
-        "files": files,
+        "golden": [],
+        "files": {name: {"sha256": e.sha256, "length": e.length} for name, e in entries.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "builder": BUILDER_ID,
         "extra": {"onnxruntime_at_build": ort.__version__, **opts.extra},

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ import structlog
 
 from model_packs import levels, runtimes
 from model_packs.build.builder import (
-    BUILDER_ID,
     PREPACK_FACTOR,
     RUNTIME_MB,
     TOKENIZER_FACTOR,
@@ -40,6 +38,7 @@ from model_packs.build.builder import (
     _write_json,
     build_key,
     existing_pack,
+    manifest_tail,
     quality_gate,
 )
 from model_packs.build.evaluate import EvalResult, OptimumGraphRunner, check_gate, evaluate, heldout_text
@@ -319,7 +318,6 @@ def _manifest(
     memory = memory_need(src, past, report, entries, context)
     ort_any, ort_by_machine = _floors()
     emb = report.embedding
-    min_top1, max_ratio = quality_gate(opts)
     return {
         "format": 1,
         "name": opts.name,
@@ -354,41 +352,15 @@ def _manifest(
             "scales_offset": emb.scales_offset,
             "zero_point": emb.zero_point,
         },
-        "tokenizer": {
-            "file": "tokenizer.json",
-            "chat_template_file": "chat_template.jinja",
-            "bos_token_id": src.bos_token_id,
-            "eos_token_ids": list(src.eos_token_ids),
-        },
-        "runtime": {
-            "min_ram_mb": memory["total_mb"],
-            "memory": memory,
-            "onnxruntime": ort_any,
-            "onnxruntime_by_machine": ort_by_machine,
-            "execution_providers": ["CPUExecutionProvider"],
-        },
-        "generation": {
-            "max_tokens": opts.max_tokens,
-            "temperature": 0.0,
-            "top_k": 0,
-            "top_p": 1.0,
-            "repetition_penalty": 1.0,
-            "context_length": context,
-            "system_prompt": "",
-        },
-        "evaluation": {
-            "heldout_tokens": result.tokens,
-            "top1_agreement": result.top1_agreement,
-            "perplexity_float": result.perplexity_float,
-            "perplexity_quant": result.perplexity_quant,
-            "ppl_ratio": result.ppl_ratio,
-            "min_top1": min_top1,
-            "max_ppl_ratio": max_ratio,
-            "passed": True,
-        },
-        "golden": [],
-        "files": {name: {"sha256": e.sha256, "length": e.length} for name, e in entries.items()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "builder": BUILDER_ID,
+        **manifest_tail(
+            opts,
+            bos=src.bos_token_id,
+            eos=src.eos_token_ids,
+            memory=memory,
+            floors=(ort_any, ort_by_machine),
+            context=context,
+            result=result,
+            entries=entries,
+        ),
         "extra": {"onnxruntime_at_build": ort.__version__, "exporter": "optimum", **opts.extra},
     }
