@@ -15,7 +15,6 @@ is also fed in chunks, which bounds the activations a long prompt needs.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import threading
@@ -27,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.errors import BadRequest, TooLarge
+from agent.inference.heap import fix_mmap_threshold, release_free_heap
 from agent.inference.hf_graph import OptimumGraph
 from agent.inference.pack import LoadedPack
 from agent.inference.prompts import ChatTemplate, chat_messages
@@ -78,17 +78,6 @@ def default_threads() -> int:
 PREFILL_CHUNK = 256
 
 
-def release_free_heap() -> None:
-    """Hand the heap pages freed while loading back to the kernel. glibc keeps them for reuse
-    otherwise: parsing tokenizer.json and the graph leaves about 16 MB free but resident
-    (measured with malloc_trim on the default pack). No-op where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
@@ -119,6 +108,7 @@ class Engine:
                 f"context_length must be within 2..{self.arch.max_context}, got {self.context_length}"
             )
         self.threads = threads or default_threads()
+        fix_mmap_threshold()  # before the first large buffer (agent/inference/heap.py)
         self.tokenizer = TextTokenizer(pack.tokenizer_json)
         release_free_heap()  # parsing Gemma 3's tokenizer.json peaks at 346 MB and keeps 100
         self.template = ChatTemplate(pack.chat_template)

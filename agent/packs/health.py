@@ -17,9 +17,6 @@ measures both sides of that line.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import gc
 import os
 from collections.abc import Callable
@@ -74,14 +71,13 @@ def rss_mb() -> float:
 
 
 def release_memory() -> None:
-    """Collect the dropped engine now and hand freed heap back to the OS: without
-    ``malloc_trim`` glibc keeps onnxruntime's freed arenas, and repeated reloads grew RSS
-    from about 300 MB to over 700 MB."""
+    """Collect the dropped engine now and hand freed heap back to the OS: without it glibc
+    keeps onnxruntime's freed arenas, and repeated reloads grew RSS from about 300 MB to over
+    700 MB (agent/inference/heap.py)."""
+    from agent.inference.heap import release_free_heap  # onnxruntime loads only with an engine
+
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-            ctypes.CDLL(name).malloc_trim(0)
+    release_free_heap()
 
 
 def golden_agreement(engine: Engine, golden: Golden, top_k: int) -> float:
