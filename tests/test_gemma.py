@@ -290,17 +290,6 @@ def test_edge_pack_build_model_preset_names_the_gemma_source_and_pack() -> None:
 def test_min_ram_mb_holds_the_gemma_pack_loading_and_at_full_context(gemma_pack_path: Path) -> None:
     """Gemma's load peaks higher than its full context (tokenizer parse, pre-packing the 262k
     head): the manifest's min_ram_mb covers the larger."""
-    import json
-    import subprocess
-    import sys
+    from tests.test_real_pack import assert_min_ram_holds
 
-    from model_packs.format import read_manifest
-    from tests.test_real_pack import FULL_CONTEXT
-
-    m = read_manifest(gemma_pack_path)
-    out = subprocess.run(
-        [sys.executable, "-c", FULL_CONTEXT, str(gemma_pack_path)], capture_output=True, text=True, check=True
-    )
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["tokens"] == m.generation.context_length
-    assert got["hwm_mb"] <= m.runtime.min_ram_mb, (got, m.runtime.min_ram_mb)
+    assert_min_ram_holds(gemma_pack_path)

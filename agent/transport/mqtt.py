@@ -229,6 +229,11 @@ class MqttTransport:
         self._client.disconnect()
         self._client.loop_stop()
 
+    @property
+    def connect_failures(self) -> int:
+        """Attempts in a row that did not reach the broker (0 once connected)."""
+        return self._connect_failures
+
     def wait_connected(self, timeout_s: float) -> bool:
         return self.connected.wait(timeout_s)
 
