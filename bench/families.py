@@ -16,11 +16,9 @@ ln 2 / bytes those tokens cover (the build's evaluation: 4 chunks of 256, 255 sc
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +59,10 @@ def main() -> None:
     configure_logging("warning")
     packs = {"smollm2-135m": default_pack_path(), "gemma3-270m": gemma_pack()}
     with tempfile.TemporaryDirectory() as tmp:
-        sides: dict[str, Callable[[], dict[str, Any]]] = {}
-        for name, pack in packs.items():
-            work = Path(tmp) / f"{name}.json"
-            work.write_text(json.dumps(compare.workload(pack, compare.golden_prompts(pack))))
-            sides[name] = functools.partial(compare.measure_in_subprocess, pack, args.threads, work)
-        measured = compare.run_rounds(sides, args.rounds, compare.progress)
+        measured = compare.measure_packs(packs, args.rounds, args.threads, Path(tmp))
     out: dict[str, Any] = {"bench": "families", "rounds": args.rounds, "threads": args.threads}
     for name, pack in packs.items():
-        row = {**compare.pack_row(pack), **measured[name], "heldout_bits_per_byte": bits_per_byte(pack)}
+        row = {**measured[name], "heldout_bits_per_byte": bits_per_byte(pack)}
         row.pop("golden_tokens", None)
         out[name] = row
     print(json.dumps(out))

@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +103,11 @@ def main() -> None:
     configure_logging("warning")
     packs = build_both(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        sides: dict[str, Callable[[], dict[str, Any]]] = {}
-        for name, pack in packs.items():
-            work = Path(tmp) / f"{name}.json"
-            work.write_text(json.dumps(compare.workload(pack, compare.golden_prompts(pack))))
-            sides[name] = functools.partial(compare.measure_in_subprocess, pack, args.threads, work)
-        measured = compare.run_rounds(sides, args.rounds, compare.progress)
+        measured = compare.measure_packs(packs, args.rounds, args.threads, Path(tmp))
     out: dict[str, Any] = {"bench": "flavours", "rounds": args.rounds, "threads": args.threads}
     for name, pack in packs.items():
         ev = read_manifest(pack).evaluation
-        row = {**compare.pack_row(pack), **measured[name]}
+        row = dict(measured[name])
         row |= {"perplexity_float": round(ev.perplexity_float, 3), "top1": round(ev.top1_agreement, 4)}
         row.pop("golden_tokens", None)
         out[name] = row

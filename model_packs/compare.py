@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,18 +197,26 @@ def progress(line: str) -> None:
     print(f"[compare] {line}", file=sys.stderr, flush=True)
 
 
-def compare(packs: Sequence[Path], rounds: int, threads: int, workdir: Path) -> list[dict[str, Any]]:
-    """Rows for ``packs``: each pack gets the same texts as token ids of its own tokenizer and
-    chat template (written into ``workdir``); the golden prompts are the first pack's."""
-    golden = golden_prompts(packs[0])
+def measure_packs(
+    packs: Mapping[str, Path], rounds: int, threads: int, workdir: Path
+) -> dict[str, dict[str, Any]]:
+    """Rows by name: each pack gets the same texts as token ids of its own tokenizer and chat
+    template (written into ``workdir``), the golden prompts being the first pack's; the rows
+    keep their golden tokens (see :func:`with_golden_agreement`)."""
+    golden = golden_prompts(next(iter(packs.values())))
     sides: dict[str, Callable[[], dict[str, Any]]] = {}
-    for i, pack in enumerate(packs):
+    for i, (name, pack) in enumerate(packs.items()):
         work = workdir / f"work-{i}.json"
         work.write_text(json.dumps(workload(pack, golden)))
-        sides[str(pack)] = functools.partial(measure_in_subprocess, pack, threads, work)
+        sides[name] = functools.partial(measure_in_subprocess, pack, threads, work)
     measured = run_rounds(sides, rounds, progress)
-    rows = [{**pack_row(p), **measured[str(p)]} for p in packs]
-    return with_golden_agreement(rows)
+    return {name: {**pack_row(pack), **measured[name]} for name, pack in packs.items()}
+
+
+def compare(packs: Sequence[Path], rounds: int, threads: int, workdir: Path) -> list[dict[str, Any]]:
+    """Rows for ``packs`` in order, golden agreement against the first."""
+    rows = measure_packs({str(p): p for p in packs}, rounds, threads, workdir)
+    return with_golden_agreement(list(rows.values()))
 
 
 def with_golden_agreement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
