@@ -165,7 +165,7 @@ def build_pack(opts: BuildOptions) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{opts.name}-staging-", dir=opts.packs_dir))
     try:
         _build_into(staging, src, opts, key)
-        _publish(staging, opts.pack_dir)
+        publish_staged(staging, opts.pack_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("build_done", pack=str(opts.pack_dir))
@@ -204,9 +204,9 @@ def _build_into(staging: Path, src: SourceModel, opts: BuildOptions, key: str) -
     (staging / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
     (staging / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
     manifest = _manifest(src, opts, key, layout, result, staging, golden=[])
-    _write_json(staging / MANIFEST_NAME, manifest)
-    manifest["golden"] = _golden(staging, opts)
-    _write_json(staging / MANIFEST_NAME, manifest)
+    write_json(staging / MANIFEST_NAME, manifest)
+    manifest["golden"] = golden_outputs(staging, opts)
+    write_json(staging / MANIFEST_NAME, manifest)
     parse_manifest(manifest)
 
 
@@ -260,7 +260,7 @@ def _evaluate(
     return evaluate(ref, quant, ids, opts.eval_chunk, StepProgress("evaluate vs float"), bos=bos)
 
 
-def _golden(staging: Path, opts: BuildOptions) -> list[dict[str, Any]]:
+def golden_outputs(staging: Path, opts: BuildOptions) -> list[dict[str, Any]]:
     """Greedy outputs of the quantized pack through the device engine itself."""
     from agent.inference.engine import Engine, GenerationRequest
     from agent.inference.pack import load_pack
@@ -321,15 +321,7 @@ def _manifest(
             "max_context": cfg.max_context,
         },
         "model_file": MODEL_FILE,
-        "embedding": {
-            "file": EMBED_FILE,
-            "rows": layout.rows,
-            "cols": layout.cols,
-            "block_size": layout.block_size,
-            "codes_offset": layout.codes_offset,
-            "scales_offset": layout.scales_offset,
-            "zero_point": layout.zero_point,
-        },
+        "embedding": embedding_section(EMBED_FILE, layout),
         **manifest_tail(
             opts,
             bos=src.bos_token_id,
@@ -342,6 +334,11 @@ def _manifest(
         ),
         "golden": golden,
     }
+
+
+def embedding_section(file: str, layout: EmbedLayout) -> dict[str, Any]:
+    """The manifest's ``embedding``: where the int8 table lies (the engine maps it from there)."""
+    return {"file": file, **dataclasses.asdict(layout)}
 
 
 def manifest_tail(
@@ -446,11 +443,11 @@ def memory_need(cfg: Any, opts: BuildOptions, entries: dict[str, Any]) -> dict[s
     return {**parts, "total_mb": max(full_context, settled + parts["load_transient_mb"])}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2).encode("utf-8"))
 
 
-def _publish(staging: Path, target: Path) -> None:
+def publish_staged(staging: Path, target: Path) -> None:
     """Swap the finished pack into place; an older pack at that path goes only after."""
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)

@@ -33,13 +33,14 @@ from model_packs.build.builder import (
     RUNTIME_MB,
     TOKENIZER_FACTOR,
     BuildOptions,
-    _golden,
-    _publish,
-    _write_json,
     build_key,
+    embedding_section,
     existing_pack,
+    golden_outputs,
     manifest_tail,
+    publish_staged,
     quality_gate,
+    write_json,
 )
 from model_packs.build.evaluate import EvalResult, OptimumGraphRunner, check_gate, evaluate, heldout_text
 from model_packs.build.quantize_onnx import (
@@ -224,7 +225,7 @@ def build_optimum_pack(opts: BuildOptions) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{opts.name}-staging-", dir=opts.packs_dir))
     try:
         _build_into(staging, src, opts, key)
-        _publish(staging, opts.pack_dir)
+        publish_staged(staging, opts.pack_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("build_done", pack=str(opts.pack_dir), exporter="optimum")
@@ -246,9 +247,9 @@ def _build_into(staging: Path, src: HfModelDir, opts: BuildOptions, key: str) ->
     (staging / "tokenizer.json").write_text(src.tokenizer_json, encoding="utf-8")
     (staging / "chat_template.jinja").write_text(src.chat_template, encoding="utf-8")
     manifest = _manifest(src, opts, key, report, quant.layout, result, staging)
-    _write_json(staging / MANIFEST_NAME, manifest)
-    manifest["golden"] = _golden(staging, opts)
-    _write_json(staging / MANIFEST_NAME, manifest)
+    write_json(staging / MANIFEST_NAME, manifest)
+    manifest["golden"] = golden_outputs(staging, opts)
+    write_json(staging / MANIFEST_NAME, manifest)
     parse_manifest(manifest)
 
 
@@ -343,15 +344,7 @@ def _manifest(
             "max_context": max_context(src),
         },
         "model_file": MODEL_FILE,
-        "embedding": {
-            "file": WEIGHTS_FILE,
-            "rows": emb.rows,
-            "cols": emb.cols,
-            "block_size": emb.block_size,
-            "codes_offset": emb.codes_offset,
-            "scales_offset": emb.scales_offset,
-            "zero_point": emb.zero_point,
-        },
+        "embedding": embedding_section(WEIGHTS_FILE, emb),
         **manifest_tail(
             opts,
             bos=src.bos_token_id,
