@@ -21,17 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model_packs.compare import status_mb
+
 FTYPES = ("Q4_0", "Q4_K_M", "Q8_0")
 CONTEXT = 2048
-
-
-def _status_mb() -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon"):
-            out[key] = round(int(value.split()[0]) / 1024, 1)
-    return out
 
 
 def gguf_at(ftype: str) -> Path:
@@ -98,7 +91,7 @@ def measure(gguf: Path, threads: int, ids: dict[str, Any]) -> dict[str, Any]:
         verbose=False,
     )
     load_s = time.perf_counter() - t0
-    after_load = _status_mb()
+    after_load = status_mb()
     short, long_ids, decode = ids["short"], ids["long"], int(ids["decode_tokens"])
     _greedy(llm, short, 4)  # warm-up
     tokens, _, rest = _greedy(llm, short, decode)
@@ -109,7 +102,7 @@ def measure(gguf: Path, threads: int, ids: dict[str, Any]) -> dict[str, Any]:
         "load_s": round(load_s, 3),
         "rss_after_load_mb": after_load["VmRSS"],
         "anon_after_load_mb": after_load.get("RssAnon"),
-        "peak_rss_mb": _status_mb()["VmHWM"],
+        "peak_rss_mb": status_mb()["VmHWM"],
         "decode_tok_s": round((len(tokens) - 1) / rest, 2) if rest > 0 else 0.0,
         "prefill_short_ms": round(first_short * 1000, 1),
         "short_prompt_tokens": len(short),

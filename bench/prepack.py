@@ -27,16 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from model_packs.compare import status_mb
+
 OPTIONS = ("default", "no_prepack", "prepacked_file", "no_arena")
-
-
-def _status_mb() -> dict[str, float]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[key] = round(int(value.split()[0]) / 1024, 1)
-    return out
 
 
 def measure(option: str, threads: int, workdir: Path) -> dict[str, Any]:
@@ -64,7 +57,7 @@ def measure(option: str, threads: int, workdir: Path) -> dict[str, Any]:
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     engine = Probe(pack, threads=threads, prefix_cache=False)
-    loaded = _status_mb()
+    loaded = status_mb()
     prompt = engine.prompt_ids("Explain in a few sentences whether the greenhouse vents should open.")
     engine.generate(GenerationRequest(prompt, 4, ignore_eos=True))
     run = engine.generate(GenerationRequest(prompt, 48, ignore_eos=True))

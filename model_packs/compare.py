@@ -37,7 +37,9 @@ DECODE_TOKENS = 64
 GOLDEN_TOKENS = 24
 
 
-def _status_mb() -> dict[str, float]:
+def status_mb() -> dict[str, float]:
+    """This process's resident memory from /proc/self/status, in MB: VmRSS, VmHWM (the peak),
+    RssAnon and RssFile (what the kernel can drop)."""
     out: dict[str, float] = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -89,7 +91,7 @@ def measure(pack: Path, threads: int, work: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     engine = Engine(load_pack(pack), threads=threads, prefix_cache=False)
     load_s = time.perf_counter() - t0
-    after_load = _status_mb()
+    after_load = status_mb()
     short, long_ids = work["short"], work["long"]
     engine.generate(GenerationRequest(short, 4, ignore_eos=True))  # warm-up: kernels, arena
     run = engine.generate(GenerationRequest(short, work["decode_tokens"], ignore_eos=True))
@@ -102,7 +104,7 @@ def measure(pack: Path, threads: int, work: dict[str, Any]) -> dict[str, Any]:
         "load_s": round(load_s, 3),
         "rss_after_load_mb": after_load["VmRSS"],
         "anon_after_load_mb": after_load.get("RssAnon"),
-        "peak_rss_mb": _status_mb()["VmHWM"],
+        "peak_rss_mb": status_mb()["VmHWM"],
         "decode_tok_s": round(run.usage.decode_tokens_per_s, 2),
         "prefill_short_ms": round(run.usage.time_to_first_token_s * 1000, 1),
         "short_prompt_tokens": len(short),
