@@ -251,21 +251,24 @@ def _read_pty(fd: int) -> bytes:
         return b""
 
 
+def _daemon_config(tmp_path: Path, device: str, broker: LocalBroker, pack: Path, **extra: object) -> Path:
+    """An `edge-agent run` config file: the private broker, the tiny pack, ``extra`` keys."""
+    config = tmp_path / "agent.yaml"
+    base = {
+        "device_id": device,
+        "mqtt": {"url": broker.url},
+        "pack": {"path": str(pack), "threads": 1},
+        "state_dir": str(tmp_path / "state"),
+    }
+    config.write_text(yaml.safe_dump({**base, **extra}))
+    return config
+
+
 def test_a_query_to_a_killed_agent_is_answered_from_its_last_will(
     broker: LocalBroker, tiny_pack_path: Path, tmp_path: Path
 ) -> None:
     device = f"killed-{uuid.uuid4().hex[:6]}"
-    config = tmp_path / "agent.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "device_id": device,
-                "mqtt": {"url": broker.url},
-                "pack": {"path": str(tiny_pack_path), "threads": 1},
-                "state_dir": str(tmp_path / "state"),
-            }
-        )
-    )
+    config = _daemon_config(tmp_path, device, broker, tiny_pack_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=subprocess.DEVNULL
     )
@@ -475,19 +478,14 @@ def test_an_unreadable_sensor_warns_once_per_run_and_a_clean_stop_logs_no_warnin
     device = f"nopi-{uuid.uuid4().hex[:6]}"
     thermal = tmp_path / "thermal_zone0" / "temp"  # absent at first, as off a Pi
     source = {"type": "file", "path": str(thermal), "scale": 0.001, "interval_s": 0.05}
-    config = tmp_path / "agent.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "device_id": device,
-                "mqtt": {"url": broker.url},
-                "pack": {"path": str(tiny_pack_path), "threads": 1},
-                "state_dir": str(tmp_path / "state"),
-                "log_level": "info",
-                "sensors": [{"name": "cpu_temp", "unit": "°C", "source": source}],
-                "limits": {"rate": {"per_s": 1000.0, "burst": 1000}},  # status is polled below
-            }
-        )
+    config = _daemon_config(
+        tmp_path,
+        device,
+        broker,
+        tiny_pack_path,
+        log_level="info",
+        sensors=[{"name": "cpu_temp", "unit": "°C", "source": source}],
+        limits={"rate": {"per_s": 1000.0, "burst": 1000}},  # status is polled below
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config)], stderr=subprocess.PIPE, text=True
